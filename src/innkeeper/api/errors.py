@@ -1,0 +1,101 @@
+"""Errors in the shape each client family expects, and the handlers that produce them.
+
+OpenAI clients read `{"error": {"message", "type"}}`; KoboldAI/KoboldCpp clients and
+text-generation-webui read `{"detail": …}`; llama.cpp's server answers
+`{"error": {"code", "message", "type"}}`. SillyTavern shows any of them as a toast.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("innkeeper.api")
+
+
+class ApiError(Exception):
+    """Raised by route code: becomes a response in the caller's family shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.headers = headers
+
+
+def family(path: str) -> str:
+    if path.startswith("/v1/internal"):
+        return "ooba"
+    if path.startswith("/api/"):
+        return "kobold"
+    if path.startswith("/v1/"):
+        return "openai"
+    return "llamacpp"
+
+
+def error_body(path: str, status: int, message: str, type_: str) -> dict[str, Any]:
+    fam = family(path)
+    if fam == "openai":
+        return {"error": {"message": message, "type": type_, "param": None, "code": status}}
+    if fam == "kobold":
+        return {"detail": {"msg": message, "type": type_}}
+    if fam == "ooba":
+        return {"detail": message}
+    return {"error": {"code": status, "message": message, "type": type_}}
+
+
+def error_response(
+    path: str, status: int, message: str, type_: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(path, status, message, type_), status_code=status, headers=headers
+    )
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """One readable line per problem: `field: what is wrong`."""
+    parts = []
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x not in ("body",)]
+        where = ".".join(loc) or "body"
+        if err.get("type") == "json_invalid":
+            parts.append(f"the request body is not valid JSON ({err.get('msg', '')})")
+        else:
+            parts.append(f"{where}: {err.get('msg', 'invalid value')}")
+    return "; ".join(dict.fromkeys(parts)) or "invalid request"
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(request.url.path, exc.status, exc.message, exc.type, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        path = request.url.path
+        status = 400 if family(path) in ("openai", "llamacpp") else 422
+        return error_response(path, status, validation_message(exc), "invalid_request_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(
+            request.url.path, exc.status_code, str(exc.detail), type_, getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return error_response(request.url.path, 500, f"internal error: {exc}", "server_error")

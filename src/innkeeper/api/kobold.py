@@ -1,0 +1,225 @@
+"""KoboldAI United and KoboldCpp routes (/api/v1/*, /api/latest/*, /api/extra/*).
+
+SillyTavern's KoboldCpp type counts tokens with /api/extra/tokencount and stops with
+/api/extra/abort; its "KoboldAI Classic" API generates through /api/v1/generate and
+/api/extra/generate/stream. Responses copy KoboldCpp 1.76's shapes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict
+
+from innkeeper import __version__
+from innkeeper.api.errors import ApiError
+from innkeeper.api.params import ParamError, SamplerFields, normalise
+from innkeeper.api.service import Service, check_finish
+from innkeeper.api.state import service_of
+from innkeeper.api.streaming import sse, sse_response
+from innkeeper.engine.events import Event, FinishEvent, TokenEvent
+
+router = APIRouter(tags=["KoboldAI / KoboldCpp"])
+
+KOBOLD_API_VERSION = "1.2.5"
+KOBOLDCPP_COMPAT_VERSION = "1.76"
+DEFAULT_MAX_LENGTH = 180  # KoboldCpp's default when a request gives none
+
+
+class KoboldGenerateBody(SamplerFields):
+    prompt: str = ""
+    memory: str = ""
+    trim_stop: bool = False
+    genkey: str | None = None
+    quiet: bool = False
+
+
+class GenkeyBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    genkey: str | None = None
+
+
+class TokenCountBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: str = ""
+    special: bool = True
+
+
+async def _optional_body(request: Request) -> GenkeyBody:
+    """Abort and check are sent with no body at all by SillyTavern; a body is optional."""
+    raw = await request.body()
+    if not raw.strip():
+        return GenkeyBody()
+    try:
+        return GenkeyBody.model_validate_json(raw)
+    except ValueError:
+        return GenkeyBody()
+
+
+def _model_name(service: Service) -> str:
+    return f"innkeeper/{service.model_id}"
+
+
+def _start(service: Service, body: KoboldGenerateBody) -> Any:
+    try:
+        gen = normalise(body, n_vocab=service.engine.model.n_vocab)
+        prompt = service.tokenize(body.memory + body.prompt)
+        return service.start(prompt, gen, default_max_tokens=DEFAULT_MAX_LENGTH, genkey=body.genkey)
+    except ParamError as exc:
+        raise ApiError(422, str(exc)) from exc
+
+
+def _kobold_reason(ev: FinishEvent) -> str:
+    return "length" if ev.reason == "length" else "stop"
+
+
+def _text_with_stop(ev: FinishEvent, trim_stop: bool) -> str:
+    """KoboldCpp keeps the matched stop string unless the client asks to trim it."""
+    return ev.text if trim_stop or not ev.stop_string else ev.text + ev.stop_string
+
+
+for prefix in ("/api/v1", "/api/latest"):
+    include = prefix == "/api/v1"
+
+    @router.get(f"{prefix}/model", include_in_schema=include)
+    async def model(request: Request) -> dict[str, str]:
+        return {"result": _model_name(service_of(request))}
+
+    @router.get(f"{prefix}/info/version", include_in_schema=include)
+    async def info_version() -> dict[str, str]:
+        return {"result": KOBOLD_API_VERSION}
+
+    @router.get(f"{prefix}/config/max_context_length", include_in_schema=include)
+    async def max_context_length(request: Request) -> dict[str, int]:
+        return {"value": service_of(request).n_ctx}
+
+    @router.get(f"{prefix}/config/max_length", include_in_schema=include)
+    async def max_length(request: Request) -> dict[str, int]:
+        return {"value": service_of(request).default_max_tokens or DEFAULT_MAX_LENGTH}
+
+    @router.get(f"{prefix}/config/soft_prompts_list", include_in_schema=include)
+    async def soft_prompts_list() -> dict[str, list[str]]:
+        return {"values": []}
+
+    @router.get(f"{prefix}/config/soft_prompt", include_in_schema=include)
+    async def soft_prompt() -> dict[str, str]:
+        return {"value": ""}
+
+    @router.post(f"{prefix}/generate", include_in_schema=include)
+    async def generate(request: Request, body: KoboldGenerateBody) -> dict[str, Any]:
+        service = service_of(request)
+        running = _start(service, body)
+        ev = await service.collect(request, running)
+        check_finish(ev)
+        service.last_text = ev.text
+        return {
+            "results": [
+                {"text": _text_with_stop(ev, body.trim_stop), "finish_reason": _kobold_reason(ev)}
+            ]
+        }
+
+    @router.post(f"{prefix}/token-count", include_in_schema=include)
+    async def legacy_token_count(request: Request, body: TokenCountBody) -> dict[str, Any]:
+        """text-generation-webui's pre-2023 API, which SillyTavern's "Legacy API" option uses."""
+        return {"results": [{"tokens": len(service_of(request).tokenize(body.prompt))}]}
+
+
+@router.post("/api/extra/generate/stream")
+async def generate_stream(request: Request, body: KoboldGenerateBody) -> Any:
+    service = service_of(request)
+    running = _start(service, body)
+
+    def frame(ev: Event) -> Iterable[bytes]:
+        if isinstance(ev, TokenEvent):
+            if ev.text:
+                yield sse({"token": ev.text, "finish_reason": "null"}, event="message")
+            return
+        if ev.reason == "error":
+            yield sse(
+                {"detail": {"msg": ev.error or "generation failed", "type": "server_error"}},
+                event="message",
+            )
+            return
+        service.last_text = ev.text
+        tail = "" if body.trim_stop or not ev.stop_string else ev.stop_string
+        yield sse({"token": tail, "finish_reason": _kobold_reason(ev)}, event="message")
+
+    return sse_response(service, running, frame, tail=None)
+
+
+@router.api_route("/api/extra/generate/check", methods=["GET", "POST"])
+async def generate_check(request: Request) -> dict[str, Any]:
+    """The text generated so far (KoboldAI Lite polls this instead of streaming)."""
+    body = await _optional_body(request)
+    service = service_of(request)
+    running = service.latest(body.genkey)
+    text = running.text if running is not None else service.last_text
+    return {"results": [{"text": text}]}
+
+
+@router.post("/api/extra/abort")
+async def abort(request: Request) -> dict[str, str]:
+    body = await _optional_body(request)
+    n = service_of(request).abort(body.genkey)
+    return {"success": "true" if n else "false", "done": "true"}
+
+
+@router.post("/api/extra/tokencount")
+async def tokencount(request: Request, body: TokenCountBody) -> dict[str, Any]:
+    ids = service_of(request).tokenize(body.prompt, add_special=False)
+    return {"value": len(ids), "ids": ids}
+
+
+@router.get("/api/extra/version")
+async def extra_version(request: Request) -> dict[str, Any]:
+    return {
+        "result": "KoboldCpp",
+        "version": KOBOLDCPP_COMPAT_VERSION,
+        "server": "innkeeper",
+        "innkeeper": __version__,
+        "protected": bool(request.app.state.config.api_keys),
+        "txt2img": False,
+        "vision": False,
+        "transcribe": False,
+        "multiplayer": False,
+    }
+
+
+@router.get("/api/extra/true_max_context_length")
+async def true_max_context_length(request: Request) -> dict[str, int]:
+    return {"value": service_of(request).n_ctx}
+
+
+@router.get("/api/extra/perf")
+async def perf(request: Request) -> dict[str, Any]:
+    service = service_of(request)
+    sched = service.engine.scheduler
+    p = sched.perf
+    idle = sched.busy_slots == 0 and sched.queued == 0
+    now = time.time()
+    return {
+        "last_process": round(p.last_prompt_seconds, 4),
+        "last_eval": round(p.last_eval_seconds, 4),
+        "last_token_count": p.last_token_count,
+        "last_input_count": p.last_input_count,
+        "last_seed": p.last_seed,
+        "total_gens": p.total_requests,
+        "stop_reason": p.last_stop_reason,
+        "queue": sched.queued,
+        "idle": 1 if idle else 0,
+        "uptime": round(now - p.started, 1),
+        "idletime": round(now - p.idle_since, 1) if idle else 0.0,
+        "total_img_gens": 0,
+        "hordeexitcounter": 0,
+        "quiet": False,
+        "last_tokens_per_second": round(p.last_tokens_per_second, 2),
+        "busy_slots": sched.busy_slots,
+        "total_slots": len(sched.slots),
+        "total_prompt_tokens": p.total_prompt_tokens,
+        "total_cached_tokens": p.total_cached_tokens,
+        "total_generated_tokens": p.total_generated_tokens,
+        "total_aborted": p.total_aborted,
+    }

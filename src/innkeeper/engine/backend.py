@@ -1,0 +1,369 @@
+"""The only module that talks to llama.cpp (through llama-cpp-python's low-level ctypes API).
+
+Everything above it sees Python ints, strings and small value types. The high-level
+`llama_cpp.Llama` class is not used: it owns one sequence, computes logits for every prompt
+token and detokenises the whole completion each step, which is what makes its server slow
+(see shared/research/perf-baseline.md). Here one context serves many sequences, only the
+positions we sample from produce logits, and decoding is one `llama_decode` per step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as C
+
+# KV cache types a user may ask for, by the names llama.cpp's own tools use.
+CACHE_TYPES: dict[str, int] = {
+    "f32": C.GGML_TYPE_F32,
+    "f16": C.GGML_TYPE_F16,
+    "bf16": 30,  # GGML_TYPE_BF16
+    "q8_0": C.GGML_TYPE_Q8_0,
+    "q4_0": C.GGML_TYPE_Q4_0,
+    "q4_1": C.GGML_TYPE_Q4_1,
+    "iq4_nl": C.GGML_TYPE_IQ4_NL,
+    "q5_0": C.GGML_TYPE_Q5_0,
+    "q5_1": C.GGML_TYPE_Q5_1,
+}
+
+FLASH_ATTN = {
+    "auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
+
+class BackendError(Exception):
+    """llama.cpp refused something (a file it cannot load, a context it cannot create)."""
+
+
+_init_lock = threading.Lock()
+_initialised = False
+_log_callback = None  # kept alive for as long as llama.cpp may call it
+_quiet = False
+_recent_errors: deque[str] = deque(maxlen=8)
+
+
+def init_backend(quiet: bool = True) -> None:
+    """Initialise llama.cpp once per process and route its log through a filter.
+
+    llama.cpp logs every tensor at load time; a user wants one banner, so only warnings and
+    errors pass unless INNKEEPER_LLAMA_LOG=1.
+    """
+    global _initialised, _log_callback, _quiet
+    with _init_lock:
+        if _initialised:
+            return
+        _quiet = quiet and os.environ.get("INNKEEPER_LLAMA_LOG") != "1"
+
+        @C.llama_log_callback
+        def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+            # ggml_log_level: 2 = WARN, 3 = ERROR, 5 = CONT
+            if level == 3:
+                _recent_errors.append(text.decode("utf-8", "replace").strip())
+            if not _quiet:
+                try:
+                    os.write(2, text)
+                except OSError:
+                    pass
+
+        _log_callback = _log
+        C.llama_log_set(_log, ctypes.c_void_p(0))
+        C.llama_backend_init()
+        _initialised = True
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the rest of innkeeper needs to know about a loaded model."""
+
+    path: Path
+    description: str
+    n_vocab: int
+    n_ctx_train: int
+    n_layer: int
+    n_params: int
+    size_bytes: int
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+    add_bos: bool
+    architecture: str
+    file_type: str | None
+
+
+class Model:
+    """A loaded GGUF model: weights plus vocabulary.
+
+    Tokenising only reads the vocabulary, so any thread may call `tokenize`/`detokenize`
+    while the engine thread is decoding (token counts never wait behind a generation).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        gpu_layers: int = 0,
+        use_mmap: bool = True,
+        use_mlock: bool = False,
+    ) -> None:
+        init_backend()
+        self.path = path
+        params = C.llama_model_default_params()
+        params.n_gpu_layers = gpu_layers
+        params.use_mmap = use_mmap
+        params.use_mlock = use_mlock
+        ptr = C.llama_model_load_from_file(str(path).encode(), params)
+        if not ptr:
+            raise BackendError(
+                f"llama.cpp could not load {path}: {last_error() or 'not a valid GGUF model'}"
+            )
+        self.ptr = ptr
+        self.vocab = C.llama_model_get_vocab(ptr)
+        self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
+        self.bos = int(C.llama_vocab_bos(self.vocab))
+        self.eos = int(C.llama_vocab_eos(self.vocab))
+        self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))
+        # Every end-of-generation id (eos, eot, <|im_end|>…): ignore_eos must ban all of them.
+        self.eog_tokens = tuple(
+            t for t in range(self.n_vocab) if C.llama_vocab_is_eog(self.vocab, t)
+        )
+        self._eog = frozenset(self.eog_tokens)
+        self._piece_cache: dict[int, bytes] = {}
+        self.info = ModelInfo(
+            path=path,
+            description=self._desc(),
+            n_vocab=self.n_vocab,
+            n_ctx_train=int(C.llama_model_n_ctx_train(ptr)),
+            n_layer=int(C.llama_model_n_layer(ptr)),
+            n_params=int(C.llama_model_n_params(ptr)),
+            size_bytes=int(C.llama_model_size(ptr)),
+            chat_template=self._chat_template(),
+            bos_token=self.piece(self.bos, special=True).decode("utf-8", "replace")
+            if self.bos >= 0
+            else "",
+            eos_token=self.piece(self.eos, special=True).decode("utf-8", "replace")
+            if self.eos >= 0
+            else "",
+            add_bos=self.add_bos,
+            architecture=self.meta("general.architecture") or "unknown",
+            file_type=self.meta("general.file_type"),
+        )
+
+    def _desc(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        C.llama_model_desc(self.ptr, buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    def _chat_template(self) -> str | None:
+        raw = C.llama_model_chat_template(self.ptr, None)
+        return raw.decode("utf-8", "replace") if raw else None
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text (llama.cpp's own view of it)."""
+        buf = ctypes.create_string_buffer(1024)
+        n = C.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            C.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return token in self._eog
+
+    def tokenize(
+        self, text: str, *, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        """Text to token ids; `add_special` adds BOS when the model wants it."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (C.llama_token * n_max)()
+        n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            n_max = -n
+            buf = (C.llama_token * n_max)()
+            n = C.llama_tokenize(
+                self.vocab, data, len(data), buf, n_max, add_special, parse_special
+            )
+        if n < 0:
+            raise BackendError("tokenisation failed")
+        return list(buf[:n])
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes one token stands for (cached: the hot path calls this per token)."""
+        key = token if not special else -token - 1
+        cached = self._piece_cache.get(key)
+        if cached is not None:
+            return cached
+        buf = ctypes.create_string_buffer(64)
+        n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        out = buf.raw[: max(n, 0)]
+        self._piece_cache[key] = out
+        return out
+
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
+        return b"".join(self.piece(t, special=special) for t in tokens).decode("utf-8", "replace")
+
+    def valid_token(self, token: int) -> bool:
+        return 0 <= token < self.n_vocab
+
+    def close(self) -> None:
+        if self.ptr:
+            C.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+@dataclass(frozen=True)
+class ContextParams:
+    """The knobs of one llama.cpp context (KV cache and compute)."""
+
+    n_ctx: int
+    n_seq: int = 1
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    threads: int = 0
+    threads_batch: int = 0
+    flash_attn: str = "auto"
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+
+
+class Batch:
+    """A reusable `llama_batch`: tokens of several sequences for one decode."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.raw = C.llama_batch_init(capacity, 0, 1)
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        """Append one token; returns its index (the index to sample from if `logits`)."""
+        i = self.n
+        raw = self.raw
+        raw.token[i] = token
+        raw.pos[i] = pos
+        raw.n_seq_id[i] = 1
+        raw.seq_id[i][0] = seq
+        raw.logits[i] = logits
+        self.n = i + 1
+        return i
+
+    def add_span(self, tokens: list[int], pos0: int, seq: int, logits_last: bool) -> int:
+        """Append a run of prompt tokens of one sequence; returns the index of the last."""
+        raw = self.raw
+        i0 = self.n
+        for k, tok in enumerate(tokens):
+            i = i0 + k
+            raw.token[i] = tok
+            raw.pos[i] = pos0 + k
+            raw.n_seq_id[i] = 1
+            raw.seq_id[i][0] = seq
+            raw.logits[i] = False
+        last = i0 + len(tokens) - 1
+        raw.logits[last] = logits_last
+        self.n = i0 + len(tokens)
+        return last
+
+    def free(self) -> None:
+        if self.raw is not None:
+            C.llama_batch_free(self.raw)
+            self.raw = None
+
+
+class Context:
+    """One llama.cpp context: the KV cache shared by every slot, and the decode call."""
+
+    def __init__(self, model: Model, params: ContextParams) -> None:
+        self.model = model
+        self.params = params
+        cp = C.llama_context_default_params()
+        cp.n_ctx = params.n_ctx
+        cp.n_batch = params.n_batch
+        cp.n_ubatch = min(params.n_ubatch, params.n_batch)
+        cp.n_seq_max = params.n_seq
+        threads = params.threads or default_threads()
+        cp.n_threads = threads
+        cp.n_threads_batch = params.threads_batch or threads
+        cp.flash_attn_type = FLASH_ATTN[params.flash_attn]
+        cp.type_k = CACHE_TYPES[params.cache_type_k]
+        cp.type_v = CACHE_TYPES[params.cache_type_v]
+        # Every slot may use the whole context: cells are shared, not split per sequence.
+        cp.kv_unified = True
+        cp.no_perf = False
+        ptr = C.llama_init_from_model(model.ptr, cp)
+        if not ptr:
+            raise BackendError(
+                "llama.cpp could not create the context: "
+                + (last_error() or "out of memory, or a quantized V cache without flash attention")
+            )
+        self.ptr = ptr
+        self.mem = C.llama_get_memory(ptr)
+        self.n_ctx = int(C.llama_n_ctx(ptr))
+        self.threads = threads
+        self.threads_batch = cp.n_threads_batch
+        self.can_shift = bool(C.llama_memory_can_shift(self.mem))
+
+    def decode(self, batch: Batch) -> int:
+        """Run the model over the batch; 0 on success, 1 when the KV cache has no room."""
+        batch.raw.n_tokens = batch.n
+        return int(C.llama_decode(self.ptr, batch.raw))
+
+    def logits(self, index: int) -> ctypes.Array[ctypes.c_float]:
+        """The logits row of batch position `index` (valid until the next decode)."""
+        ptr = C.llama_get_logits_ith(self.ptr, index)
+        return ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float * self.model.n_vocab)).contents
+
+    # KV cache operations, per sequence (one sequence per slot).
+    def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
+        return bool(C.llama_memory_seq_rm(self.mem, seq, p0, p1))
+
+    def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None:
+        C.llama_memory_seq_add(self.mem, seq, p0, p1, delta)
+
+    def clear(self) -> None:
+        C.llama_memory_clear(self.mem, True)
+
+    def close(self) -> None:
+        if self.ptr:
+            C.llama_free(self.ptr)
+            self.ptr = None
+
+
+def last_error() -> str:
+    """The most telling recent llama.cpp error line (for one-line CLI errors)."""
+    for line in reversed(_recent_errors):
+        if "error loading model:" in line:
+            return line.split("error loading model:", 1)[1].strip()
+    return _recent_errors[-1] if _recent_errors else ""
+
+
+def default_threads() -> int:
+    """Physical cores: llama.cpp's decode does not gain from SMT siblings."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+def system_info() -> str:
+    return C.llama_print_system_info().decode("utf-8", "replace")
+
+
+def supports_gpu_offload() -> bool:
+    return bool(C.llama_supports_gpu_offload())

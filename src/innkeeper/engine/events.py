@@ -1,0 +1,96 @@
+"""The value types that cross the engine boundary: a request in, a stream of events out."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from innkeeper.engine.sampling import SamplingParams
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The chosen token's log-probability and the most likely alternatives (pre-sampling)."""
+
+    token: int
+    text: str
+    logprob: float
+    top: tuple[TopLogprob, ...]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New text for the client. `text` may be empty while a possible stop string is held back."""
+
+    text: str
+    tokens: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Timings:
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    prompt_ms: float
+    predicted_ms: float
+    queued_ms: float
+
+    @property
+    def evaluated_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+    @property
+    def prompt_per_second(self) -> float:
+        return self.evaluated_tokens / (self.prompt_ms / 1000) if self.prompt_ms > 0 else 0.0
+
+    @property
+    def predicted_per_second(self) -> float:
+        done = max(self.completion_tokens - 1, 0)
+        return done / (self.predicted_ms / 1000) if self.predicted_ms > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """The last event of every request, whatever ended it."""
+
+    reason: str  # "stop" (EOS or stop string), "length", "abort", "error"
+    text: str  # the whole completion as delivered (without a matched stop string)
+    timings: Timings
+    seed: int
+    stop_string: str | None = None
+    error: str | None = None
+    eos: bool = False
+
+
+Event = TokenEvent | FinishEvent
+
+
+@dataclass
+class GenerationRequest:
+    """Token ids in, events out through `on_event` (called on the engine thread)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    on_event: Callable[[Event], None]
+    stop: list[str] = field(default_factory=list)
+    banned_strings: list[str] = field(default_factory=list)
+    n_logprobs: int = 0
+    min_tokens: int = 0
+    id: int = field(default_factory=lambda: next(_ids))
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request; it does so before its next decode step."""
+        self.cancelled = True

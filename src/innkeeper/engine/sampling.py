@@ -1,0 +1,288 @@
+"""SamplingParams -> a llama.cpp sampler chain, built once per request and run in C.
+
+Every sampler SillyTavern sends is wired to llama.cpp's own implementation. llama.cpp has
+no top-a, tail-free sampling (removed upstream in 2024), smoothing (quadratic) sampling or
+rep-pen slope; those fields are accepted for compatibility and reported as unsupported by
+`SamplingParams.unsupported()`, never silently treated as applied.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+from dataclasses import dataclass, field
+
+import llama_cpp as C
+
+from innkeeper.engine.backend import Model
+
+# Canonical sampler names, in llama-server's default order (penalties first, temperature last).
+DEFAULT_ORDER: tuple[str, ...] = (
+    "penalties",
+    "dry",
+    "top_n_sigma",
+    "top_k",
+    "typical_p",
+    "top_p",
+    "min_p",
+    "xtc",
+    "temperature",
+)
+
+# KoboldCpp's `sampler_order` ids (expose.h): 0 top-k, 1 top-a, 2 top-p, 3 TFS, 4 typical,
+# 5 temperature, 6 repetition penalty.
+KOBOLD_SAMPLER_IDS: dict[int, str] = {
+    0: "top_k",
+    1: "top_a",
+    2: "top_p",
+    3: "tfs",
+    4: "typical_p",
+    5: "temperature",
+    6: "penalties",
+}
+
+# text-generation-webui's `sampler_priority` names -> ours.
+TGW_SAMPLER_NAMES: dict[str, str] = {
+    "temperature": "temperature",
+    "dynamic_temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "typical_p": "typical_p",
+    "min_p": "min_p",
+    "xtc": "xtc",
+    "dry": "dry",
+    "top_n_sigma": "top_n_sigma",
+    "repetition_penalty": "penalties",
+    "presence_penalty": "penalties",
+    "frequency_penalty": "penalties",
+    "tfs": "tfs",
+    "top_a": "top_a",
+}
+
+
+@dataclass
+class SamplingParams:
+    """One normalised set of samplers and stop rules, whatever alias spelled them."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    top_n_sigma: float = -1.0
+    top_a: float = 0.0
+    tfs: float = 1.0
+    smoothing_factor: float = 0.0
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    rep_pen_slope: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: list[str] = field(default_factory=lambda: ["\n", ":", '"', "*"])
+    xtc_threshold: float = 0.1
+    xtc_probability: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    banned_tokens: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    grammar: str | None = None
+    seed: int = -1
+    order: list[str] | None = None
+
+    def unsupported(self) -> list[str]:
+        """Samplers asked for that llama.cpp cannot apply (reported to the user)."""
+        out = []
+        if self.top_a > 0:
+            out.append("top_a")
+        if 0 < self.tfs < 1:
+            out.append("tfs")
+        if self.smoothing_factor > 0:
+            out.append("smoothing_factor")
+        if self.rep_pen_slope not in (0, 1) and self.repeat_penalty != 1:
+            out.append("rep_pen_slope")
+        return out
+
+    def resolved_seed(self) -> int:
+        """A concrete seed: -1 means a fresh random one (reported back to the client)."""
+        if self.seed is None or self.seed < 0:
+            return random.randrange(0, 2**31 - 1)
+        return self.seed & 0xFFFFFFFF
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0 and self.mirostat == 0
+
+
+class GrammarError(ValueError):
+    """A GBNF grammar llama.cpp could not parse."""
+
+
+class SamplerChain:
+    """A llama.cpp sampler chain for one request.
+
+    The chain runs in C: `sample` reads the logits row, applies every sampler and the final
+    pick, and accepts the token into stateful samplers (penalties, DRY, grammar, mirostat).
+    Prompt tokens feed only the penalty and DRY history, never the grammar.
+    """
+
+    def __init__(self, model: Model, params: SamplingParams, seed: int, n_ctx: int) -> None:
+        self.model = model
+        self.params = params
+        self.seed = seed
+        self.n_ctx = n_ctx
+        self._keep: list[object] = []  # ctypes buffers llama.cpp may still point into
+        self.history_samplers: list[int] = []  # chain indexes fed with prompt tokens
+        self.ptr = self._build()
+
+    def _add(self, chain: ctypes.c_void_p, smpl: ctypes.c_void_p, history: bool = False) -> None:
+        if history:
+            self.history_samplers.append(C.llama_sampler_chain_n(chain))
+        C.llama_sampler_chain_add(chain, smpl)
+
+    def _last_n(self, n: int) -> int:
+        return self.n_ctx if n < 0 else n
+
+    def _build(self) -> ctypes.c_void_p:
+        p = self.params
+        model = self.model
+        chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+
+        bias = dict(p.logit_bias)
+        for tok in p.banned_tokens:
+            bias[tok] = float("-inf")
+        if p.ignore_eos:
+            for tok in model.eog_tokens:
+                bias[tok] = float("-inf")
+        if bias:
+            arr = (C.llama_logit_bias * len(bias))()
+            for i, (tok, b) in enumerate(bias.items()):
+                arr[i].token = tok
+                arr[i].bias = b
+            self._keep.append(arr)
+            self._add(chain, C.llama_sampler_init_logit_bias(model.n_vocab, len(bias), arr))
+
+        if p.grammar:
+            grammar = C.llama_sampler_init_grammar(model.vocab, p.grammar.encode(), b"root")
+            if not grammar:
+                C.llama_sampler_free(chain)
+                raise GrammarError("the GBNF grammar could not be parsed (llama.cpp rejected it)")
+            self._add(chain, grammar)
+
+        if p.mirostat in (1, 2):
+            self._add_penalties(chain)
+            self._add_dry(chain)
+            self._add(chain, C.llama_sampler_init_temp(max(p.temperature, 0.0)))
+            if p.mirostat == 1:
+                miro = C.llama_sampler_init_mirostat(
+                    model.n_vocab, self.seed, p.mirostat_tau, p.mirostat_eta, 100
+                )
+            else:
+                miro = C.llama_sampler_init_mirostat_v2(self.seed, p.mirostat_tau, p.mirostat_eta)
+            self._add(chain, miro)
+            return chain
+
+        # Samplers named in the request's order first; the rest keep the default order
+        # (temperature stays last unless the request placed it).
+        order = [n for n in (p.order or DEFAULT_ORDER) if n in DEFAULT_ORDER]
+        order += [n for n in DEFAULT_ORDER if n not in order]
+        for name in dict.fromkeys(order):
+            self._add_named(chain, name)
+        if p.greedy:
+            self._add(chain, C.llama_sampler_init_greedy())
+        else:
+            self._add(chain, C.llama_sampler_init_dist(self.seed))
+        return chain
+
+    def _add_named(self, chain: ctypes.c_void_p, name: str) -> None:
+        p = self.params
+        if name == "penalties":
+            self._add_penalties(chain)
+        elif name == "dry":
+            self._add_dry(chain)
+        elif p.greedy:
+            return  # truncation samplers cannot change the arg-max
+        elif name == "top_n_sigma" and p.top_n_sigma > 0:
+            self._add(chain, C.llama_sampler_init_top_n_sigma(p.top_n_sigma))
+        elif name == "top_k" and p.top_k > 0:
+            self._add(chain, C.llama_sampler_init_top_k(p.top_k))
+        elif name == "typical_p" and 0 < p.typical_p < 1:
+            self._add(chain, C.llama_sampler_init_typical(p.typical_p, 1))
+        elif name == "top_p" and 0 < p.top_p < 1:
+            self._add(chain, C.llama_sampler_init_top_p(p.top_p, 1))
+        elif name == "min_p" and p.min_p > 0:
+            self._add(chain, C.llama_sampler_init_min_p(p.min_p, 1))
+        elif name == "xtc" and p.xtc_probability > 0:
+            self._add(
+                chain, C.llama_sampler_init_xtc(p.xtc_probability, p.xtc_threshold, 1, self.seed)
+            )
+        elif name == "temperature":
+            if p.dynatemp_range > 0:
+                smpl = C.llama_sampler_init_temp_ext(
+                    p.temperature, p.dynatemp_range, p.dynatemp_exponent
+                )
+            else:
+                smpl = C.llama_sampler_init_temp(p.temperature)
+            self._add(chain, smpl)
+
+    def _add_penalties(self, chain: ctypes.c_void_p) -> None:
+        p = self.params
+        if p.repeat_penalty == 1 and p.presence_penalty == 0 and p.frequency_penalty == 0:
+            return
+        last_n = self._last_n(p.repeat_last_n)
+        if last_n == 0:
+            return
+        smpl = C.llama_sampler_init_penalties(
+            self.model.n_vocab, last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
+        )
+        self._add(chain, smpl, history=True)
+
+    def _add_dry(self, chain: ctypes.c_void_p) -> None:
+        p = self.params
+        if p.dry_multiplier <= 0:
+            return
+        breakers = [b.encode("utf-8") for b in p.dry_sequence_breakers if b]
+        arr = (ctypes.c_char_p * max(len(breakers), 1))(*breakers)
+        self._keep.append(arr)
+        smpl = C.llama_sampler_init_dry(
+            self.model.vocab,
+            p.dry_multiplier,
+            p.dry_base,
+            p.dry_allowed_length,
+            self._last_n(p.dry_penalty_last_n),
+            arr,
+            len(breakers),
+        )
+        self._add(chain, smpl, history=True)
+
+    def accept_prompt(self, tokens: list[int]) -> None:
+        """Feed prompt tokens to the repetition/DRY history (not to grammar or mirostat)."""
+        if not self.history_samplers or not tokens:
+            return
+        limit = max(
+            self._last_n(self.params.repeat_last_n), self._last_n(self.params.dry_penalty_last_n)
+        )
+        for idx in self.history_samplers:
+            smpl = C.llama_sampler_chain_get(self.ptr, idx)
+            for tok in tokens[-limit:]:
+                C.llama_sampler_accept(smpl, tok)
+
+    def accept(self, token: int) -> None:
+        C.llama_sampler_accept(self.ptr, token)
+
+    def sample(self, ctx_ptr: ctypes.c_void_p, index: int) -> int:
+        """Pick the next token from batch row `index` and accept it into the chain."""
+        return int(C.llama_sampler_sample(self.ptr, ctx_ptr, index))
+
+    def free(self) -> None:
+        if self.ptr:
+            C.llama_sampler_free(self.ptr)
+            self.ptr = None
+            self._keep.clear()

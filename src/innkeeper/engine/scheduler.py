@@ -1,0 +1,663 @@
+"""Slots, continuous batching, prefix reuse, context shift and cancellation.
+
+One engine thread owns the llama.cpp context. Every step it makes one `llama_decode` that
+carries the next token of every generating sequence plus a chunk of any pending prompt
+(chunked prefill, so a long new prompt does not freeze the other streams), then samples
+each sequence with its own sampler chain. Requests wait in a FIFO queue for a free slot.
+
+Each slot is one KV-cache sequence and remembers the tokens it holds. A new request goes to
+the free slot whose cache shares the longest prefix with its prompt; only the rest is
+evaluated. When SillyTavern trims old messages from the top of the prompt, the chunks that
+are still there are moved into place with `seq_rm`/`seq_add` (what llama-server calls
+`--cache-reuse`) instead of being evaluated again.
+"""
+
+from __future__ import annotations
+
+import bisect
+import codecs
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from innkeeper.engine.backend import Batch, Context, Model
+from innkeeper.engine.events import (
+    FinishEvent,
+    GenerationRequest,
+    Timings,
+    TokenEvent,
+    TokenLogprob,
+    TopLogprob,
+)
+from innkeeper.engine.sampling import GrammarError, SamplerChain
+
+log = logging.getLogger("innkeeper.engine")
+
+# A cached slot is reused for a new prompt when they share this fraction of the prompt
+# (llama-server's --slot-prompt-similarity); otherwise the least recently used slot is taken
+# so that other conversations keep their caches.
+SIMILARITY_THRESHOLD = 0.1
+MAX_BACKTRACKS = 64
+
+
+class QueueFullError(Exception):
+    """More requests are waiting than the server accepts (`--max-queue`)."""
+
+
+@dataclass
+class Perf:
+    """Counters for /api/extra/perf and /metrics (written by the engine thread only)."""
+
+    started: float = field(default_factory=time.time)
+    total_requests: int = 0
+    total_prompt_tokens: int = 0
+    total_cached_tokens: int = 0
+    total_generated_tokens: int = 0
+    total_prompt_seconds: float = 0.0
+    total_decode_seconds: float = 0.0
+    total_aborted: int = 0
+    total_errors: int = 0
+    decode_steps: int = 0
+    last_prompt_seconds: float = 0.0
+    last_eval_seconds: float = 0.0
+    last_token_count: int = 0
+    last_input_count: int = 0
+    last_seed: int = 0
+    last_stop_reason: int = -1  # KoboldCpp: -1 invalid, 0 length, 1 EOS, 2 stop string
+    last_tokens_per_second: float = 0.0
+    idle_since: float = field(default_factory=time.time)
+
+
+class _Active:
+    """The per-request state while a request owns a slot."""
+
+    __slots__ = (
+        "backtracks",
+        "bans",
+        "chain",
+        "char_ends",
+        "decoder",
+        "emitted",
+        "eos",
+        "generated",
+        "hold",
+        "n_cached",
+        "next_token",
+        "pending",
+        "req",
+        "seed",
+        "slot",
+        "t_admit",
+        "t_first",
+        "t_submit",
+        "text",
+    )
+
+    def __init__(self, req: GenerationRequest, slot: _Slot, chain: SamplerChain, seed: int) -> None:
+        self.req = req
+        self.slot = slot
+        self.chain = chain
+        self.seed = seed
+        self.pending: list[int] = []
+        self.generated: list[int] = []
+        self.next_token: int | None = None
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.text = ""
+        self.emitted = 0
+        self.char_ends: list[int] = []
+        self.bans: dict[int, set[int]] = {}
+        self.n_cached = 0
+        self.t_submit = 0.0
+        self.t_admit = 0.0
+        self.t_first = 0.0
+        self.backtracks = 0
+        self.eos = False
+        lowered = [s for s in req.stop if s] + [b.lower() for b in req.banned_strings if b]
+        self.hold = max((len(s) for s in lowered), default=0)
+
+
+class _Slot:
+    __slots__ = ("active", "cache", "id", "last_used")
+
+    def __init__(self, seq: int) -> None:
+        self.id = seq
+        self.cache: list[int] = []  # tokens whose K/V are in this sequence, positions 0..n-1
+        self.active: _Active | None = None
+        self.last_used = 0.0
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Scheduler:
+    """Runs every generation on one thread over one llama.cpp context."""
+
+    def __init__(
+        self,
+        model: Model,
+        ctx: Context,
+        n_slots: int,
+        *,
+        cache_reuse: int = 32,
+        max_queue: int = 64,
+    ) -> None:
+        self.model = model
+        self.ctx = ctx
+        self.slots = [_Slot(i) for i in range(n_slots)]
+        self.cache_reuse = cache_reuse if ctx.can_shift else 0
+        self.max_queue = max_queue
+        self.perf = Perf()
+        self._queue: deque[tuple[GenerationRequest, float]] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._batch = Batch(max(ctx.params.n_batch, n_slots))
+        self._thread = threading.Thread(target=self._run, name="innkeeper-engine", daemon=True)
+
+    # ---- public API, any thread ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, req: GenerationRequest) -> None:
+        """Queue a request; raises QueueFullError when the queue is at its bound."""
+        with self._cond:
+            if len(self._queue) >= self.max_queue:
+                raise QueueFullError(f"{len(self._queue)} requests are already waiting")
+            self._queue.append((req, time.monotonic()))
+            self._cond.notify()
+
+    def cancel_all(self) -> int:
+        """Abort every running and queued request; returns how many were asked to stop."""
+        n = 0
+        with self._cond:
+            for req, _ in self._queue:
+                req.cancel()
+                n += 1
+            for slot in self.slots:
+                if slot.active is not None:
+                    slot.active.req.cancel()
+                    n += 1
+            self._cond.notify()
+        return n
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(1 for s in self.slots if s.active is not None)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.cancel_all()
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._queue and self.busy_slots == 0:
+                    self.perf.idle_since = time.time()
+                    self._cond.wait()
+                if self._stop and self.busy_slots == 0:
+                    break
+            try:
+                self._step()
+            except Exception as exc:  # one bad step must not kill the server
+                log.exception("engine step failed")
+                for slot in self.slots:
+                    if slot.active is not None:
+                        self._finish(slot.active, "error", error=f"engine error: {exc}")
+        self._batch.free()
+
+    def _admit(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue:
+                    return
+                free = [s for s in self.slots if s.active is None]
+                req, t_submit = self._queue[0]
+                if not free and not req.cancelled:
+                    return
+                self._queue.popleft()
+            if req.cancelled:
+                self._emit_finish_unstarted(req, "abort")
+                continue
+            slot = self._choose_slot(free, req.prompt)
+            try:
+                self._start(slot, req, t_submit)
+            except GrammarError as exc:
+                self._emit_finish_unstarted(req, "error", str(exc))
+            except Exception as exc:  # a request that cannot start fails alone
+                log.exception("request %d could not start", req.id)
+                slot.active = None
+                self._emit_finish_unstarted(req, "error", f"engine error: {exc}")
+
+    def _choose_slot(self, free: list[_Slot], prompt: list[int]) -> _Slot:
+        best = max(free, key=lambda s: common_prefix(s.cache, prompt))
+        shared = common_prefix(best.cache, prompt)
+        if shared > 0 and shared >= SIMILARITY_THRESHOLD * len(prompt):
+            return best
+        # No useful prefix: take an empty slot, else the least recently used one.
+        return min(free, key=lambda s: (len(s.cache) > 0, s.last_used))
+
+    def _start(self, slot: _Slot, req: GenerationRequest, t_submit: float) -> None:
+        p = req.params
+        seed = p.resolved_seed()
+        chain = SamplerChain(self.model, p, seed, self.ctx.n_ctx)
+        chain.accept_prompt(req.prompt)
+        act = _Active(req, slot, chain, seed)
+        act.t_submit = t_submit
+        act.t_admit = time.monotonic()
+        n_past = self._reuse(slot, req.prompt)
+        act.n_cached = n_past
+        act.pending = req.prompt[n_past:]
+        slot.active = act
+        log.info(
+            "request %d on slot %d: %d prompt tokens, %d reused from cache, %d to evaluate",
+            req.id,
+            slot.id,
+            len(req.prompt),
+            n_past,
+            len(act.pending),
+        )
+
+    def _reuse(self, slot: _Slot, prompt: list[int]) -> int:
+        """Keep what the slot's cache can give this prompt; returns tokens kept."""
+        cache = slot.cache
+        n_past = common_prefix(cache, prompt)
+        if self.cache_reuse and n_past < len(cache) and n_past < len(prompt):
+            n_past = self._reuse_chunks(slot, prompt, n_past)
+        if n_past >= len(prompt):
+            n_past = len(prompt) - 1  # the last prompt token must be evaluated for its logits
+        if not self.ctx.seq_rm(slot.id, n_past, -1):
+            # Some caches (recurrent, sliding-window) cannot drop a suffix: start over.
+            self.ctx.seq_rm(slot.id, -1, -1)
+            n_past = 0
+        del slot.cache[n_past:]
+        return n_past
+
+    def _reuse_chunks(self, slot: _Slot, prompt: list[int], n_past: int) -> int:
+        """Shift cached chunks that reappear later in the prompt into their new positions.
+
+        After a top-trim, the prompt is the kept head, then messages the cache also holds
+        but further right. Walk both: skip cache tokens that the prompt dropped, and move
+        every run of at least `cache_reuse` matching tokens left with `seq_add`.
+        """
+        cache = slot.cache
+        kept = cache[:n_past]
+        head_c = head_p = n_past
+        moved = 0
+        while head_c < len(cache) and head_p < len(prompt):
+            n = 0
+            while (
+                head_c + n < len(cache)
+                and head_p + n < len(prompt)
+                and cache[head_c + n] == prompt[head_p + n]
+            ):
+                n += 1
+            if n >= self.cache_reuse:
+                shift = head_p - head_c
+                self.ctx.seq_rm(slot.id, head_p, head_c)
+                self.ctx.seq_add(slot.id, head_c, head_c + n, shift)
+                kept.extend(cache[head_c : head_c + n])
+                head_c += n
+                head_p += n
+                moved += n
+            else:
+                head_c += 1
+        if moved:
+            log.info("slot %d: shifted %d cached tokens after a prompt trim", slot.id, moved)
+        slot.cache[:] = kept
+        return head_p
+
+    def _active(self) -> list[_Active]:
+        return [s.active for s in self.slots if s.active is not None]
+
+    def _step(self) -> None:
+        self._admit()
+        for act in self._active():
+            if act.req.cancelled:
+                self._finish(act, "abort")
+        active = self._active()
+        if not active:
+            return
+
+        self._make_room(active)
+        active = self._active()
+        batch = self._batch
+        batch.clear()
+        to_sample: list[tuple[_Active, int]] = []
+        for act in active:
+            if act.next_token is not None:
+                slot = act.slot
+                idx = batch.add(act.next_token, len(slot.cache), slot.id, True)
+                slot.cache.append(act.next_token)
+                act.next_token = None
+                to_sample.append((act, idx))
+        generating = bool(to_sample)
+        budget = self.ctx.params.n_batch - batch.n
+        if generating:
+            budget = min(budget, self.ctx.params.n_ubatch)
+        budget = min(budget, self._free_cells() - batch.n)
+        for act in sorted(active, key=lambda a: a.t_submit):
+            if not act.pending or budget <= 0:
+                continue
+            chunk = act.pending[:budget]
+            done = len(chunk) == len(act.pending)
+            slot = act.slot
+            idx = batch.add_span(chunk, len(slot.cache), slot.id, done)
+            slot.cache.extend(chunk)
+            del act.pending[: len(chunk)]
+            budget -= len(chunk)
+            if done:
+                to_sample.append((act, idx))
+        if batch.n == 0:
+            return
+
+        t0 = time.monotonic()
+        ret = self.ctx.decode(batch)
+        dt = time.monotonic() - t0
+        self.perf.decode_steps += 1
+        if ret != 0:
+            self._decode_failed(ret)
+            return
+        if generating:
+            self.perf.total_decode_seconds += dt
+        else:
+            self.perf.total_prompt_seconds += dt
+
+        for act, idx in to_sample:
+            if act.slot.active is act:
+                self._sample(act, idx)
+
+    def _free_cells(self) -> int:
+        return self.ctx.n_ctx - sum(len(s.cache) for s in self.slots)
+
+    def _make_room(self, active: list[_Active]) -> None:
+        """Keep the cached tokens of all slots within the context's cells.
+
+        Idle slots' caches go first (least recently used first); a generating sequence that
+        reached the end of the context finishes with reason "length".
+        """
+        need = sum(1 for a in active if a.next_token is not None)
+        if any(a.pending for a in active):
+            need += 1
+        idle = sorted(
+            (s for s in self.slots if s.active is None and s.cache), key=lambda s: s.last_used
+        )
+        while self._free_cells() < need and idle:
+            slot = idle.pop(0)
+            self.ctx.seq_rm(slot.id, -1, -1)
+            slot.cache.clear()
+        for act in active:
+            if act.next_token is not None and len(act.slot.cache) + 1 > self.ctx.n_ctx:
+                self._finish(act, "length")
+        while self._free_cells() < sum(1 for a in self._active() if a.next_token is not None):
+            victim = max(self._active(), key=lambda a: len(a.slot.cache))
+            log.warning("context full: ending request %d early", victim.req.id)
+            self._finish(victim, "length")
+
+    def _decode_failed(self, ret: int) -> None:
+        msg = "the KV cache is full" if ret == 1 else f"llama_decode failed with status {ret}"
+        log.error("decode failed: %s", msg)
+        for act in self._active():
+            # The cache state of these sequences is unknown now: drop it.
+            self.ctx.seq_rm(act.slot.id, -1, -1)
+            act.slot.cache.clear()
+            self._finish(act, "error", error=msg)
+
+    def _sample(self, act: _Active, idx: int) -> None:
+        slot = act.slot
+        pos = len(slot.cache)
+        banned = act.bans.get(pos)
+        if banned or (act.req.min_tokens and len(act.generated) < act.req.min_tokens):
+            row = self.ctx.logits(idx)
+            for tok in banned or ():
+                row[tok] = -math.inf
+            if act.req.min_tokens and len(act.generated) < act.req.min_tokens:
+                for tok in self.model.eog_tokens:
+                    row[tok] = -math.inf
+        if act.t_first == 0.0:
+            act.t_first = time.monotonic()
+        logprobs = self._logprobs(idx, act.req.n_logprobs) if act.req.n_logprobs else None
+        tok = act.chain.sample(self.ctx.ptr, idx)
+        if logprobs is not None:
+            logprobs = logprobs(tok)
+        self._on_token(act, tok, logprobs)
+
+    def _logprobs(self, idx: int, n: int):
+        """Log-softmax of the raw logits row; the chosen token is looked up after sampling."""
+        import numpy as np
+
+        row = np.ctypeslib.as_array(self.ctx.logits(idx)).astype(np.float64)
+        finite = np.isfinite(row)
+        mx = row[finite].max()
+        lse = mx + math.log(np.exp(row[finite] - mx).sum())
+        top = np.argpartition(-row, min(n, row.size - 1))[:n]
+        top = top[np.argsort(-row[top])]
+        model = self.model
+        top_list = tuple(
+            TopLogprob(int(t), model.piece(int(t)).decode("utf-8", "replace"), float(row[t] - lse))
+            for t in top
+        )
+
+        def for_token(tok: int) -> TokenLogprob:
+            lp = float(row[tok] - lse) if math.isfinite(row[tok]) else -9999.0
+            return TokenLogprob(tok, model.piece(tok).decode("utf-8", "replace"), lp, top_list)
+
+        return for_token
+
+    def _on_token(self, act: _Active, tok: int, logprob: TokenLogprob | None) -> None:
+        req = act.req
+        if self.model.is_eog(tok):
+            act.eos = True
+            self._flush(act)
+            self._finish(act, "stop")
+            return
+        act.generated.append(tok)
+        act.text += act.decoder.decode(self.model.piece(tok))
+        act.char_ends.append(len(act.text))
+        lps = (logprob,) if logprob is not None else ()
+
+        if req.banned_strings and self._backtrack_banned(act):
+            return
+
+        if req.stop:
+            cut, which = self._find_stop(act)
+            if which is not None:
+                self._emit(act, act.text[act.emitted : cut], (tok,), lps)
+                act.text = act.text[:cut]
+                self._finish(act, "stop", stop_string=which)
+                return
+        if len(act.generated) >= req.max_tokens or len(act.slot.cache) + 1 > self.ctx.n_ctx:
+            self._flush(act, (tok,), lps)
+            self._finish(act, "length")
+            return
+        end = len(act.text) - self._held(act) if act.hold else len(act.text)
+        if req.banned_strings and end < len(act.text):
+            # Hold whole tokens: a rollback must never take back text already sent.
+            i = bisect.bisect_right(act.char_ends, end)
+            end = act.char_ends[i - 1] if i > 0 else 0
+            end = max(end, act.emitted)
+        self._emit(act, act.text[act.emitted : end], (tok,), lps)
+        act.next_token = tok
+
+    def _find_stop(self, act: _Active) -> tuple[int, str | None]:
+        start = max(0, act.emitted)
+        best: tuple[int, str | None] = (len(act.text), None)
+        for s in act.req.stop:
+            if not s:
+                continue
+            i = act.text.find(s, start)
+            if i >= 0 and i < best[0]:
+                best = (i, s)
+        return best
+
+    def _held(self, act: _Active) -> int:
+        """How many trailing characters could still become a stop or banned string."""
+        tail = act.text[-act.hold :] if act.hold else ""
+        low = tail.lower()
+        held = 0
+        for s in act.req.stop:
+            held = max(held, _suffix_prefix(tail, s))
+        for b in act.req.banned_strings:
+            held = max(held, _suffix_prefix(low, b.lower()))
+        return min(held, len(act.text) - act.emitted)
+
+    def _backtrack_banned(self, act: _Active) -> bool:
+        """If a banned string appeared, roll the sequence back to where it started.
+
+        The token that began it is banned at that position and the position is sampled
+        again (KoboldCpp's phrase-ban backtracking). Returns True when it rolled back.
+        """
+        low = act.text.lower()
+        hit = -1
+        for b in act.req.banned_strings:
+            if not b:
+                continue
+            i = low.find(b.lower(), act.emitted)
+            if i >= 0 and (hit < 0 or i < hit):
+                hit = i
+        if hit < 0:
+            return False
+        if act.backtracks >= MAX_BACKTRACKS:
+            act.text = act.text[:hit]
+            self._flush(act)
+            self._finish(act, "stop")
+            return True
+        act.backtracks += 1
+        # First generated token whose text reaches past `hit`.
+        k = next(i for i, end in enumerate(act.char_ends) if end > hit)
+        slot = act.slot
+        n_prompt = len(act.req.prompt)
+        pos = n_prompt + k
+        act.bans.setdefault(pos, set()).add(act.generated[k])
+        keep_gen = act.generated[:k]
+        act.generated = keep_gen
+        del act.char_ends[k:]
+        act.text = act.text[: act.char_ends[-1]] if act.char_ends else ""
+        act.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        # Re-evaluate the token before `pos` so its logits are available again.
+        keep = n_prompt + k - 1
+        self.ctx.seq_rm(slot.id, keep, -1)
+        del slot.cache[keep:]
+        act.next_token = (act.req.prompt + keep_gen)[keep]
+        # Rebuild the sampler chain so its history matches the rolled-back sequence.
+        act.chain.free()
+        act.chain = SamplerChain(self.model, act.req.params, act.seed, self.ctx.n_ctx)
+        act.chain.accept_prompt(act.req.prompt)
+        for t in keep_gen:
+            act.chain.accept(t)
+        return True
+
+    def _emit(self, act: _Active, text: str, tokens: tuple[int, ...], lps: tuple) -> None:
+        if not text and not tokens:
+            return
+        act.emitted += len(text)
+        self._send(act.req, TokenEvent(text=text, tokens=tokens, logprobs=lps))
+
+    def _flush(self, act: _Active, tokens: tuple[int, ...] = (), lps: tuple = ()) -> None:
+        act.text += act.decoder.decode(b"", final=True)
+        self._emit(act, act.text[act.emitted :], tokens, lps)
+
+    def _send(self, req: GenerationRequest, event: TokenEvent | FinishEvent) -> None:
+        try:
+            req.on_event(event)
+        except Exception:  # a consumer that went away must not stop the engine
+            log.debug("event consumer failed", exc_info=True)
+            req.cancel()
+
+    def _finish(
+        self,
+        act: _Active,
+        reason: str,
+        *,
+        stop_string: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        slot = act.slot
+        if slot.active is not act:
+            return
+        now = time.monotonic()
+        t_first = act.t_first or now
+        timings = Timings(
+            prompt_tokens=len(act.req.prompt),
+            cached_tokens=act.n_cached,
+            completion_tokens=len(act.generated) + (1 if act.eos else 0),
+            prompt_ms=(t_first - act.t_admit) * 1000,
+            predicted_ms=(now - t_first) * 1000,
+            queued_ms=(act.t_admit - act.t_submit) * 1000,
+        )
+        act.chain.free()
+        slot.active = None
+        slot.last_used = now
+        perf = self.perf
+        perf.total_requests += 1
+        perf.total_prompt_tokens += timings.prompt_tokens
+        perf.total_cached_tokens += timings.cached_tokens
+        perf.total_generated_tokens += timings.completion_tokens
+        perf.last_prompt_seconds = timings.prompt_ms / 1000
+        perf.last_eval_seconds = timings.predicted_ms / 1000
+        perf.last_token_count = timings.completion_tokens
+        perf.last_input_count = timings.prompt_tokens
+        perf.last_seed = act.seed
+        perf.last_tokens_per_second = timings.predicted_per_second
+        perf.last_stop_reason = {"length": 0, "stop": 2 if stop_string else 1}.get(reason, -1)
+        if reason == "abort":
+            perf.total_aborted += 1
+        elif reason == "error":
+            perf.total_errors += 1
+        log.info(
+            "request %d %s: %d prompt (%d reused), %d generated, %.0f ms prompt, %.1f tok/s",
+            act.req.id,
+            reason,
+            timings.prompt_tokens,
+            timings.cached_tokens,
+            timings.completion_tokens,
+            timings.prompt_ms,
+            timings.predicted_per_second,
+        )
+        self._send(
+            act.req,
+            FinishEvent(
+                reason=reason,
+                text=act.text,
+                timings=timings,
+                seed=act.seed,
+                stop_string=stop_string,
+                error=error,
+                eos=act.eos,
+            ),
+        )
+
+    def _emit_finish_unstarted(
+        self, req: GenerationRequest, reason: str, error: str | None = None
+    ) -> None:
+        timings = Timings(len(req.prompt), 0, 0, 0.0, 0.0, 0.0)
+        if reason == "abort":
+            self.perf.total_aborted += 1
+        self._send(req, FinishEvent(reason=reason, text="", timings=timings, seed=-1, error=error))
+
+
+def _suffix_prefix(text: str, pattern: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `pattern`."""
+    for n in range(min(len(text), len(pattern) - 1), 0, -1):
+        if text.endswith(pattern[:n]):
+            return n
+    return 0

@@ -1,0 +1,115 @@
+// Talking to the innkeeper server: the API key, JSON calls, and streamed completions.
+
+const KEY_NAME = "innkeeper.apiKey";
+
+export class AuthError extends Error {}
+export class ApiError extends Error {}
+
+let askForKey = async () => null; // set by the page: shows the key dialog, resolves to a key or null
+
+export function onKeyNeeded(fn) {
+  askForKey = fn;
+}
+
+export function apiKey() {
+  try {
+    return sessionStorage.getItem(KEY_NAME) || "";
+  } catch {
+    return "";
+  }
+}
+
+export function setApiKey(key) {
+  try {
+    if (key) sessionStorage.setItem(KEY_NAME, key);
+    else sessionStorage.removeItem(KEY_NAME);
+  } catch {
+    /* private mode: the key lives only as long as this page */
+  }
+}
+
+function headers(json) {
+  const h = {};
+  if (json) h["Content-Type"] = "application/json";
+  const key = apiKey();
+  if (key) h.Authorization = "Bearer " + key;
+  return h;
+}
+
+async function errorMessage(res) {
+  try {
+    const body = await res.json();
+    const e = body.error ?? body.detail ?? body;
+    if (typeof e === "string") return e;
+    if (e && typeof e.message === "string") return e.message;
+    return JSON.stringify(e).slice(0, 300);
+  } catch {
+    return res.status + " " + res.statusText;
+  }
+}
+
+/** fetch() with the key; a 401 asks the user for a key once and retries. */
+export async function request(path, { method = "GET", body, signal, ask = true } = {}) {
+  for (let attempt = 0; ; attempt++) {
+    const res = await fetch(path, {
+      method,
+      headers: headers(body !== undefined),
+      body: body === undefined ? undefined : JSON.stringify(body),
+      signal,
+    });
+    if (res.status !== 401) {
+      if (!res.ok) throw new ApiError(await errorMessage(res));
+      return res;
+    }
+    if (!ask || attempt >= 3) throw new AuthError(apiKey() ? "the API key was refused" : "this server needs an API key");
+    const key = await askForKey(attempt > 0 || apiKey() ? "That key was refused. Try again." : "");
+    if (!key) throw new AuthError("this server needs an API key");
+    setApiKey(key);
+  }
+}
+
+export async function getJson(path, opts) {
+  return (await request(path, opts)).json();
+}
+
+export const postJson = (path, body, opts = {}) => getJson(path, { ...opts, method: "POST", body });
+
+/**
+ * POST /v1/completions with stream: true; calls onText(piece) for each piece and resolves to the
+ * final chunk ({finish_reason, usage, timings}). Aborting `signal` closes the connection, which
+ * the server turns into a cancel.
+ */
+export async function streamCompletion(body, { signal, onText }) {
+  const res = await request("/v1/completions", { method: "POST", body: { ...body, stream: true }, signal });
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let final = null;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.search(/\r?\n\r?\n/)) >= 0) {
+      const event = buffer.slice(0, cut);
+      buffer = buffer.slice(cut).replace(/^\r?\n\r?\n/, "");
+      const data = event
+        .split(/\r?\n/)
+        .filter((l) => l.startsWith("data:"))
+        .map((l) => l.slice(5).replace(/^ /, ""))
+        .join("\n");
+      if (!data || data === "[DONE]") continue;
+      let chunk;
+      try {
+        chunk = JSON.parse(data);
+      } catch {
+        continue;
+      }
+      if (chunk.error) throw new ApiError(chunk.error.message || "generation failed");
+      const choice = chunk.choices && chunk.choices[0];
+      if (choice && choice.text) onText(choice.text);
+      if (choice && choice.finish_reason) final = { finish_reason: choice.finish_reason, usage: chunk.usage, timings: chunk.timings };
+    }
+  }
+  return final;
+}

@@ -1,0 +1,23 @@
+"""Fixtures shared by the whole suite: one real server with the embedded model per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.helpers import ServerProcess, run_server
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerProcess]:
+    """`innkeeper serve` on a free loopback port with the embedded SmolLM2 model."""
+    with run_server("--ctx-size", "2048", "--parallel", "2", "--threads", "2", name="api") as srv:
+        yield srv
+
+
+@pytest.fixture()
+def client(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c

@@ -1,0 +1,309 @@
+"""hub.py against a local stand-in of the hub, driven by the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+
+from innkeeper.models import hub, store
+from tests.models import fakehub
+from tests.models.fakehub import FakeHub
+
+fake_hub = fakehub.fake_hub  # fixtures shared with tests/cli/test_pull.py
+hub_sources = fakehub.hub_sources
+
+TINY = "fake/Tiny-GGUF"
+
+
+# --- references and names (no server) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "repo", "quant", "filename", "revision"),
+    [
+        ("owner/name", "owner/name", None, None, None),
+        ("owner/Name-GGUF:Q6_K", "owner/Name-GGUF", "Q6_K", None, None),
+        ("owner/name:q4_k_m", "owner/name", "q4_k_m", None, None),
+        ("owner/name/model-Q8_0.gguf", "owner/name", None, "model-Q8_0.gguf", None),
+        ("owner/name/sub/dir/x.gguf", "owner/name", None, "sub/dir/x.gguf", None),
+        ("https://huggingface.co/owner/name", "owner/name", None, None, None),
+        ("https://huggingface.co/o/n/blob/main/f.gguf", "o/n", None, "f.gguf", "main"),
+        ("hf.co/o/n/resolve/abc123/f.gguf", "o/n", None, "f.gguf", "abc123"),
+    ],
+)
+def test_parse_ref(
+    text: str, repo: str, quant: str | None, filename: str | None, revision: str | None
+) -> None:
+    assert hub.parse_ref(text) == hub.HubRef(repo, quant, filename, revision)
+
+
+@pytest.mark.parametrize(
+    "text", ["name-only", "owner/", "/name", "../x/y", "o/n/../../etc", "o/n:", "o/n:Q4 K", "o/-n"]
+)
+def test_parse_ref_rejects(text: str) -> None:
+    with pytest.raises(hub.HubRefError):
+        hub.parse_ref(text)
+
+
+@pytest.mark.parametrize(
+    ("path", "label"),
+    [
+        ("mistral-7b-instruct-v0.2.Q4_K_M.gguf", "Q4_K_M"),
+        ("Meta-Llama-3-8B-Instruct-IQ3_XXS.gguf", "IQ3_XXS"),
+        ("model-q8_0.gguf", "Q8_0"),
+        ("Qwen2-7B-bf16.gguf", "BF16"),
+        ("Q4_K_M/Big-Q4_K_M-00001-of-00002.gguf", "Q4_K_M"),
+        ("DeepSeek-UD-Q4_K_XL.gguf", "UD-Q4_K_XL"),
+        ("ggml-model-f16.gguf", "F16"),
+        ("Qwen2-7B-Instruct.gguf", None),
+    ],
+)
+def test_quant_label(path: str, label: str | None) -> None:
+    assert hub.quant_label(path) == label
+
+
+# --- listing and choosing ----------------------------------------------------------------------
+
+
+def test_list_repo_has_sizes_hashes_and_commit(fake_hub: FakeHub) -> None:
+    listing = hub.list_repo(TINY)
+    repo = fake_hub.repos[TINY]
+    assert listing.revision == repo.commit
+    q8 = listing.get("Tiny-Q8_0.gguf")
+    assert q8 is not None
+    assert (q8.size, q8.sha256) == (repo.files["Tiny-Q8_0.gguf"].size, repo.files[q8.path].sha256)
+    readme = listing.get("README.md")
+    assert readme is not None and readme.sha256 is None and readme.blob_id
+
+
+def test_explicit_quant_is_case_insensitive(fake_hub: FakeHub) -> None:
+    sel = hub.choose_files(hub.list_repo(TINY), quant="q6_k")
+    assert (sel.variant, [f.path for f in sel.files]) == ("Q6_K", ["Tiny-Q6_K.gguf"])
+
+
+def test_unknown_quant_lists_what_exists(fake_hub: FakeHub) -> None:
+    with pytest.raises(hub.QuantNotFoundError, match=r"no Q5_K_M file.*Q4_K_M \("):
+        hub.choose_files(hub.list_repo(TINY), quant="Q5_K_M")
+
+
+def test_auto_picks_largest_that_fits_and_skips_mmproj(fake_hub: FakeHub) -> None:
+    listing = hub.list_repo(TINY)
+    seen: list[int] = []
+
+    def fits(nbytes: int) -> bool:
+        seen.append(nbytes)
+        return nbytes <= 450 * 1024  # pretend a machine where Q6_K is the largest that fits
+
+    sel = hub.choose_files(listing, fits=fits)
+    assert sel.variant == "Q6_K"
+    assert seen == sorted(seen, reverse=True)  # tried from the largest down
+    assert all("mmproj" not in f.path for v in sel.others for f in v.files)
+    assert hub.choose_files(listing).variant == "F16"  # no predicate: the largest
+    with pytest.raises(hub.NothingFitsError, match=r"smallest: Q2_K"):
+        hub.choose_files(listing, fits=lambda n: False)
+
+
+def test_split_gguf_selects_every_shard(fake_hub: FakeHub) -> None:
+    sel = hub.choose_files(hub.list_repo("fake/Split-GGUF"), quant="Q4_K_M")
+    assert [f.path for f in sel.files] == [
+        "Q4_K_M/Split-Q4_K_M-00001-of-00002.gguf",
+        "Q4_K_M/Split-Q4_K_M-00002-of-00002.gguf",
+    ]
+    assert sel.main_file == sel.files[0].path
+    named = hub.choose_files(
+        hub.list_repo("fake/Split-GGUF"), filename="Q4_K_M/Split-Q4_K_M-00002-of-00002.gguf"
+    )
+    assert named.files == sel.files  # naming one shard pulls the whole set
+
+
+def test_missing_shard_in_listing(fake_hub: FakeHub) -> None:
+    listing = hub.list_repo("fake/Broken-GGUF")
+    with pytest.raises(hub.MissingShardError, match=r"in 3 files but shard\(s\) 2 are missing"):
+        hub.choose_files(listing, quant="Q8_0")
+    assert hub.choose_files(listing).variant == "Q4_0"  # auto skips the broken set
+
+
+def test_safetensors_repo_takes_weights_config_and_tokenizer_only(fake_hub: FakeHub) -> None:
+    sel = hub.choose_files(hub.list_repo("fake/Tiny-Llama"))
+    assert sel.format == "safetensors"
+    assert {f.path for f in sel.files} == {
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
+    gptq = hub.choose_files(hub.list_repo("fake/Tiny-Llama-GPTQ"))
+    assert {f.path for f in gptq.files} == {
+        "model.safetensors",
+        "config.json",
+        "quantize_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+    with pytest.raises(hub.QuantNotFoundError, match="no GGUF files"):
+        hub.choose_files(hub.list_repo("fake/Tiny-Llama"), quant="Q4_K_M")
+
+
+def test_unknown_repo_is_a_clear_error(fake_hub: FakeHub) -> None:
+    with pytest.raises(hub.HubAccessError, match=r"repo fake/Nope not found.*HF_TOKEN"):
+        hub.list_repo("fake/Nope")
+
+
+def test_unreachable_hub_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.helpers import free_port
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(hub.HubError, match=r"network error talking to http://127\.0\.0\.1"):
+        hub.list_repo(TINY)
+
+
+# --- downloading -------------------------------------------------------------------------------
+
+
+def _pull(repo_id: str, root: Path, **kw: str) -> hub.PullResult:
+    return hub.pull(hub.choose_files(hub.list_repo(repo_id), **kw), root, progress=False)
+
+
+def _store_files(root: Path) -> list[str]:
+    """Files in the store, leaving out the lock files that serialize concurrent pulls."""
+    files = (p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    return sorted(str(p) for p in files if p.parts[0] != ".locks")
+
+
+def test_pull_verifies_and_lands_in_store(fake_hub: FakeHub, tmp_path: Path) -> None:
+    result = _pull(TINY, tmp_path, quant="Q8_0")
+    src = fake_hub.repos[TINY].files["Tiny-Q8_0.gguf"]
+    assert result.entry.complete and result.entry.name == "Tiny:Q8_0"
+    assert result.downloaded_bytes == src.size
+    assert result.entry.path.read_bytes() == src.read(0, src.size)
+    manifest = store.read_manifest(result.entry.path.parent)
+    assert manifest is not None and manifest.complete
+    assert manifest.revision == fake_hub.repos[TINY].commit
+    assert manifest.files[0].sha256 == src.sha256 and manifest.files[0].verified
+    # a second pull finds everything in place and fetches nothing
+    fake_hub.reset_counters()
+    again = _pull(TINY, tmp_path, quant="Q8_0")
+    assert (again.downloaded_bytes, again.reused_files) == (0, 1)
+    assert sum(fake_hub.bytes_served.values()) == 0
+
+
+def test_split_pull_resolves_to_first_shard(fake_hub: FakeHub, tmp_path: Path) -> None:
+    result = _pull("fake/Split-GGUF", tmp_path, quant="Q4_K_M")
+    assert result.entry.path.name == "Split-Q4_K_M-00001-of-00002.gguf"
+    assert (result.entry.path.parent / "Split-Q4_K_M-00002-of-00002.gguf").is_file()
+    found = store.find_in_store("Split:q4_k_m", tmp_path)
+    assert found.path == result.entry.path
+
+
+def test_interrupted_download_resumes_with_only_the_remaining_bytes(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    key = fake_hub.key("fake/Big-GGUF", "Big-Q8_0.gguf")
+    size = fake_hub.repos["fake/Big-GGUF"].files["Big-Q8_0.gguf"].size
+    cut = 15 * 1024 * 1024
+    fake_hub.cuts[key] = cut
+    fake_hub.outage_after_cut.add(key)  # the network stays down: the client's retries fail too
+    with pytest.raises(hub.HubError, match=r"interrupted \(.* of 24\.0 MiB kept\).*to resume"):
+        _pull("fake/Big-GGUF", tmp_path)
+    partial = list(tmp_path.rglob("*.incomplete"))
+    assert len(partial) == 1
+    kept = partial[0].stat().st_size
+    assert 0 < kept <= cut  # the client writes in 10 MB chunks: what it wrote is kept
+    assert not list(tmp_path.rglob("Big-Q8_0.gguf"))  # nothing that looks complete
+    assert [e.complete for e in store.list_models(tmp_path)] == [False]
+
+    fake_hub.reset_faults()
+    fake_hub.reset_counters()
+    result = _pull("fake/Big-GGUF", tmp_path)
+    assert result.entry.complete
+    assert fake_hub.range_starts[key] == [kept]
+    assert fake_hub.bytes_served[key] == size - kept
+    assert (result.resumed_from_bytes, result.downloaded_bytes) == (kept, size - kept)
+    assert not list(tmp_path.rglob("*.incomplete"))
+
+
+def test_bad_partial_is_thrown_away_and_fetched_afresh(fake_hub: FakeHub, tmp_path: Path) -> None:
+    sel = hub.choose_files(hub.list_repo(TINY), quant="Q2_K")
+    final = store.entry_dir(tmp_path, TINY, "Q2_K") / "Tiny-Q2_K.gguf"
+    final.parent.mkdir(parents=True)
+    store.partial_path(final, sel.files[0].sha256 or "").write_bytes(b"garbage" * 100)
+    result = hub.pull(sel, tmp_path, progress=False)
+    assert result.entry.complete
+    key = fake_hub.key(TINY, "Tiny-Q2_K.gguf")
+    assert fake_hub.range_starts[key] == [700, 0]
+
+
+def test_corrupted_download_is_deleted_with_a_clear_error(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    fake_hub.corrupt.add(fake_hub.key(TINY, "Tiny-Q4_K_M.gguf"))
+    with pytest.raises(hub.IntegrityError, match=r"sha256 does not match.*deleted"):
+        _pull(TINY, tmp_path, quant="Q4_K_M")
+    assert _store_files(tmp_path) == []
+    assert store.list_models(tmp_path) == []
+
+
+def test_shard_listed_but_missing_on_the_hub(fake_hub: FakeHub, tmp_path: Path) -> None:
+    repo = fake_hub.repos["fake/Split-GGUF"]
+    repo.vanished.add("Q4_K_M/Split-Q4_K_M-00002-of-00002.gguf")
+    with pytest.raises(hub.MissingShardError, match="missing"):
+        _pull("fake/Split-GGUF", tmp_path, quant="Q4_K_M")
+    assert [e.complete for e in store.list_models(tmp_path)] == [False]
+    with pytest.raises(store.ModelNotFoundError, match="incomplete"):
+        store.find_in_store("Split:Q4_K_M", tmp_path)
+
+
+def test_gated_repo_needs_a_token_with_access(
+    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = "fake/Gated-GGUF"
+    with pytest.raises(hub.HubAccessError, match=r"gated repo.*set HF_TOKEN"):
+        _pull(repo, tmp_path)
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    with pytest.raises(hub.HubAccessError, match=r"gated repo.*has no access"):
+        _pull(repo, tmp_path)
+    assert _store_files(tmp_path) == []
+    monkeypatch.setenv("HF_TOKEN", fake_hub.good_token)
+    assert _pull(repo, tmp_path).entry.complete
+
+
+def test_not_enough_disk_space_stops_before_downloading(
+    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(hub.DiskSpaceError, match=r"needs 512\.3 KiB, 4\.0 KiB free"):
+        _pull(TINY, tmp_path, quant="Q8_0")
+    assert sum(fake_hub.bytes_served.values()) == 0
+    assert _store_files(tmp_path) == []
+
+
+def test_stand_in_speaks_tree_and_resolve_to_the_real_client(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    """The fake answers the client's other calls too (used by inspect/fit): tree, hf_hub_download."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    api = HfApi(endpoint=fake_hub.url)
+    top = {(type(e).__name__, e.path) for e in api.list_repo_tree("fake/Split-GGUF")}
+    assert ("RepoFolder", "Q4_K_M") in top and ("RepoFile", "Split-Q2_K.gguf") in top
+    deep = [
+        e
+        for e in api.list_repo_tree("fake/Split-GGUF", recursive=True)
+        if e.path.endswith("00002-of-00002.gguf")
+    ]
+    assert [e.lfs.sha256 for e in deep] == [
+        fake_hub.repos["fake/Split-GGUF"].files["Q4_K_M/Split-Q4_K_M-00002-of-00002.gguf"].sha256
+    ]
+    got = hf_hub_download(
+        "fake/Tiny-GGUF", "Tiny-Q2_K.gguf", local_dir=tmp_path, endpoint=fake_hub.url
+    )
+    src = fake_hub.repos["fake/Tiny-GGUF"].files["Tiny-Q2_K.gguf"]
+    assert Path(got).read_bytes() == src.read(0, src.size)
