@@ -17,6 +17,9 @@ from innkeeper.config import ServerConfig
 from innkeeper.engine.backend import BackendError, supports_gpu_offload
 from innkeeper.engine.engine import Engine, EngineConfig
 from innkeeper.engine.templates import TemplateRenderError
+from innkeeper.models.memory import AutoSettings, auto_settings
+from innkeeper.models.safety import is_pickle_weights
+from innkeeper.models.spec import ModelFormatError
 
 log = logging.getLogger("innkeeper")
 
@@ -43,17 +46,24 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def check_model_file(path: Path, allow_pickle: bool) -> Path:
     """Refuse what llama.cpp cannot or must not load, with a message that says why."""
+    if is_pickle_weights(path):
+        if not allow_pickle:
+            fail(
+                f"{path.name} holds PyTorch pickle weights, which can run arbitrary code when "
+                "loaded; innkeeper refuses them (see `innkeeper inspect` for a scan; pass "
+                "--allow-pickle only if you trust the file)"
+            )
+        fail(f"{path.name} is a PyTorch checkpoint: convert it to GGUF to serve it")
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return check_model_file(ggufs[0], allow_pickle)
+        firsts = [p for p in ggufs if "-00001-of-" in p.name]
+        if len(ggufs) == 1 or len(firsts) == 1:
+            return check_model_file((firsts or ggufs)[0], allow_pickle)
         if not ggufs:
             fail(
-                f"{path} holds no GGUF file: innkeeper serves GGUF models (see `innkeeper inspect {path}`)"
+                f"{path} holds no GGUF file: innkeeper serves GGUF models "
+                f"(see `innkeeper inspect {path}`)"
             )
-        firsts = [p for p in ggufs if "-00001-of-" in p.name]
-        if len(firsts) == 1:
-            return check_model_file(firsts[0], allow_pickle)
         fail(f"{path} holds {len(ggufs)} GGUF files: name the one to serve")
     try:
         with path.open("rb") as fh:
@@ -61,21 +71,32 @@ def check_model_file(path: Path, allow_pickle: bool) -> Path:
     except OSError as exc:
         fail(f"cannot read {path}: {exc.strerror}")
     if magic != GGUF_MAGIC:
-        suffix = path.suffix.lower()
-        if suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"):
-            if not allow_pickle:
-                fail(
-                    f"{path.name} is a PyTorch pickle file, which can run arbitrary code when "
-                    "loaded; innkeeper refuses it (pass --allow-pickle only if you trust it, "
-                    "and convert it to GGUF to serve it)"
-                )
-            fail(f"{path.name} is a PyTorch checkpoint: convert it to GGUF to serve it")
-        if suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             fail(
-                f"{path.name} is a safetensors file: innkeeper serves GGUF models (convert it, or pull a GGUF build)"
+                f"{path.name} is a safetensors file: innkeeper serves GGUF models "
+                "(convert it, or pull a GGUF build)"
             )
         fail(f"{path} is not a GGUF model file (it does not start with the GGUF magic bytes)")
     return path
+
+
+def plan_settings(config: ServerConfig, model_path: Path) -> AutoSettings | None:
+    """Context size and GPU layers from the memory plan (`--ctx-size`/`--gpu-layers` win)."""
+    try:
+        return auto_settings(
+            model_path,
+            config.ctx_size,
+            config.cache_type_k,
+            config.flash_attn != "off",
+            config.gpu_layers,
+            config.parallel,
+            n_ubatch=config.ubatch_size,
+        )
+    except ModelFormatError as exc:
+        fail(str(exc))
+    except Exception as exc:  # the plan is advice: never let it stop a loadable model
+        log.warning("memory plan unavailable: %s", exc)
+        return None
 
 
 def model_id_for(path: Path) -> str:
@@ -86,14 +107,18 @@ def model_id_for(path: Path) -> str:
 def run_server(config: ServerConfig, *, verbose: bool, console: Console) -> None:
     model_path = check_model_file(config.model_path, config.allow_pickle)
     sock = bind_socket(config.host, config.port)
+    auto = plan_settings(config, model_path)
     gpu_layers = config.gpu_layers
     if gpu_layers is None:
-        gpu_layers = 999 if supports_gpu_offload() else 0
+        gpu_layers = auto.gpu_layers if auto else (999 if supports_gpu_offload() else 0)
     if not supports_gpu_offload():
         gpu_layers = 0
+    ctx_size = config.ctx_size or (auto.ctx_size if auto else 0)
+    if auto and auto.plan.verdict == "would swap":
+        log.warning("this model and context may not fit in memory: %s", auto.plan.summary())
     engine_config = EngineConfig(
         model_path=model_path,
-        ctx_size=config.ctx_size or 0,
+        ctx_size=ctx_size,
         gpu_layers=gpu_layers,
         threads=config.threads,
         threads_batch=config.threads_batch,
@@ -125,6 +150,8 @@ def run_server(config: ServerConfig, *, verbose: bool, console: Console) -> None
         default_max_tokens=config.default_max_tokens,
     )
     app = create_app(service, config)
+    if auto is not None:
+        app.state.memory_plan = auto.plan.to_json()
     print_banner(console, config, engine, service)
     server = uvicorn.Server(
         uvicorn.Config(

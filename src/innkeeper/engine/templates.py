@@ -17,6 +17,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from innkeeper.engine.backend import ModelInfo
+from innkeeper.models.templates_detect import detect_template
 
 
 class TemplateRenderError(ValueError):
@@ -181,7 +182,11 @@ class JinjaTemplate:
             self._tpl = env.from_string(source)
         except TemplateError as exc:
             raise TemplateRenderError(f"the chat template does not parse: {exc}") from exc
-        self.stop = _stops_for(source)
+        self.format = detect_template(source)
+        fmt = BUILTIN_FORMATS.get(_key(self.format or ""))
+        self.stop = fmt.stop if fmt else ()
+        if name == "gguf" and self.format:
+            self.name = f"gguf ({self.format})"
 
     def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         msgs = [{**m, "content": message_text(m.get("content"))} for m in messages]
@@ -202,15 +207,6 @@ class JinjaTemplate:
 
 def _raise(message: str) -> None:
     raise TemplateRenderError(message)
-
-
-def _stops_for(source: str) -> tuple[str, ...]:
-    """Stop strings of the built-in format whose markers the Jinja template uses."""
-    for fmt in BUILTIN_FORMATS.values():
-        marker = fmt.user[0].strip()
-        if marker and marker in source:
-            return fmt.stop
-    return ()
 
 
 def resolve_template(ref: str | None, info: ModelInfo) -> ChatTemplate:

@@ -2,7 +2,7 @@
 // the templates live in one place and the raw prompt shown here is exactly what is sent.
 
 import { ApiError, AuthError, getJson, onKeyNeeded, postJson, request, setApiKey, streamCompletion } from "./api.js";
-import { CardError, applyMacros, readCardFile, toV2Card } from "./cards.js";
+import { CardError, applyMacros, normalizeCard, readCardFile, toV2Card } from "./cards.js";
 import { db, newId, settings } from "./store.js";
 
 const $ = (id) => document.getElementById(id);
@@ -50,8 +50,9 @@ const prefs = {
   systemPrompt: settings.load("systemPrompt", DEFAULT_SYSTEM),
   showRaw: settings.load("showRaw", false),
   preset: settings.load("preset", "balanced"),
-  samplers: settings.load("samplers", { ...PRESETS.balanced, max_tokens: 300 }),
+  samplers: { ...PRESETS.balanced, max_tokens: 300, ...settings.load("samplers", {}) },
 };
+delete prefs.samplers.label;
 
 /* ---------- small helpers ---------- */
 
@@ -272,7 +273,7 @@ async function loadTemplates() {
     sel.replaceChildren();
     const own = document.createElement("option");
     own.value = "";
-    own.textContent = t.has_model_template ? `Model's own template (${t.model})` : `Server default (${t.model})`;
+    own.textContent = t.has_model_template ? "Model's own template" : `Server default (${t.model})`;
     sel.append(own);
     for (const f of t.builtin || []) {
       const o = document.createElement("option");
@@ -281,6 +282,7 @@ async function loadTemplates() {
       sel.append(o);
     }
     sel.value = [...sel.options].some((o) => o.value === prefs.template) ? prefs.template : "";
+    state.templatesLoaded = true;
   } catch {
     /* the selector keeps "model's own" only */
   }
@@ -523,17 +525,53 @@ async function importFile(file) {
   toast(`Imported ${ch.name}`, "info");
 }
 
+/** A character from a backup file, every field checked: backups are untrusted input too. */
+function cleanCharacter(c) {
+  if (!c || typeof c.id !== "string" || c.builtin || c.id === DEFAULT_CHAR.id) return null;
+  let card;
+  try {
+    card = normalizeCard(c);
+  } catch {
+    return null;
+  }
+  const avatar = typeof c.avatar === "string" && c.avatar.startsWith("data:image/") ? c.avatar : "";
+  return { id: c.id, ...card, avatar, imported: Number(c.imported) || Date.now() };
+}
+
+function cleanChat(c) {
+  if (!c || typeof c.id !== "string" || typeof c.charId !== "string" || !Array.isArray(c.messages)) return null;
+  const messages = [];
+  for (const m of c.messages) {
+    if (!m || (m.role !== "user" && m.role !== "assistant")) continue;
+    const swipes = Array.isArray(m.swipes) ? m.swipes.filter((x) => typeof x === "string") : [String(m.content ?? "")];
+    if (!swipes.length) continue;
+    const swipe = Number.isInteger(m.swipe) && m.swipe >= 0 && m.swipe < swipes.length ? m.swipe : 0;
+    messages.push({ role: m.role, swipes, swipe, meta: [], greeting: !!m.greeting });
+  }
+  const now = Date.now();
+  return {
+    id: c.id,
+    charId: c.charId,
+    title: typeof c.title === "string" ? c.title.slice(0, 200) : "",
+    created: Number(c.created) || now,
+    updated: Number(c.updated) || now,
+    messages,
+  };
+}
+
 async function restoreBackup(backup) {
   let nChars = 0;
   let nChats = 0;
-  for (const c of backup.characters || []) {
-    if (!c || typeof c.id !== "string" || typeof c.name !== "string" || c.builtin) continue;
+  for (const raw of backup.characters || []) {
+    const c = cleanCharacter(raw);
+    if (!c) continue;
     state.chars.set(c.id, c);
     await db.put("characters", c);
     nChars++;
   }
-  for (const c of backup.chats || []) {
-    if (!c || typeof c.id !== "string" || !Array.isArray(c.messages)) continue;
+  for (const raw of backup.chats || []) {
+    const c = cleanChat(raw);
+    if (!c || !state.chars.has(c.charId)) continue;
     state.chats = state.chats.filter((x) => x.id !== c.id).concat([c]);
     await db.put("chats", c);
     nChats++;
@@ -695,9 +733,9 @@ function editMessage(index) {
   art.querySelector(".meta").replaceWith(row);
   const commit = async () => {
     m.swipes[m.swipe] = box.value;
-    await saveChat();
     renderLog();
     schedulePreview();
+    await saveChat();
   };
   save.addEventListener("click", commit);
   cancel.addEventListener("click", renderLog);
@@ -712,9 +750,9 @@ function editMessage(index) {
 
 async function deleteMessage(index) {
   state.chat.messages.splice(index, 1);
-  await saveChat();
   renderLog();
   schedulePreview();
+  await saveChat();
 }
 
 async function swipe(dir) {
@@ -725,9 +763,9 @@ async function swipe(dir) {
   if (next < 0) return;
   if (next >= m.swipes.length) return regenerate();
   m.swipe = next;
-  await saveChat();
   renderLog();
   schedulePreview();
+  await saveChat();
 }
 
 /* ---------- generation ---------- */
@@ -742,6 +780,8 @@ function samplerBody() {
     repetition_penalty: Number(s.repetition_penalty),
   };
 }
+
+let generated = 0; // replies finished and saved, on <body data-generated> so tests can wait for one
 
 /**
  * Generate into chat.messages[index] (an assistant message): a fresh swipe, or with `cont` the
@@ -820,7 +860,7 @@ async function generate(index, cont) {
   if (final?.usage) state.promptTokens = final.usage.prompt_tokens + final.usage.completion_tokens;
   state.lastReply = { tps, tokens };
   $("st-tps").textContent = tps ? `${tps.toFixed(1)} tok/s · ${tokens} tokens` + (finish === "stopped" ? " (stopped)" : "") : "–";
-  if (finish === "error" && !msgText(m) && !cont) {
+  if ((finish === "error" || finish === "stopped") && !msgText(m) && !cont) {
     m.swipes.splice(m.swipe, 1);
     m.meta.splice(m.swipe, 1);
     if (!m.swipes.length) chat.messages.splice(index, 1);
@@ -836,6 +876,8 @@ async function generate(index, cont) {
   } else {
     await db.put("chats", JSON.parse(JSON.stringify(chat)));
   }
+  generated++;
+  document.body.dataset.generated = String(generated);
 }
 
 /** Stop the reply: close the stream and tell the server, which frees the slot at once. */
@@ -862,7 +904,7 @@ async function send() {
     return;
   }
   msgs.push({ role: "assistant", swipes: [""], swipe: 0, meta: [] });
-  await saveChat();
+  saveChat();
   await generate(msgs.length - 1, false);
 }
 
@@ -1100,7 +1142,10 @@ async function main() {
     schedulePreview();
   }
   setInterval(() => {
-    if (!document.hidden && !$("key-dialog").open) refreshStatus({ ask: false });
+    if (document.hidden || $("key-dialog").open) return;
+    refreshStatus({ ask: false }).then((ok) => {
+      if (ok && !state.templatesLoaded) loadTemplates().then(schedulePreview);
+    });
   }, 5000);
   $("input").focus({ preventScroll: true });
 }
