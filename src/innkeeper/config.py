@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from innkeeper.engine.backend import CACHE_TYPES
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5001
+DEFAULT_MAX_BODY = 32 * 2**20  # KoboldCpp's cap; a 128k-token prompt is ~0.5 MiB of text
+DEFAULT_SSE_PING = 10.0
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
 
 
 class ConfigError(ValueError):
@@ -39,6 +45,16 @@ class ServerConfig:
     default_max_tokens: int | None = None
     allow_pickle: bool = False
     model_alias: str | None = None
+    insecure_no_auth: bool = False
+    cors_origins: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = field(default_factory=list)
+    max_body: int = DEFAULT_MAX_BODY
+    request_timeout: float | None = None  # seconds; None: no limit
+    sse_ping_interval: float = DEFAULT_SSE_PING  # 0: no keep-alive comments
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
 
     def validate(self) -> None:
         if not 0 < self.port < 65536:
@@ -62,3 +78,61 @@ class ServerConfig:
             raise ConfigError("--threads must be positive (0 = automatic)")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise ConfigError("--max-tokens must be at least 1")
+        if not self.loopback and not self.api_keys and not self.insecure_no_auth:
+            raise ConfigError(
+                f"refusing to listen on {self.host} without an API key: anyone who can reach "
+                "this machine could use the model. Add --api-key KEY (or --api-key-file FILE), "
+                "or --insecure-no-auth if you really want an open server"
+            )
+        if self.max_body < 1024:
+            raise ConfigError(f"--max-body must be at least 1 KiB (got {self.max_body} bytes)")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ConfigError("--request-timeout must be positive (omit it for no limit)")
+        if self.sse_ping_interval < 0:
+            raise ConfigError("--sse-ping-interval must be 0 (off) or positive")
+        self.cors_origins = [check_origin(o) for o in self.cors_origins]
+        self.allowed_hosts = [check_host_name(h) for h in self.allowed_hosts]
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach: 127.0.0.0/8, ::1, localhost."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_size(text: str) -> int:
+    """`32M`, `512KiB`, `1g` or plain bytes -> bytes (binary units)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ConfigError(f"--max-body must be a size like 32M, 512K or 1048576 (got {text!r})")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def check_origin(origin: str) -> str:
+    """A CORS origin is `*` or scheme://host[:port], nothing more (no path, no trailing /)."""
+    value = origin.strip().rstrip("/")
+    if value == "*":
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+        raise ConfigError(
+            f"--cors-origin must be an origin like http://localhost:8000, or * (got {origin!r})"
+        )
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+def check_host_name(name: str) -> str:
+    value = name.strip().lower().rstrip(".")
+    if value != "*" and (not value or any(c in value for c in "/ @?#")):
+        raise ConfigError(
+            f"--allow-host takes a host name such as host.docker.internal (got {name!r})"
+        )
+    if value.count(":") == 1:  # host:port -> host (the Host check ignores ports)
+        value = value.split(":")[0]
+    return value.strip("[]")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import uvicorn
@@ -42,6 +45,40 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.close()
         fail(f"cannot listen on {host!r}: {exc}")
     return sock
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, but SIGTERM/SIGINT cancel running generations and the process exits 0.
+
+    Stock uvicorn waits up to the graceful timeout for open streams (a long generation
+    would hold shutdown for its whole length) and then re-raises the signal, which kills
+    the process before the engine is closed. Here shutdown first cancels every generation,
+    so each stream ends at once with its finish event, and the signal is not re-raised.
+    """
+
+    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], object]) -> None:
+        super().__init__(config)
+        self.on_shutdown = on_shutdown
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        handled = (signal.SIGINT, signal.SIGTERM)
+        try:
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        except ValueError:  # not the main thread: signals are not ours to take
+            yield
+            return
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        n = self.on_shutdown()
+        if n:
+            log.info("shutting down: cancelled %s running or queued generations", n)
+        await super().shutdown(sockets)
 
 
 def check_model_file(path: Path, allow_pickle: bool) -> Path:
@@ -148,18 +185,21 @@ def run_server(config: ServerConfig, *, verbose: bool, console: Console) -> None
         engine,
         model_id=config.model_alias or model_id_for(model_path),
         default_max_tokens=config.default_max_tokens,
+        request_timeout=config.request_timeout,
+        sse_ping_interval=config.sse_ping_interval,
     )
     app = create_app(service, config)
     if auto is not None:
         app.state.memory_plan = auto.plan.to_json()
     print_banner(console, config, engine, service)
-    server = uvicorn.Server(
+    server = GracefulServer(
         uvicorn.Config(
             app,
             log_level="info" if verbose else "warning",
             access_log=verbose,
             timeout_graceful_shutdown=5,
-        )
+        ),
+        on_shutdown=engine.scheduler.cancel_all,
     )
     try:
         server.run(sockets=[sock])
@@ -195,9 +235,11 @@ def print_banner(console: Console, config: ServerConfig, engine: Engine, service
         "API key required"
         if config.api_keys
         else "none (loopback only)"
-        if host.startswith("127.") or host == "localhost"
-        else "none",
+        if config.loopback
+        else "[bold red]none: open to anyone who can reach this address (--insecure-no-auth)[/]",
     )
+    if config.cors_origins:
+        table.add_row("CORS", ", ".join(config.cors_origins))
     console.print()
     console.print("[bold green]innkeeper is serving[/]")
     console.print(table)

@@ -96,18 +96,32 @@ def test_page_shows_the_model_and_server_state(page: Any, web_server: ServerProc
     assert "2048" in page.inner_text("#st-ctx")
     assert page.inner_text("#st-threads").startswith(str(status["settings"]["threads"]))
     assert "of 2" in page.inner_text("#st-slots")
+    plan = status["memory_plan"]
+    memory = page.inner_text("#st-memory")
+    if plan is None:
+        assert memory == "not computed"
+    else:
+        assert "total" in memory and plan["verdict"] in memory
     page.wait_for_selector("#health.ok")
     # The default assistant greets, and the context bar counts the prompt the server rendered.
     assert "How can I help" in page.inner_text("#log")
     page.wait_for_function("document.querySelector('#ctx-text').textContent.includes('/ 2048')")
+    shot(page, "01-loaded")
+    shot(page, "01-loaded", phone=True)
+    page.emulate_media(color_scheme="dark")
+    shot(page, "01-loaded-dark")
+    page.emulate_media(color_scheme="light")
     page.click("#connect-panel summary")
     urls = page.locator("#connect-list code").all_inner_texts()
     assert urls == [web_server.url, web_server.url, web_server.url + "/v1", web_server.url + "/api"]
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])
     page.click("#connect-list button[aria-label='Copy the OpenAI-compatible URL']")
     assert page.evaluate("navigator.clipboard.readText()") == web_server.url + "/v1"
-    shot(page, "01-loaded")
-    shot(page, "01-loaded", phone=True)
+    page.set_viewport_size(PHONE)
+    page.click("#toggle-right")
+    expect(page.locator("#toggle-right")).to_have_attribute("aria-expanded", "true")
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(SHOTS / "01-settings-drawer-phone.png"))
 
 
 def test_every_control_has_an_accessible_name(page: Any) -> None:

@@ -20,7 +20,7 @@ from innkeeper.api.service import RunningGeneration, Service, check_finish
 from innkeeper.api.state import service_of
 from innkeeper.api.streaming import sse, sse_response
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent, TokenLogprob
-from innkeeper.engine.templates import TemplateRenderError, template_by_name
+from innkeeper.engine.templates import TemplateRenderError, message_text, template_by_name
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -41,6 +41,9 @@ class CompletionBody(SamplerFields):
     suffix: str | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
+    genkey: str | None = Field(
+        None, description="KoboldCpp multi-user key: /api/extra/abort with it stops only this run"
+    )
 
 
 class ChatMessage(BaseModel):
@@ -64,6 +67,9 @@ class ChatBody(SamplerFields):
     continue_: bool = Field(False, description="continue the last assistant message")
     add_generation_prompt: bool = True
     user: str | None = None
+    genkey: str | None = Field(
+        None, description="KoboldCpp multi-user key: /api/extra/abort with it stops only this run"
+    )
 
 
 def _finish_reason(ev: FinishEvent) -> str:
@@ -142,7 +148,11 @@ def _generation(service: Service, body: SamplerFields) -> Generation:
 
 
 def _start_all(
-    service: Service, prompts: list[list[int]], body: SamplerFields, n: int, n_logprobs: int
+    service: Service,
+    prompts: list[list[int]],
+    body: CompletionBody | ChatBody,
+    n: int,
+    n_logprobs: int,
 ) -> list[RunningGeneration]:
     runs: list[RunningGeneration] = []
     try:
@@ -155,6 +165,7 @@ def _start_all(
                         gen,
                         default_max_tokens=service.default_max_tokens,
                         n_logprobs=n_logprobs,
+                        genkey=body.genkey,
                     )
                 )
     except ParamError as exc:
@@ -290,14 +301,23 @@ async def completions(request: Request, body: CompletionBody) -> Any:
 
 
 def render_chat(service: Service, body: ChatBody) -> tuple[str, tuple[str, ...]]:
-    """The prompt text for a chat request and its template's stop strings."""
+    """The prompt text for a chat request and its template's stop strings.
+
+    To continue the last assistant message, the earlier messages are rendered up to the
+    assistant's turn and its text is appended unfinished: Jinja templates close every turn
+    they render, so rendering the message itself would start a new one.
+    """
     try:
         template = template_by_name(
             body.instruction_template or body.chat_template, service.engine.template
         )
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        add_gen = body.add_generation_prompt and not body.continue_
-        return template.render(messages, add_generation_prompt=add_gen), template.stop
+        if body.continue_ and messages[-1].get("role") == "assistant":
+            head = template.render(messages[:-1], add_generation_prompt=True)
+            return head + message_text(messages[-1].get("content")), template.stop
+        return template.render(
+            messages, add_generation_prompt=body.add_generation_prompt
+        ), template.stop
     except (TemplateRenderError, ValueError) as exc:
         raise ApiError(400, str(exc)) from exc
 

@@ -1,14 +1,16 @@
-"""API-key checking as a plain ASGI middleware.
+"""Who may talk to the server: API keys, Host names and browser origins.
 
-A pure ASGI layer (not Starlette's BaseHTTPMiddleware) so streaming responses and the
+Pure ASGI layers (not Starlette's BaseHTTPMiddleware) so streaming responses and the
 client-disconnect signal that cancels generations pass through untouched.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -38,6 +40,37 @@ def key_matches(presented: str, keys: Iterable[str]) -> bool:
     return ok
 
 
+async def send_error(
+    scope: Scope,
+    send: Send,
+    status: int,
+    message: str,
+    type_: str,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """Answer from a middleware, in the error shape of the route family asked."""
+    body = json.dumps(error_body(scope.get("path", ""), status, message, type_)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers") or ():
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 def presented_key(scope: Scope) -> str:
     headers = dict(scope.get("headers") or [])
     auth = headers.get(b"authorization", b"").decode("latin-1").strip()
@@ -64,23 +97,102 @@ class ApiKeyMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        body = json.dumps(
-            error_body(
-                path,
-                401,
-                "missing or invalid API key (send Authorization: Bearer <key>)",
-                "authentication_error",
-            )
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer"),
-                ],
-            }
+        await send_error(
+            scope,
+            send,
+            401,
+            "missing or invalid API key (send Authorization: Bearer <key>)",
+            "authentication_error",
+            [(b"www-authenticate", b"Bearer")],
         )
-        await send({"type": "http.response.body", "body": body})
+
+
+def host_name(value: str) -> str:
+    """`name:port`, `[v6]:port` or `name` -> the lower-case name without port or brackets."""
+    v = value.strip().lower()
+    if v.startswith("["):
+        end = v.find("]")
+        return v[1:end] if end > 0 else v
+    if v.count(":") == 1:
+        v = v.split(":", 1)[0]
+    return v.rstrip(".")
+
+
+def is_loopback_name(name: str) -> bool:
+    """Names no DNS answer can point elsewhere: loopback IP literals and *.localhost."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class HostGuardMiddleware:
+    """DNS-rebinding and cross-site request protection for a server nobody else should reach.
+
+    Bound to loopback (`check_host`), a request must be addressed to a loopback name, the
+    bound host or an `--allow-host` name: a web page whose domain an attacker re-points at
+    127.0.0.1 still sends its own name in Host, and gets a 400. Without API keys
+    (`check_origin`), a browser request from another site's page (its `Origin` names a
+    different host) gets a 403 unless `--cors-origin` allows that origin, so a page cannot
+    make the server generate or abort with a simple cross-site POST. Clients that are not
+    browsers send no Origin and are not affected.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        bound_host: str,
+        allowed_hosts: Iterable[str] = (),
+        cors_origins: Iterable[str] = (),
+        check_host: bool = True,
+        check_origin: bool = True,
+    ) -> None:
+        self.app = app
+        self.extra = {host_name(h) for h in allowed_hosts}
+        self.names = {"localhost", host_name(bound_host), *self.extra}
+        self.any_host = "*" in self.extra
+        self.origins = {o.rstrip("/").lower() for o in cors_origins}
+        self.check_host = check_host
+        self.check_origin = check_origin and "*" not in self.origins
+
+    def host_allowed(self, name: str) -> bool:
+        return self.any_host or name in self.names or is_loopback_name(name)
+
+    def origin_allowed(self, origin: str, host: str) -> bool:
+        if origin.rstrip("/").lower() in self.origins:
+            return True
+        other = (urlsplit(origin).hostname or "").rstrip(".")
+        return bool(other) and (other == host or other in self.extra)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        raw_host = header(scope, b"host")
+        host = host_name(raw_host) if raw_host is not None else ""
+        if self.check_host and raw_host is not None and not self.host_allowed(host):
+            await send_error(
+                scope,
+                send,
+                400,
+                f"unknown Host {host!r}: this server listens on loopback and answers only "
+                "requests addressed to localhost (DNS-rebinding protection); start it with "
+                f"--allow-host {host or 'NAME'} to accept this name",
+                "invalid_request_error",
+            )
+            return
+        origin = header(scope, b"origin")
+        if self.check_origin and origin is not None and not self.origin_allowed(origin, host):
+            await send_error(
+                scope,
+                send,
+                403,
+                f"cross-origin request from {origin!r} refused: start the server with "
+                f"--cors-origin {origin} to let that page use it",
+                "permission_error",
+            )
+            return
+        await self.app(scope, receive, send)

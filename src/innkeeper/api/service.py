@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -30,6 +31,8 @@ from innkeeper.engine.scheduler import QueueFullError
 
 log = logging.getLogger("innkeeper.api")
 
+TIMEOUT_ERROR = "the request took longer than the server's --request-timeout"
+
 
 @dataclass
 class RunningGeneration:
@@ -43,6 +46,9 @@ class RunningGeneration:
     parts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: FinishEvent | None = None
+    deadline: float | None = None  # time.monotonic() after which the request is cancelled
+    timeout: float | None = None
+    timed_out: bool = False
 
     @property
     def text(self) -> str:
@@ -52,12 +58,27 @@ class RunningGeneration:
         self.request.cancel()
 
     async def events(self, ping_every: float | None = None) -> AsyncIterator[Event | None]:
-        """Yield events until the finish event; None when `ping_every` passes with none."""
+        """Yield events until the finish event; None when `ping_every` passes with none.
+
+        Past the deadline the generation is cancelled and its finish event becomes an
+        error that names the timeout, so every route family reports it its own way.
+        """
         while True:
-            if ping_every:
+            wait = ping_every or None
+            if self.deadline is not None and not self.timed_out:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    log.info("request %d timed out: cancelling it", self.request.id)
+                    self.timed_out = True
+                    self.cancel()
+                    continue
+                wait = min(wait, left) if wait else left
+            if wait:
                 try:
-                    ev = await asyncio.wait_for(self.queue.get(), ping_every)
+                    ev = await asyncio.wait_for(self.queue.get(), wait)
                 except asyncio.TimeoutError:
+                    if not self.timed_out and self.deadline and time.monotonic() >= self.deadline:
+                        continue
                     yield None
                     continue
             else:
@@ -68,6 +89,10 @@ class RunningGeneration:
                 if ev.logprobs:
                     self.logprobs.extend(ev.logprobs)
             else:
+                if self.timed_out and ev.reason == "abort":
+                    ev = dataclasses.replace(
+                        ev, reason="error", error=f"{TIMEOUT_ERROR} ({self.timeout:g} s)"
+                    )
                 self.finish = ev
             yield ev
             if isinstance(ev, FinishEvent):
@@ -83,10 +108,14 @@ class Service:
         *,
         model_id: str,
         default_max_tokens: int | None = None,
+        request_timeout: float | None = None,
+        sse_ping_interval: float = 10.0,
     ) -> None:
         self.engine = engine
         self.model_id = model_id
         self.default_max_tokens = default_max_tokens
+        self.request_timeout = request_timeout
+        self.sse_ping_interval = sse_ping_interval
         self.last_text = ""
         self.running: dict[str, RunningGeneration] = {}
         self.started = time.time()
@@ -168,6 +197,9 @@ class Service:
             min_tokens=gen.min_tokens,
         )
         running = RunningGeneration(request=req, queue=queue, genkey=genkey)
+        if self.request_timeout:
+            running.timeout = self.request_timeout
+            running.deadline = time.monotonic() + self.request_timeout
         try:
             self.engine.submit(req)
         except QueueFullError as exc:
@@ -187,16 +219,14 @@ class Service:
         """Stop running generations (all, or those started with `genkey`)."""
         n = 0
         for running in list(self.running.values()):
-            if genkey and running.genkey and running.genkey != genkey:
-                continue
+            if genkey and running.genkey != genkey:
+                continue  # a keyed abort (KoboldCpp's multi-user rule) stops only its own run
             running.cancel()
             n += 1
         return n
 
     def latest(self, genkey: str | None = None) -> RunningGeneration | None:
-        candidates = [
-            r for r in self.running.values() if not genkey or not r.genkey or r.genkey == genkey
-        ]
+        candidates = [r for r in self.running.values() if not genkey or r.genkey == genkey]
         return max(candidates, key=lambda r: r.created, default=None)
 
     async def collect(self, request: Request, running: RunningGeneration) -> FinishEvent:
@@ -236,5 +266,7 @@ async def _wait_disconnect(request: Request) -> None:
 def check_finish(ev: FinishEvent) -> None:
     """An engine-side failure of one request becomes that request's error response."""
     if ev.reason == "error":
+        if ev.error and ev.error.startswith(TIMEOUT_ERROR):
+            raise ApiError(504, ev.error, "timeout_error")
         status = 400 if ev.error and "grammar" in ev.error else 500
         raise ApiError(status, ev.error or "generation failed", "server_error")

@@ -30,13 +30,17 @@ def sse_response(
     frame: Callable[[Event], Iterable[bytes]],
     *,
     tail: bytes | None = DONE,
-    ping_every: float = 10.0,
+    ping_every: float | None = None,
 ) -> StreamingResponse:
     """Stream `running`'s events framed by `frame`; a closed connection cancels it.
 
     Starlette cancels this generator when the client disconnects; the `finally` turns that
-    into an engine cancel, which frees the slot before the next decode step.
+    into an engine cancel, which frees the slot before the next decode step. Keep-alive
+    comments go out every `ping_every` seconds (default: the server's --sse-ping-interval)
+    while no token comes, e.g. during a long prompt, so proxies do not cut the stream.
     """
+    if ping_every is None:
+        ping_every = service.sse_ping_interval
 
     async def body() -> AsyncIterator[bytes]:
         try:

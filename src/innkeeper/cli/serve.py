@@ -9,7 +9,14 @@ from typing import Annotated
 import typer
 
 from innkeeper.cli.app import app, console, fail
-from innkeeper.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, ServerConfig
+from innkeeper.config import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    DEFAULT_SSE_PING,
+    ConfigError,
+    ServerConfig,
+    parse_size,
+)
 from innkeeper.models.store import ModelNotFoundError, resolve_model
 
 
@@ -46,7 +53,10 @@ def serve(
             help="a GGUF file, or a store name (innkeeper models); default: the embedded SmolLM2"
         ),
     ] = None,
-    host: Annotated[str, typer.Option(help="address to listen on")] = DEFAULT_HOST,
+    host: Annotated[
+        str,
+        typer.Option(help="address to listen on (not loopback: needs --api-key)"),
+    ] = DEFAULT_HOST,
     port: Annotated[int, typer.Option(help="port for every API family")] = DEFAULT_PORT,
     ctx_size: Annotated[
         int | None,
@@ -111,6 +121,42 @@ def serve(
     api_key_file: Annotated[
         Path | None, typer.Option("--api-key-file", help="file with one key per line")
     ] = None,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option("--insecure-no-auth", help="allow a non-loopback --host without an API key"),
+    ] = False,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            help="let browser pages from this origin call the API (e.g. http://localhost:8000, "
+            "or *); repeatable",
+        ),
+    ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            help="accept this Host name on a loopback server (e.g. host.docker.internal); "
+            "repeatable",
+        ),
+    ] = None,
+    max_body: Annotated[
+        str, typer.Option("--max-body", help="largest request body (e.g. 32M, 512K)")
+    ] = "32M",
+    request_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--request-timeout", help="cancel a generation after this many seconds (default: never)"
+        ),
+    ] = None,
+    sse_ping_interval: Annotated[
+        float,
+        typer.Option(
+            "--sse-ping-interval",
+            help="seconds between keep-alive comments on a silent stream (0 = off)",
+        ),
+    ] = DEFAULT_SSE_PING,
     alias: Annotated[
         str | None, typer.Option("--alias", help="model name shown to clients")
     ] = None,
@@ -130,6 +176,10 @@ def serve(
         fail(str(exc))
     if cache_type is not None:
         cache_type_k = cache_type_v = cache_type
+    try:
+        max_body_bytes = parse_size(max_body)
+    except ConfigError as exc:
+        fail(str(exc))
     config = ServerConfig(
         model_path=model_path,
         host=host,
@@ -153,6 +203,12 @@ def serve(
         default_max_tokens=max_tokens,
         allow_pickle=allow_pickle,
         model_alias=alias,
+        insecure_no_auth=insecure_no_auth,
+        cors_origins=cors_origin or [],
+        allowed_hosts=allow_host or [],
+        max_body=max_body_bytes,
+        request_timeout=request_timeout,
+        sse_ping_interval=sse_ping_interval,
     )
     try:
         config.validate()

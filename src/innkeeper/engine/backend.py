@@ -9,6 +9,7 @@ positions we sample from produce logits, and decoding is one `llama_decode` per 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -67,10 +68,8 @@ def init_backend(quiet: bool = True) -> None:
             if level == 3:
                 _recent_errors.append(text.decode("utf-8", "replace").strip())
             if not _quiet:
-                try:
+                with contextlib.suppress(OSError):
                     os.write(2, text)
-                except OSError:
-                    pass
 
         _log_callback = _log
         C.llama_log_set(_log, ctypes.c_void_p(0))

@@ -323,7 +323,7 @@ class Scheduler:
                 head_c += 1
         if moved:
             log.info("slot %d: shifted %d cached tokens after a prompt trim", slot.id, moved)
-        slot.cache[:] = kept
+        slot.cache[:] = kept[:head_p]
         return head_p
 
     def _active(self) -> list[_Active]:
@@ -485,7 +485,7 @@ class Scheduler:
                 act.text = act.text[:cut]
                 self._finish(act, "stop", stop_string=which)
                 return
-        if len(act.generated) >= req.max_tokens or len(act.slot.cache) + 1 > self.ctx.n_ctx:
+        if len(act.generated) >= req.max_tokens or len(act.slot.cache) + 1 >= self.ctx.n_ctx:
             self._flush(act, (tok,), lps)
             self._finish(act, "length")
             return

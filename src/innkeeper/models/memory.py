@@ -608,6 +608,7 @@ def auto_settings(
     n_batch: int = 512,
     n_ubatch: int = 512,
     spec: ModelSpec | None = None,
+    kv_unified: bool = False,
 ) -> AutoSettings:
     """Pick the context size (when None) and GPU layers (when None) for serving `model_path`.
 
@@ -629,6 +630,7 @@ def auto_settings(
             n_batch=n_batch,
             n_ubatch=n_ubatch,
             swa_full=swa_full,
+            kv_unified=kv_unified,
         )
         return plan_memory(spec, s, hw, gpu_layers=gpu_layers)
 

@@ -229,10 +229,16 @@ function renderStatus() {
     mem.append(total, detail);
     if (plan.verdict) {
       const v = document.createElement("div");
-      const verdict = String(plan.verdict);
-      v.textContent = verdict.replace(/_/g, " ");
-      v.className = /swap|not|no_fit|too/i.test(verdict) ? "verdict-bad" : /ram|cpu|partial/i.test(verdict) ? "verdict-warn" : "verdict-ok";
+      const code = String(plan.verdict_code || plan.verdict);
+      v.textContent = String(plan.verdict).replace(/_/g, " ");
+      v.className = plan.fits === false || /swap|not|too/i.test(code) ? "verdict-bad" : /partial|split/i.test(code) ? "verdict-warn" : "verdict-ok";
       mem.append(v);
+    }
+    for (const note of Array.isArray(plan.notes) ? plan.notes.slice(0, 3) : []) {
+      const n = document.createElement("div");
+      n.className = "muted small-text";
+      n.textContent = String(note);
+      mem.append(n);
     }
   } else {
     mem.textContent = "not computed";
@@ -365,7 +371,7 @@ async function previewPrompt() {
     if (seq !== previewSeq || state.gen) return;
     state.promptTokens = r.tokens;
     renderCtx();
-    showRaw("(preview of the next prompt)", r.prompt, `${r.tokens} tokens`);
+    showRaw("(the chat so far, as the model will see it)", r.prompt, `${r.tokens} tokens`);
   } catch (err) {
     if (seq === previewSeq) showRaw("(preview failed)", String(err.message || err));
   }
@@ -798,8 +804,10 @@ async function generate(index, cont) {
   renderLog();
   $("log").querySelector(`.msg[data-index="${index}"]`)?.classList.add("streaming");
   let pending = false;
+  let lastPaint = 0;
   const paint = () => {
     pending = false;
+    lastPaint = performance.now();
     const textEl = $("log").querySelector(`.msg[data-index="${index}"] .text`);
     if (!textEl || chat !== state.chat) return;
     const stick = nearBottom();
@@ -836,8 +844,10 @@ async function generate(index, cont) {
         pieces++;
         m.swipes[m.swipe] += piece;
         if (!pending) {
+          // at most ~25 repaints a second: re-rendering the message per token costs CPU the
+          // server (often on the same machine) needs more
           pending = true;
-          requestAnimationFrame(paint);
+          setTimeout(() => requestAnimationFrame(paint), Math.max(0, lastPaint + 40 - performance.now()));
         }
       },
     });
