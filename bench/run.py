@@ -113,6 +113,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "many cores during it (default 0.5)",
     )
     p.add_argument("--retries", type=int, default=1, help="how often at most (default 1)")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=math.inf,
+        help="start no new round after this share of the time (split between the "
+        "models); the first round always runs",
+    )
     p.add_argument("--seed", type=int, help="prompt text seed (default: random per run)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target FAILs")
     args = p.parse_args(argv)
@@ -270,12 +277,20 @@ def _run_one(
     }  # fmt: skip
 
 
-def run_model(model: BenchModel, args: argparse.Namespace, binary: Path) -> dict[str, Any]:
-    """Start the servers for one model, run the rounds, stop the servers; the model's record."""
+def run_model(
+    model: BenchModel, args: argparse.Namespace, binary: Path, deadline: float = math.inf
+) -> dict[str, Any]:
+    """Start the servers for one model, run the rounds, stop the servers; the model's record.
+
+    No new round starts after `deadline` (time.monotonic()); the first always runs.
+    """
     cfg = loadgen.ScenarioConfig.quick() if args.quick else loadgen.ScenarioConfig()
     log_dir = args.out / "logs"
     started: dict[str, servers.RunningServer] = {}
     runs: list[dict[str, Any]] = []
+    done_rounds = 0
+    interrupted = False
+    gen: loadgen.TextGen | None = None
     discarded: list[dict[str, Any]] = []
     try:
         for spec in _specs(model, args, binary):
@@ -294,6 +309,10 @@ def run_model(model: BenchModel, args: argparse.Namespace, binary: Path) -> dict
             _log(f"{model.name}: warm-up {role} ok ({warm.total:.2f} s)")
         n = len(args.scenarios)
         for rnd in range(args.rounds):
+            if rnd > 0 and time.monotonic() > deadline:
+                _log(f"{model.name}: time budget spent, stopping after {rnd} round(s)")
+                break
+            done_rounds = rnd + 1
             for k in range(n):
                 scen = args.scenarios[(rnd + k) % n]
                 pair = [started[SCENARIO_REF[scen]], started["cand"]]
@@ -311,16 +330,22 @@ def run_model(model: BenchModel, args: argparse.Namespace, binary: Path) -> dict
                     _log(f"{model.name} r{rnd + 1} {scen}: other processes used {worst:.2f} "
                          "cores: running the pair again")  # fmt: skip
                     discarded += pair_runs
+    except KeyboardInterrupt:
+        # Ctrl-C: keep what was measured; main() reports it and runs no further model.
+        _log(f"{model.name}: interrupted; reporting the pairs measured so far")
+        interrupted = True
     finally:
         for server in started.values():
             server.stop()
-    rounds = build_rounds(runs, args.rounds, args.max_foreign)
+    rounds = build_rounds(runs, done_rounds, args.max_foreign)
     metrics = report.metrics_for(cfg.conc_levels, cfg.chat_turns)
     return {
         "model": {"name": model.name, "path": str(model.path), "description": model.description},
         "servers": {r: {"name": s.spec.name, "cmd": s.spec.cmd} for r, s in started.items()},
-        "tokens_per_word": gen.tokens_per_word,
+        "tokens_per_word": gen.tokens_per_word if gen else None,
         "config": cfg.__dict__,
+        "rounds_done": done_rounds,
+        "interrupted": interrupted,
         "runs": runs,
         "discarded_runs": discarded,
         "rounds": rounds,
@@ -362,6 +387,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     cand = "innkeeper" if meta["args"]["candidate"] == "innkeeper" else "candidate"
     quick = " (--quick)" if meta["args"]["quick"] else ""
+    done = sorted({m.get("rounds_done", meta["args"]["rounds"]) for m in result["models"].values()})
+    rounds = "/".join(str(d) for d in done) or str(meta["args"]["rounds"])
     lines = [
         f"# innkeeper bench, {meta['date']}",
         "",
@@ -369,7 +396,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{meta['llama_cpp_python']} vendored sources); innkeeper {meta['innkeeper_version']} "
         f"(commit {meta['git_commit']}); threads {meta['args']['threads']}, context "
         f"{meta['args']['ctx_size']}, flash-attn {meta['args']['flash_attn']}; "
-        f"{meta['args']['rounds']} interleaved rounds{quick}.",
+        f"{rounds} interleaved rounds{quick}.",
         "",
         "Values: median over rounds (min-max). Ratio: median over rounds of the per-round "
         f"ratio {cand}/llama-server (both measured in the same minutes). The llama-server "
@@ -425,13 +452,19 @@ def main(argv: list[str] | None = None) -> int:
         "models": {},
     }
     _log(f"llama-server: {binary} ({result['meta']['llama_server_version']}); out: {args.out}")
-    for model in models:
+    start = time.monotonic()
+    for i, model in enumerate(models):
+        # Each model gets an equal share of what is left of --max-minutes.
+        left = args.max_minutes * 60 - (time.monotonic() - start)
+        deadline = time.monotonic() + left / (len(models) - i)
         try:
-            result["models"][model.name] = run_model(model, args, binary)
+            result["models"][model.name] = run_model(model, args, binary, deadline)
         except (servers.ServerStartError, RuntimeError) as exc:
             print(f"error: {model.name}: {exc}", file=sys.stderr)
             return 1
         (args.out / "results.json").write_text(json.dumps(_json_safe(result), indent=1))
+        if result["models"][model.name]["interrupted"]:
+            break
     md = render_markdown(result)
     (args.out / "results.md").write_text(md)
     print(md)

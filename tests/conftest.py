@@ -13,7 +13,7 @@ from tests.helpers import ServerProcess, run_server
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerProcess]:
     """`innkeeper serve` on a free loopback port with the embedded SmolLM2 model."""
-    with run_server("--ctx-size", "2048", "--parallel", "2", "--threads", "2", name="api") as srv:
+    with run_server("--ctx-size", "2048", "--parallel", "2", name="api") as srv:
         yield srv
 
 

@@ -44,7 +44,11 @@ def run_server(
     """Start `python -m innkeeper serve ARGS` on a free port; stop it on exit.
 
     The server's output goes to a log file under test-artifacts/ so a failing test can show it.
+    Servers use one thread unless told otherwise: on a 2-core machine shared with the test
+    process itself, two llama.cpp threads spin-wait on each other and decode slows ~100x.
     """
+    if "--threads" not in args and "-t" not in args:
+        args = (*args, "--threads", "1")
     port = free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log_path = ARTIFACTS / f"{name}-{port}.log"

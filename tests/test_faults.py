@@ -31,8 +31,18 @@ def model_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def faulty(model_copy: Path) -> Iterator[ServerProcess]:
     # Small prompt batches so a long prompt takes many decode steps (cancellable between them).
     with run_server(
-        str(model_copy), "--ctx-size", "2048", "--parallel", "2", "--threads", "2",
-        "--batch-size", "64", "--ubatch-size", "64", name="faults",
+        str(model_copy),
+        "--ctx-size",
+        "2048",
+        "--parallel",
+        "2",
+        "--threads",
+        "1",
+        "--batch-size",
+        "64",
+        "--ubatch-size",
+        "64",
+        name="faults",
     ) as srv:
         yield srv
 
@@ -64,12 +74,15 @@ def test_disconnect_mid_prompt_frees_the_slot(faulty: ServerProcess, c: httpx.Cl
     """The client leaves while a ~1800-token prompt is being evaluated in 64-token steps:
     the slot is freed after the current step, long before the prompt would have finished."""
     prompt = " ".join(f"line {i}: the quick brown fox." for i in range(170))
-    n_prompt = len(c.post("/tokenize", json={"content": prompt, "add_special": True}).json()["tokens"])
+    n_prompt = len(
+        c.post("/tokenize", json={"content": prompt, "add_special": True}).json()["tokens"]
+    )
     assert 1500 < n_prompt < 2000
     aborted = perf(c)["total_aborted"]
     with httpx.Client(base_url=faulty.url, timeout=60) as cs:
-        with cs.stream("POST", "/v1/completions",
-                       json={"prompt": prompt, "max_tokens": 50, "stream": True}) as r:
+        with cs.stream(
+            "POST", "/v1/completions", json={"prompt": prompt, "max_tokens": 50, "stream": True}
+        ) as r:
             assert r.status_code == 200
             wait_for(lambda: perf(c)["busy_slots"] == 1, "the prompt to start")
         t_close = time.monotonic()  # the stream is closed here, before any token
@@ -85,19 +98,27 @@ def test_disconnect_mid_prompt_frees_the_slot(faulty: ServerProcess, c: httpx.Cl
 def test_an_engine_error_fails_only_its_own_request(faulty: ServerProcess, c: httpx.Client) -> None:
     """A request the engine cannot start (a grammar llama.cpp rejects) fails alone while
     another stream keeps going to its full length."""
-    with httpx.Client(base_url=faulty.url, timeout=60) as cs, cs.stream(
-        "POST", "/v1/completions",
-        json={"prompt": "Count:", "max_tokens": 40, "ignore_eos": True, "stream": True},
-    ) as r:
+    with (
+        httpx.Client(base_url=faulty.url, timeout=60) as cs,
+        cs.stream(
+            "POST",
+            "/v1/completions",
+            json={"prompt": "Count:", "max_tokens": 40, "ignore_eos": True, "stream": True},
+        ) as r,
+    ):
         lines = r.iter_lines()
         got = 0
         for line in lines:
             if line.startswith("data: {"):
                 got += 1
                 break
-        bad = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 5, "grammar": "root ::= ("})
+        bad = c.post(
+            "/v1/completions", json={"prompt": "Hi", "max_tokens": 5, "grammar": "root ::= ("}
+        )
         assert bad.status_code == 400 and "grammar" in bad.json()["error"]["message"]
-        bad = c.post("/api/v1/generate", json={"prompt": "Hi", "max_length": 5, "grammar": 'root ::= "a'})
+        bad = c.post(
+            "/api/v1/generate", json={"prompt": "Hi", "max_length": 5, "grammar": 'root ::= "a'}
+        )
         assert bad.status_code == 400 and "grammar" in bad.json()["detail"]["msg"]
         chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
@@ -109,6 +130,7 @@ def test_model_file_deleted_or_replaced_while_serving(model_copy: Path, c: httpx
     """The weights are memory-mapped from an open file: unlinking it or renaming another file
     over it leaves the mapping (the old inode) intact. (Truncating the file *in place* would
     break any mmap-ing server with SIGBUS; --no-mmap reads the weights into RAM instead.)"""
+
     def works() -> None:
         r = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "seed": 1})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
@@ -127,10 +149,13 @@ def test_model_file_deleted_or_replaced_while_serving(model_copy: Path, c: httpx
 
 
 def test_sigterm_ends_streams_cleanly_and_exits_zero() -> None:
-    with run_server("--ctx-size", "2048", "--parallel", "1", "--threads", "2", name="sigterm") as srv:
-        with httpx.Client(base_url=srv.url, timeout=60) as cs, cs.stream(
-            "POST", "/v1/completions", json={**LONG, "stream": True}
-        ) as r:
+    with run_server(
+        "--ctx-size", "2048", "--parallel", "1", "--threads", "1", name="sigterm"
+    ) as srv:
+        with (
+            httpx.Client(base_url=srv.url, timeout=60) as cs,
+            cs.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r,
+        ):
             lines = r.iter_lines()
             for line in lines:
                 if line.startswith("data: {"):

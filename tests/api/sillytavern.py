@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 ST_PROMPT = (
-    "You are Seraphina, a kind guardian of the forest.\n\n"
-    "User: Hello! Who are you?\nSeraphina:"
+    "You are Seraphina, a kind guardian of the forest.\n\nUser: Hello! Who are you?\nSeraphina:"
 )
 
 
-def st_body(api_type: str, prompt: str = ST_PROMPT, *, stream: bool = False, length: int = 24) -> dict[str, Any]:
+def st_body(
+    api_type: str, prompt: str = ST_PROMPT, *, stream: bool = False, length: int = 24
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "prompt": prompt,
         "model": None,
@@ -92,9 +93,18 @@ def st_body(api_type: str, prompt: str = ST_PROMPT, *, stream: bool = False, len
                 "negative_prompt": "",
                 "grammar_string": "",
                 "sampler_priority": [
-                    "temperature", "dynamic_temperature", "quadratic_sampling", "top_k",
-                    "top_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "tfs", "top_a",
-                    "min_p", "mirostat",
+                    "temperature",
+                    "dynamic_temperature",
+                    "quadratic_sampling",
+                    "top_k",
+                    "top_p",
+                    "typical_p",
+                    "epsilon_cutoff",
+                    "eta_cutoff",
+                    "tfs",
+                    "top_a",
+                    "min_p",
+                    "mirostat",
                 ],
                 "epsilon_cutoff": 0,
                 "eta_cutoff": 0,

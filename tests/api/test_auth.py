@@ -16,8 +16,15 @@ def keyed(tmp_path_factory) -> Iterator[ServerProcess]:
     key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
     key_file.write_text("# comment\nsecond-key\n")
     with run_server(
-        "--ctx-size", "1024", "--parallel", "1", "--api-key", "first-key",
-        "--api-key-file", str(key_file), name="auth",
+        "--ctx-size",
+        "1024",
+        "--parallel",
+        "1",
+        "--api-key",
+        "first-key",
+        "--api-key-file",
+        str(key_file),
+        name="auth",
     ) as srv:
         yield srv
 

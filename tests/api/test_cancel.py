@@ -24,14 +24,20 @@ def wait_idle(client: httpx.Client, timeout: float = 10) -> dict:
         time.sleep(0.05)
 
 
-LONG = {"prompt": "Tell me a very long story.", "max_tokens": 1500, "ignore_eos": True, "temperature": 0.8}
+LONG = {
+    "prompt": "Tell me a very long story.",
+    "max_tokens": 1500,
+    "ignore_eos": True,
+    "temperature": 0.8,
+}
 
 
 def test_closed_stream_frees_its_slot(server: ServerProcess, client: httpx.Client) -> None:
     before = perf(client)["total_aborted"]
-    with httpx.Client(base_url=server.url, timeout=60) as c, c.stream(
-        "POST", "/v1/completions", json={**LONG, "stream": True}
-    ) as r:
+    with (
+        httpx.Client(base_url=server.url, timeout=60) as c,
+        c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r,
+    ):
         n = 0
         for line in r.iter_lines():
             if line.startswith("data: {"):
@@ -90,7 +96,9 @@ def test_stop_generation_route(server: ServerProcess, client: httpx.Client) -> N
     wait_idle(client)
 
 
-def test_second_request_does_not_interrupt_the_first(server: ServerProcess, client: httpx.Client) -> None:
+def test_second_request_does_not_interrupt_the_first(
+    server: ServerProcess, client: httpx.Client
+) -> None:
     """Two streams at once (two slots): both run to their full length."""
     import concurrent.futures
 
@@ -98,7 +106,12 @@ def test_second_request_does_not_interrupt_the_first(server: ServerProcess, clie
         with httpx.Client(base_url=server.url, timeout=60) as c:
             return c.post(
                 "/v1/completions",
-                json={"prompt": f"Story {seed}:", "max_tokens": 40, "ignore_eos": True, "seed": seed},
+                json={
+                    "prompt": f"Story {seed}:",
+                    "max_tokens": 40,
+                    "ignore_eos": True,
+                    "seed": seed,
+                },
             ).json()
 
     with concurrent.futures.ThreadPoolExecutor(3) as pool:

@@ -26,10 +26,14 @@ def test_model_template_and_builtins(client: httpx.Client) -> None:
     assert own["prompt"].endswith("<|im_start|>assistant\n")
     assert "<|im_end|>" in own["stop"]
     alpaca = prompt_for(client, instruction_template="alpaca")
-    assert alpaca["prompt"] == "You are terse.\n\n### Instruction:\nName a colour.\n\n### Response:\n"
+    assert (
+        alpaca["prompt"] == "You are terse.\n\n### Instruction:\nName a colour.\n\n### Response:\n"
+    )
     assert "### Instruction:" in alpaca["stop"]
     llama3 = prompt_for(client, instruction_template="Llama-3")["prompt"]
-    assert llama3.startswith("<|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>")
+    assert llama3.startswith(
+        "<|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
+    )
     names = {t["name"] for t in client.get("/v1/internal/templates").json()["builtin"]}
     assert names == {"alpaca", "chatml", "mistral", "llama3", "gemma", "vicuna", "metharme"}
 
@@ -38,7 +42,9 @@ def test_continue_leaves_the_last_message_open(client: httpx.Client) -> None:
     msgs = [*MESSAGES, {"role": "assistant", "content": "Blue is"}]
     for template in (None, "alpaca", "chatml"):
         kw = {"instruction_template": template} if template else {}
-        r = client.post("/v1/internal/chat-prompt", json={"messages": msgs, "continue_": True, **kw}).json()
+        r = client.post(
+            "/v1/internal/chat-prompt", json={"messages": msgs, "continue_": True, **kw}
+        ).json()
         assert r["prompt"].endswith("Blue is"), (template, r["prompt"])
     out = client.post(
         "/v1/chat/completions",

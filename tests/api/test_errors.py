@@ -50,25 +50,49 @@ def test_openai_bad_inputs(client: httpx.Client, body: dict, needle: str) -> Non
 
 
 def test_malformed_json(client: httpx.Client) -> None:
-    r = client.post("/v1/completions", content=b'{"prompt": "Hi", ', headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/completions",
+        content=b'{"prompt": "Hi", ',
+        headers={"content-type": "application/json"},
+    )
     assert "json" in openai_error(r).lower()
-    r = client.post("/api/v1/generate", content=b"{nope", headers={"content-type": "application/json"})
+    r = client.post(
+        "/api/v1/generate", content=b"{nope", headers={"content-type": "application/json"}
+    )
     assert "json" in kobold_error(r).lower()
-    r = client.post("/v1/internal/encode", content=b"[1,", headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/internal/encode", content=b"[1,", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422 and "json" in r.json()["detail"].lower()
 
 
 def test_body_of_wrong_shape(client: httpx.Client) -> None:
     assert openai_error(client.post("/v1/completions", json=[1, 2, 3]))
     assert openai_error(client.post("/v1/chat/completions", json={"messages": []}))
-    assert openai_error(client.post("/v1/chat/completions", json={"messages": [{"content": "no role"}]}))
-    assert openai_error(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "instruction_template": "../../etc/passwd"}))
+    assert openai_error(
+        client.post("/v1/chat/completions", json={"messages": [{"content": "no role"}]})
+    )
+    assert openai_error(
+        client.post(
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "x"}],
+                "instruction_template": "../../etc/passwd",
+            },
+        )
+    )
 
 
 def test_kobold_family_errors(client: httpx.Client) -> None:
-    assert "max_tokens" in kobold_error(client.post("/api/v1/generate", json={"prompt": "Hi", "max_length": 0}))
-    assert "temperature" in kobold_error(client.post("/api/v1/generate", json={"prompt": "Hi", "temperature": -2}))
-    assert kobold_error(client.post("/api/extra/generate/stream", json={"prompt": "Hi", "top_p": 3}))
+    assert "max_tokens" in kobold_error(
+        client.post("/api/v1/generate", json={"prompt": "Hi", "max_length": 0})
+    )
+    assert "temperature" in kobold_error(
+        client.post("/api/v1/generate", json={"prompt": "Hi", "temperature": -2})
+    )
+    assert kobold_error(
+        client.post("/api/extra/generate/stream", json={"prompt": "Hi", "top_p": 3})
+    )
     assert kobold_error(client.post("/api/extra/tokencount", json={"prompt": ["not", "text"]}))
 
 
@@ -93,3 +117,10 @@ def test_server_still_serves_after_bad_inputs(client: httpx.Client) -> None:
     assert r.status_code == 200
     perf = client.get("/api/extra/perf").json()
     assert perf["busy_slots"] == 0
+
+
+def test_bad_grammar_on_a_stream_is_a_400_before_streaming(client: httpx.Client) -> None:
+    r = client.post("/v1/completions", json={"prompt": "Hi", "stream": True, "grammar": "root ::= ("})
+    assert "grammar" in openai_error(r).lower()
+    r = client.post("/api/extra/generate/stream", json={"prompt": "Hi", "grammar": "root ::= ("})
+    assert "grammar" in kobold_error(r).lower()

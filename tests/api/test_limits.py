@@ -21,8 +21,20 @@ LONG = {"prompt": "Tell me a very long story.", "max_tokens": 1500, "ignore_eos"
 @pytest.fixture(scope="module")
 def limited() -> Iterator[ServerProcess]:
     with run_server(
-        "--ctx-size", "2048", "--parallel", "1", "--max-queue", "1", "--threads", "2",
-        "--max-body", "64K", "--sse-ping-interval", "0.2", "--request-timeout", str(TIMEOUT_S),
+        "--ctx-size",
+        "2048",
+        "--parallel",
+        "1",
+        "--max-queue",
+        "1",
+        "--threads",
+        "1",
+        "--max-body",
+        "64K",
+        "--sse-ping-interval",
+        "0.2",
+        "--request-timeout",
+        str(TIMEOUT_S),
         name="limits",
     ) as srv:
         httpx.post(f"{srv.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
@@ -94,7 +106,9 @@ def test_full_queue_is_503_with_retry_after_and_waiting_streams_get_pings(
     ):
         assert ra.status_code == 200
         wait_for(lambda: perf(c)["busy_slots"] == 1, "the first request to take the slot")
-        with cb.stream("POST", "/api/extra/generate/stream", json={"prompt": "Hi", "max_length": 50}) as rb:
+        with cb.stream(
+            "POST", "/api/extra/generate/stream", json={"prompt": "Hi", "max_length": 50}
+        ) as rb:
             assert rb.status_code == 200
             wait_for(lambda: perf(c)["queue"] == 1, "the second request to queue")
 
@@ -111,8 +125,10 @@ def test_full_queue_is_503_with_retry_after_and_waiting_streams_get_pings(
             r = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
             assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
             assert "busy" in r.json()["error"]["message"]
-            r = c.post("/v1/chat/completions",
-                       json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+            r = c.post(
+                "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+            )
             assert r.status_code == 503 and r.headers["retry-after"]
             r = c.post("/api/v1/generate", json={"prompt": "Hi", "max_length": 2})
             assert r.status_code == 503 and r.headers["retry-after"]
@@ -134,9 +150,12 @@ def test_request_timeout_cancels_the_generation(limited: ServerProcess, c: httpx
     result: dict = {}
 
     def streaming() -> None:  # queued behind the first: its deadline passes while it waits
-        with httpx.Client(base_url=limited.url, timeout=60) as cs, cs.stream(
-            "POST", "/api/extra/generate/stream", json={"prompt": "Hi", "max_length": 1500}
-        ) as r:
+        with (
+            httpx.Client(base_url=limited.url, timeout=60) as cs,
+            cs.stream(
+                "POST", "/api/extra/generate/stream", json={"prompt": "Hi", "max_length": 1500}
+            ) as r,
+        ):
             result["stream"] = [line for line in r.iter_lines() if line.startswith("data:")]
 
     def non_streaming() -> None:

@@ -22,7 +22,9 @@ def test_completion_reports_real_token_counts(oai: openai.OpenAI, client) -> Non
     prompt = "The capital of France is"
     out = oai.completions.create(model="x", prompt=prompt, max_tokens=8, temperature=0)
     assert out.choices[0].finish_reason in ("length", "stop")
-    n_prompt = len(client.post("/tokenize", json={"content": prompt, "add_special": True}).json()["tokens"])
+    n_prompt = len(
+        client.post("/tokenize", json={"content": prompt, "add_special": True}).json()["tokens"]
+    )
     assert out.usage.prompt_tokens == n_prompt
     generated = client.post("/tokenize", json={"content": out.choices[0].text}).json()["tokens"]
     assert out.usage.completion_tokens == 8 or out.choices[0].finish_reason == "stop"
@@ -41,7 +43,9 @@ def test_completion_stream_matches_non_stream(oai: openai.OpenAI) -> None:
 def test_chat_completion_uses_the_gguf_template(oai: openai.OpenAI) -> None:
     out = oai.chat.completions.create(
         model="x",
-        messages=[{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+        messages=[
+            {"role": "user", "content": "What is the capital of France? Answer in one word."}
+        ],
         max_tokens=10,
         temperature=0,
     )
@@ -68,20 +72,32 @@ def test_chat_stream(oai: openai.OpenAI) -> None:
 
 
 def test_logprobs(oai: openai.OpenAI) -> None:
-    out = oai.completions.create(model="x", prompt="1, 2, 3,", max_tokens=3, temperature=0, logprobs=3)
+    out = oai.completions.create(
+        model="x", prompt="1, 2, 3,", max_tokens=3, temperature=0, logprobs=3
+    )
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == 3
     assert all(v <= 0 for v in lp.token_logprobs)
     # greedy: the chosen token is the most likely one
-    assert all(max(top.values()) == pytest.approx(chosen, abs=1e-4) for top, chosen in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
+    assert all(
+        max(top.values()) == pytest.approx(chosen, abs=1e-4)
+        for top, chosen in zip(lp.top_logprobs, lp.token_logprobs, strict=True)
+    )
     chat = oai.chat.completions.create(
-        model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0, logprobs=True, top_logprobs=2
+        model="x",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
     )
     content = chat.choices[0].logprobs.content
     assert len(content) >= 1 and len(content[0].top_logprobs) == 2
 
 
 def test_n_choices_and_echo(oai: openai.OpenAI) -> None:
-    out = oai.completions.create(model="x", prompt="Hello", max_tokens=4, n=2, temperature=0.9, seed=5, echo=True)
+    out = oai.completions.create(
+        model="x", prompt="Hello", max_tokens=4, n=2, temperature=0.9, seed=5, echo=True
+    )
     assert [c.index for c in out.choices] == [0, 1]
     assert all(c.text.startswith("Hello") for c in out.choices)

@@ -27,7 +27,9 @@ numbers = st.one_of(
     st.floats(-2.5, 2.5),
     st.sampled_from([0, 1, -1, 0.5, 1.0, 100, 101, 2**31, 2**63, -(2**63)]),
 )
-texts = st.one_of(st.text(max_size=12), st.sampled_from(["", "\n", "###", "[1,2]", '["a"]', "1,2,x"]))
+texts = st.one_of(
+    st.text(max_size=12), st.sampled_from(["", "\n", "###", "[1,2]", '["a"]', "1,2,x"])
+)
 junk = st.one_of(st.none(), st.booleans(), numbers, texts)
 values = st.one_of(
     junk,
@@ -61,9 +63,13 @@ def plausible(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
             options.append(texts)
         elif kind == "array":
             item = sub.get("items", {}).get("type")
-            options.append(st.lists(st.integers(-2, N_VOCAB + 2) if item == "integer" else texts, max_size=4))
+            options.append(
+                st.lists(st.integers(-2, N_VOCAB + 2) if item == "integer" else texts, max_size=4)
+            )
         elif kind == "object":
-            options.append(st.dictionaries(st.integers(-2, N_VOCAB + 2).map(str), numbers, max_size=3))
+            options.append(
+                st.dictionaries(st.integers(-2, N_VOCAB + 2).map(str), numbers, max_size=3)
+            )
         elif kind == "null":
             options.append(st.none())
     return st.one_of(options) if options else junk
@@ -76,13 +82,17 @@ def body_strategy() -> st.SearchStrategy[dict[str, Any]]:
     """Half the bodies are well-typed (they reach `normalise` and the sampler chain), half
     mix in junk of any JSON type (they must be refused cleanly)."""
 
-    def with_specials(per_field: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    def with_specials(
+        per_field: dict[str, st.SearchStrategy[Any]],
+    ) -> st.SearchStrategy[dict[str, Any]]:
         fields = dict(per_field)
         fields["grammar"] = GRAMMARS
         fields["grammar_string"] = GRAMMARS
         fields["sampler_order"] = st.lists(st.integers(-1, 8), max_size=8)
         fields["sampler_priority"] = st.one_of(
-            st.lists(st.sampled_from(["temperature", "top_k", "min_p", "dry", "xtc", "bogus", "top_a"])),
+            st.lists(
+                st.sampled_from(["temperature", "top_k", "min_p", "dry", "xtc", "bogus", "top_a"])
+            ),
             st.just("temperature\ntop_k\nmin_p"),
         )
         fields["unknown_st_key"] = junk  # SillyTavern sends keys the server does not know
@@ -96,8 +106,19 @@ def body_strategy() -> st.SearchStrategy[dict[str, Any]]:
 def check_valid(gen: Generation) -> None:
     """What the engine relies on for a normalised request."""
     p = gen.params
-    for name in ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "xtc_threshold",
-                 "xtc_probability", "dry_multiplier", "dry_base", "mirostat_tau", "mirostat_eta"):
+    for name in (
+        "temperature",
+        "top_p",
+        "min_p",
+        "typical_p",
+        "repeat_penalty",
+        "xtc_threshold",
+        "xtc_probability",
+        "dry_multiplier",
+        "dry_base",
+        "mirostat_tau",
+        "mirostat_eta",
+    ):
         value = getattr(p, name)
         assert isinstance(value, int | float) and not math.isnan(value), (name, value)
     assert 0 <= p.temperature <= 100
@@ -156,8 +177,11 @@ def test_any_alias_mix_normalises_or_is_a_4xx(body: dict[str, Any]) -> None:
         check_valid(gen)
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(body=body_strategy())
 def test_valid_settings_build_and_run_a_sampler_chain(
     llama: tuple[Model, Context, int], body: dict[str, Any]

@@ -75,13 +75,24 @@ def test_penalties_change_greedy_output(client: httpx.Client, change: dict) -> N
 def test_penalty_applies_to_prompt_tokens(client: httpx.Client) -> None:
     """The very first token differs: only the prompt can have fed the penalty's history."""
     plain = greedy(client, REPETITIVE, max_tokens=1)
-    for kw in ({"repetition_penalty": 3.0, "repeat_last_n": 64}, {"dry_multiplier": 5.0, "dry_allowed_length": 1}):
+    for kw in (
+        {"repetition_penalty": 3.0, "repeat_last_n": 64},
+        {"dry_multiplier": 5.0, "dry_allowed_length": 1},
+    ):
         assert greedy(client, REPETITIVE, max_tokens=1, **kw) != plain
 
 
 def test_logit_bias_and_token_bans(client: httpx.Client) -> None:
-    first = client.post("/tokenize", json={"content": greedy(client, max_tokens=1)}).json()["tokens"][0]
-    assert client.post("/tokenize", json={"content": greedy(client, max_tokens=1, logit_bias={str(first): -100})}).json()["tokens"][0] != first
+    first = client.post("/tokenize", json={"content": greedy(client, max_tokens=1)}).json()[
+        "tokens"
+    ][0]
+    assert (
+        client.post(
+            "/tokenize",
+            json={"content": greedy(client, max_tokens=1, logit_bias={str(first): -100})},
+        ).json()["tokens"][0]
+        != first
+    )
     banned = greedy(client, max_tokens=1, custom_token_bans=str(first))
     assert client.post("/tokenize", json={"content": banned}).json()["tokens"][0] != first
     forced = client.post("/tokenize", json={"content": " zebra"}).json()["tokens"][0]
@@ -100,17 +111,22 @@ def test_banned_string_never_appears(client: httpx.Client) -> None:
 def test_grammar_forces_shape(client: httpx.Client) -> None:
     grammar = 'root ::= "The answer is " ("yes" | "no") "."'
     for key in ("grammar", "grammar_string"):
-        out = gen(client, temperature=1.0, seed=5, max_tokens=20, ignore_eos=False, **{key: grammar})
+        out = gen(
+            client, temperature=1.0, seed=5, max_tokens=20, ignore_eos=False, **{key: grammar}
+        )
         assert out in ("The answer is yes.", "The answer is no.")
 
 
 def test_ignore_eos_and_max_tokens(client: httpx.Client) -> None:
     prompt = "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"
-    short = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 200, "temperature": 0}).json()
+    short = client.post(
+        "/v1/completions", json={"prompt": prompt, "max_tokens": 200, "temperature": 0}
+    ).json()
     assert short["choices"][0]["finish_reason"] == "stop"
     assert short["usage"]["completion_tokens"] < 200
     forced = client.post(
-        "/v1/completions", json={"prompt": prompt, "max_tokens": 60, "temperature": 0, "ban_eos_token": True}
+        "/v1/completions",
+        json={"prompt": prompt, "max_tokens": 60, "temperature": 0, "ban_eos_token": True},
     ).json()
     assert forced["usage"]["completion_tokens"] == 60
     assert forced["choices"][0]["finish_reason"] == "length"
@@ -118,11 +134,16 @@ def test_ignore_eos_and_max_tokens(client: httpx.Client) -> None:
 
 def test_min_tokens(client: httpx.Client) -> None:
     prompt = "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"
-    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 200, "temperature": 0, "min_tokens": 30}).json()
+    r = client.post(
+        "/v1/completions",
+        json={"prompt": prompt, "max_tokens": 200, "temperature": 0, "min_tokens": 30},
+    ).json()
     assert r["usage"]["completion_tokens"] >= 30
 
 
 def test_sampler_order_and_priority_are_accepted(client: httpx.Client) -> None:
     a = gen(client, temperature=1.0, seed=2, sampler_order=[5, 6, 0, 1, 3, 4, 2])
-    b = gen(client, temperature=1.0, seed=2, sampler_priority=["temperature", "top_k", "top_p", "min_p"])
+    b = gen(
+        client, temperature=1.0, seed=2, sampler_priority=["temperature", "top_k", "top_p", "min_p"]
+    )
     assert a and b

@@ -22,8 +22,16 @@ http = httpx.Client(timeout=60)  # generous: the CI box may be busy; no keep-ali
 @pytest.fixture(scope="module")
 def guarded() -> Iterator[ServerProcess]:
     with run_server(
-        "--ctx-size", "512", "--parallel", "1", "--threads", "2",
-        "--allow-host", "host.docker.internal", "--cors-origin", ST_ORIGIN,
+        "--ctx-size",
+        "512",
+        "--parallel",
+        "1",
+        "--threads",
+        "1",
+        "--allow-host",
+        "host.docker.internal",
+        "--cors-origin",
+        ST_ORIGIN,
         name="security",
     ) as srv:
         yield srv
@@ -37,7 +45,9 @@ def serve_fails(*args: str) -> str:
     """Run `innkeeper serve ARGS`, which must refuse to start; return its one error line."""
     proc = subprocess.run(
         [sys.executable, "-m", "innkeeper", "serve", "--port", str(free_port()), *args],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
@@ -72,8 +82,16 @@ def test_bad_exposure_flags(args: list[str], needle: str) -> None:
 
 def test_open_server_on_all_interfaces_accepts_any_host() -> None:
     """--insecure-no-auth is the explicit way out; any Host is then fine (nothing to rebind)."""
-    with run_server("--host", "0.0.0.0", "--insecure-no-auth", "--ctx-size", "256",
-                    "--parallel", "1", name="open") as srv:
+    with run_server(
+        "--host",
+        "0.0.0.0",
+        "--insecure-no-auth",
+        "--ctx-size",
+        "256",
+        "--parallel",
+        "1",
+        name="open",
+    ) as srv:
         r = http.get(f"{srv.url}/v1/models", headers={"Host": "my-pc.lan:5001"})
         assert r.status_code == 200 and r.json()["data"]
         assert "insecure-no-auth" in srv.log()
@@ -81,8 +99,16 @@ def test_open_server_on_all_interfaces_accepts_any_host() -> None:
 
 @pytest.mark.parametrize(
     "host",
-    ["127.0.0.1", "localhost", "LOCALHOST:5001", "127.0.0.1:1234", "[::1]:5001",
-     "host.docker.internal:5001", "app.localhost", "127.1.2.3"],
+    [
+        "127.0.0.1",
+        "localhost",
+        "LOCALHOST:5001",
+        "127.0.0.1:1234",
+        "[::1]:5001",
+        "host.docker.internal:5001",
+        "app.localhost",
+        "127.1.2.3",
+    ],
 )
 def test_loopback_names_are_accepted(guarded: ServerProcess, host: str) -> None:
     r = http.get(f"{guarded.url}/v1/models", headers={"Host": host})
@@ -91,11 +117,20 @@ def test_loopback_names_are_accepted(guarded: ServerProcess, host: str) -> None:
 
 @pytest.mark.parametrize(
     ("path", "shape"),
-    [("/v1/models", "openai"), ("/api/v1/model", "kobold"), ("/v1/internal/model/info", "ooba"),
-     ("/health", "llamacpp"), ("/", "llamacpp")],
+    [
+        ("/v1/models", "openai"),
+        ("/api/v1/model", "kobold"),
+        ("/v1/internal/model/info", "ooba"),
+        ("/health", "llamacpp"),
+        ("/", "llamacpp"),
+    ],
 )
-@pytest.mark.parametrize("host", ["attacker.example", "attacker.example:5001", "0.0.0.0", "192.168.1.2"])
-def test_rebinding_host_is_refused(guarded: ServerProcess, path: str, shape: str, host: str) -> None:
+@pytest.mark.parametrize(
+    "host", ["attacker.example", "attacker.example:5001", "0.0.0.0", "192.168.1.2"]
+)
+def test_rebinding_host_is_refused(
+    guarded: ServerProcess, path: str, shape: str, host: str
+) -> None:
     r = http.get(f"{guarded.url}{path}", headers={"Host": host})
     assert r.status_code == 400, r.text
     body = r.json()
@@ -116,13 +151,19 @@ def test_no_cors_headers_by_default_and_same_origin_works(guarded: ServerProcess
     r = http.post(f"{url}/tokenize", json={"content": "hi"}, headers={"Origin": url})
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
     r = http.post(
-        f"{url}/tokenize", json={"content": "hi"},
-        headers={"Origin": f"http://localhost:{port_of(guarded)}", "Host": f"localhost:{port_of(guarded)}"},
+        f"{url}/tokenize",
+        json={"content": "hi"},
+        headers={
+            "Origin": f"http://localhost:{port_of(guarded)}",
+            "Host": f"localhost:{port_of(guarded)}",
+        },
     )
     assert r.status_code == 200
 
 
-@pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://localhost.evil.example"])
+@pytest.mark.parametrize(
+    "origin", ["https://evil.example", "null", "http://localhost.evil.example"]
+)
 def test_cross_site_page_cannot_make_the_server_work(guarded: ServerProcess, origin: str) -> None:
     """A page on another site can send a 'simple' POST without preflight: it gets a 403."""
     r = http.post(
@@ -152,7 +193,9 @@ def test_allowed_origin_gets_cors(guarded: ServerProcess) -> None:
     assert "POST" in pre.headers["access-control-allow-methods"]
     assert "authorization" in pre.headers["access-control-allow-headers"].lower()
     r = http.post(
-        f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, headers={"Origin": ST_ORIGIN}
+        f"{url}/v1/completions",
+        json={"prompt": "Hi", "max_tokens": 2},
+        headers={"Origin": ST_ORIGIN},
     )
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] == ST_ORIGIN
@@ -166,8 +209,17 @@ def test_allowed_origin_gets_cors(guarded: ServerProcess) -> None:
 
 def test_wildcard_cors_with_key() -> None:
     """`--cors-origin *` for browser apps; with a key, the preflight (no key) still passes."""
-    with run_server("--cors-origin", "*", "--api-key", "k1", "--ctx-size", "256",
-                    "--parallel", "1", name="cors-any") as srv:
+    with run_server(
+        "--cors-origin",
+        "*",
+        "--api-key",
+        "k1",
+        "--ctx-size",
+        "256",
+        "--parallel",
+        "1",
+        name="cors-any",
+    ) as srv:
         pre = http.options(
             f"{srv.url}/v1/models",
             headers={"Origin": "https://app.example", "Access-Control-Request-Method": "GET"},
@@ -191,8 +243,10 @@ def test_model_field_is_never_a_path(guarded: ServerProcess, name: str) -> None:
         assert r.status_code == 200
         served = r.json()["model"]
         assert "passwd" not in served and ".." not in served
-        r = c.post("/v1/chat/completions",
-                   json={"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        r = c.post(
+            "/v1/chat/completions",
+            json={"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        )
         assert r.status_code == 200 and r.json()["model"] == served
         r = c.get(f"/v1/models/{name}")
         assert r.status_code == 404

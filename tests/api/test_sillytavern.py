@@ -78,7 +78,9 @@ def test_token_count_routes(client: httpx.Client) -> None:
     assert kc["value"] == len(kc["ids"]) == ooba["length"] == len(ooba["tokens"])
     assert kc["ids"] == ooba["tokens"]
     assert client.post("/v1/internal/decode", json={"tokens": kc["ids"]}).json()["text"] == text
-    assert client.post("/v1/internal/token-count", json={"text": text}).json()["length"] == kc["value"]
+    assert (
+        client.post("/v1/internal/token-count", json={"text": text}).json()["length"] == kc["value"]
+    )
     assert client.post("/detokenize", json={"tokens": kc["ids"]}).json()["content"] == text
 
 
@@ -88,9 +90,13 @@ def test_token_count_does_not_wait_for_generation(client: httpx.Client, server) 
     started = threading.Event()
 
     def long_stream() -> None:
-        with httpx.Client(base_url=server.url, timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as r:
+        with (
+            httpx.Client(base_url=server.url, timeout=60) as c,
+            c.stream("POST", "/v1/completions", json=body) as r,
+        ):
             for _ in r.iter_lines():
                 started.set()
+
     t = threading.Thread(target=long_stream)
     t.start()
     assert started.wait(30)
@@ -112,10 +118,14 @@ def test_kobold_abort_stops_a_stream(client: httpx.Client, server) -> None:
     done = threading.Event()
 
     def stream() -> None:
-        with httpx.Client(base_url=server.url, timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as r:
+        with (
+            httpx.Client(base_url=server.url, timeout=60) as c,
+            c.stream("POST", "/v1/completions", json=body) as r,
+        ):
             for line in r.iter_lines():
                 got.append(line)
         done.set()
+
     t = threading.Thread(target=stream)
     t.start()
     deadline = time.monotonic() + 30

@@ -19,7 +19,9 @@ class Runner:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def submit(self, prompt: list[int], max_tokens: int = 24, n_logprobs: int = 0, **params) -> tuple[GenerationRequest, threading.Event, list]:
+    def submit(
+        self, prompt: list[int], max_tokens: int = 24, n_logprobs: int = 0, **params
+    ) -> tuple[GenerationRequest, threading.Event, list]:
         events: list = []
         done = threading.Event()
 
@@ -29,11 +31,19 @@ class Runner:
                 done.set()
 
         sp = SamplingParams(**{"temperature": 0.0, **params})
-        req = GenerationRequest(prompt=prompt, params=sp, max_tokens=max_tokens, on_event=on_event, n_logprobs=n_logprobs)
+        req = GenerationRequest(
+            prompt=prompt,
+            params=sp,
+            max_tokens=max_tokens,
+            on_event=on_event,
+            n_logprobs=n_logprobs,
+        )
         self.engine.submit(req)
         return req, done, events
 
-    def run(self, prompt: list[int], max_tokens: int = 24, **kw) -> tuple[str, FinishEvent, list[TokenEvent]]:
+    def run(
+        self, prompt: list[int], max_tokens: int = 24, **kw
+    ) -> tuple[str, FinishEvent, list[TokenEvent]]:
         _, done, events = self.submit(prompt, max_tokens, **kw)
         assert done.wait(120), "generation did not finish"
         fin = events[-1]
@@ -41,7 +51,7 @@ class Runner:
 
 
 def make_engine(**kw) -> Engine:
-    cfg = {"model_path": default_model_path(), "ctx_size": 4096, "threads": 2, "parallel": 4, **kw}
+    cfg = {"model_path": default_model_path(), "ctx_size": 4096, "threads": 1, "parallel": 4, **kw}
     return Engine(EngineConfig(**cfg))
 
 

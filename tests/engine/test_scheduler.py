@@ -12,7 +12,20 @@ SYSTEM = (
     "You are Seraphina, the guardian of an enchanted forest. You speak gently and describe "
     "the forest in vivid detail. Stay in character at all times. " * 4
 )
-WORDS = "river stone lantern moss owl bridge candle thorn meadow storm ember willow".split()
+WORDS = [
+    "river",
+    "stone",
+    "lantern",
+    "moss",
+    "owl",
+    "bridge",
+    "candle",
+    "thorn",
+    "meadow",
+    "storm",
+    "ember",
+    "willow",
+]
 
 
 def message(i: int) -> str:
@@ -36,11 +49,13 @@ def cold_run(cold: Runner, prompt: list[int], max_tokens: int, **kw):
     return cold.run(prompt, max_tokens, **kw)
 
 
-def test_growing_chat_reuses_the_prefix_and_matches_cold(runner: Runner, cold: Runner, engine: Engine) -> None:
+def test_growing_chat_reuses_the_prefix_and_matches_cold(
+    runner: Runner, cold: Runner, engine: Engine
+) -> None:
     flush(engine)
     tok = engine.tokenize
     first = tok(chat(0, 6))
-    text1, fin1, _ = runner.run(first, 16)
+    _text1, fin1, _ = runner.run(first, 16)
     assert fin1.timings.cached_tokens == 0
     second = tok(chat(0, 7))
     text2, fin2, _ = runner.run(second, 16)
@@ -60,7 +75,9 @@ def test_regenerate_reuses_everything(runner: Runner, engine: Engine) -> None:
     assert fin.timings.cached_tokens == len(prompt) - 1  # only the last token is re-evaluated
 
 
-def test_top_trim_shifts_the_cache_and_output_matches_cold(runner: Runner, cold: Runner, engine: Engine) -> None:
+def test_top_trim_shifts_the_cache_and_output_matches_cold(
+    runner: Runner, cold: Runner, engine: Engine
+) -> None:
     """SillyTavern drops the oldest messages once the context is full; the rest moves left."""
     flush(engine)
     tok = engine.tokenize
@@ -79,7 +96,10 @@ def test_top_trim_shifts_the_cache_and_output_matches_cold(runner: Runner, cold:
     # cold evaluation for its first tokens and the first distribution stays close.
     got = [lp for e in events for lp in e.logprobs]
     want = [lp for e in ref_events for lp in e.logprobs]
-    same = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a.token != b.token), len(want))
+    same = next(
+        (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a.token != b.token),
+        len(want),
+    )
     assert same >= 8, f"greedy output diverged after {same} tokens: {text!r} vs {ref_text!r}"
     first = {t.token: t.logprob for t in got[0].top}
     ref_first = {t.token: t.logprob for t in want[0].top}
@@ -114,7 +134,9 @@ def test_concurrent_requests_match_sequential(runner: Runner, engine: Engine) ->
 
 def test_more_requests_than_slots_queue_fairly(runner: Runner, engine: Engine) -> None:
     n = len(engine.scheduler.slots) + 2
-    jobs = [runner.submit(engine.tokenize(f"Queue test {i}:"), 8, ignore_eos=True) for i in range(n)]
+    jobs = [
+        runner.submit(engine.tokenize(f"Queue test {i}:"), 8, ignore_eos=True) for i in range(n)
+    ]
     for _, done, _ in jobs:
         assert done.wait(120)
     assert all(events[-1].reason == "length" for _, _, events in jobs)
@@ -135,14 +157,16 @@ def test_cancel_stops_within_a_step(runner: Runner, engine: Engine) -> None:
     assert engine.scheduler.busy_slots == 0
 
 
-def test_long_prompt_prefill_does_not_freeze_running_streams(runner: Runner, engine: Engine) -> None:
+def test_long_prompt_prefill_does_not_freeze_running_streams(
+    runner: Runner, engine: Engine
+) -> None:
     """Chunked prefill: a stream keeps producing tokens while a long prompt is evaluated."""
     flush(engine)
     req, done, events = runner.submit(engine.tokenize("Counting:"), 400, ignore_eos=True)
     while len(events) < 3:
         time.sleep(0.01)
     long_prompt = engine.tokenize(" ".join(WORDS * 120))  # ~1500 tokens: several chunks
-    _, long_done, long_events = runner.submit(long_prompt, 2)
+    _, long_done, _long_events = runner.submit(long_prompt, 2)
     n_before = len(events)
     assert long_done.wait(120)
     tokens_during_prefill = len(events) - n_before
@@ -158,7 +182,7 @@ def test_context_full_ends_with_length(engine: Engine) -> None:
     small = make_engine(ctx_size=256, parallel=1)
     try:
         r = Runner(small)
-        text, fin, _ = r.run(small.tokenize("Go on forever:"), 10_000, ignore_eos=True)
+        _text, fin, _ = r.run(small.tokenize("Go on forever:"), 10_000, ignore_eos=True)
         assert fin.reason == "length"
         assert fin.timings.prompt_tokens + fin.timings.completion_tokens <= 256
     finally:
@@ -171,7 +195,9 @@ def test_quantized_kv_cache_with_flash_attention() -> None:
 
     outputs = {}
     for cache in ("f16", "q8_0", "q4_0"):
-        e = make_engine(ctx_size=512, parallel=1, flash_attn="on", cache_type_k=cache, cache_type_v=cache)
+        e = make_engine(
+            ctx_size=512, parallel=1, flash_attn="on", cache_type_k=cache, cache_type_v=cache
+        )
         try:
             text, fin, _ = Runner(e).run(e.tokenize("The capital of France is"), 6)
             outputs[cache] = text

@@ -67,7 +67,12 @@ def _start(service: Service, body: KoboldGenerateBody) -> Any:
     try:
         gen = normalise(body, n_vocab=service.engine.model.n_vocab)
         prompt = service.tokenize(body.memory + body.prompt)
-        return service.start(prompt, gen, default_max_tokens=DEFAULT_MAX_LENGTH, genkey=body.genkey)
+        return service.start(
+            prompt,
+            gen,
+            default_max_tokens=service.default_max_tokens or DEFAULT_MAX_LENGTH,
+            genkey=body.genkey,
+        )
     except ParamError as exc:
         raise ApiError(422, str(exc)) from exc
 

@@ -27,6 +27,7 @@ from innkeeper.engine.events import (
     TokenEvent,
     TokenLogprob,
 )
+from innkeeper.engine.sampling import GrammarError, check_grammar
 from innkeeper.engine.scheduler import QueueFullError
 
 log = logging.getLogger("innkeeper.api")
@@ -180,6 +181,11 @@ class Service:
         for tok in prompt:
             if not self.engine.model.valid_token(tok):
                 raise ParamError(f"token id {tok} is outside the vocabulary")
+        if gen.params.grammar:
+            try:
+                check_grammar(self.engine.model, gen.params.grammar)
+            except GrammarError as exc:
+                raise ParamError(str(exc)) from exc
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 

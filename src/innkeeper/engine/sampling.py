@@ -125,6 +125,18 @@ class GrammarError(ValueError):
     """A GBNF grammar llama.cpp could not parse."""
 
 
+def check_grammar(model: Model, grammar: str) -> None:
+    """Parse a GBNF grammar now (any thread: it only needs the vocabulary).
+
+    Done before a request is queued so a bad grammar is a 400, not an error event in the
+    middle of an already-started stream.
+    """
+    smpl = C.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+    if not smpl:
+        raise GrammarError("the GBNF grammar could not be parsed (llama.cpp rejected it)")
+    C.llama_sampler_free(smpl)
+
+
 class SamplerChain:
     """A llama.cpp sampler chain for one request.
 

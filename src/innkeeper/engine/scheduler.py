@@ -384,7 +384,11 @@ class Scheduler:
 
         for act, idx in to_sample:
             if act.slot.active is act:
-                self._sample(act, idx)
+                try:
+                    self._sample(act, idx)
+                except Exception as exc:  # one request's failure must not end the others
+                    log.exception("sampling failed for request %d", act.req.id)
+                    self._finish(act, "error", error=f"engine error: {exc}")
 
     def _free_cells(self) -> int:
         return self.ctx.n_ctx - sum(len(s.cache) for s in self.slots)
