@@ -128,6 +128,7 @@ def plan_settings(config: ServerConfig, model_path: Path) -> AutoSettings | None
             config.gpu_layers,
             config.parallel,
             n_ubatch=config.ubatch_size,
+            kv_unified=True,  # the engine shares one cache among its slots
         )
     except ModelFormatError as exc:
         fail(str(exc))

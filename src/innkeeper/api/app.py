@@ -7,11 +7,11 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from innkeeper import __version__
-from innkeeper.api import kobold, llamacpp, ooba, openai, status
+from innkeeper.api import kobold, llamacpp, metrics, ooba, openai, status
 from innkeeper.api.errors import family, install_handlers
 from innkeeper.api.limits import BodyLimitMiddleware
 from innkeeper.api.security import ApiKeyMiddleware, HostGuardMiddleware
@@ -19,6 +19,19 @@ from innkeeper.api.service import Service
 from innkeeper.config import ServerConfig
 
 STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
+
+
+NO_CACHE = {"Cache-Control": "no-cache"}
+
+
+class RevalidatedStaticFiles(StaticFiles):
+    """The page's files, revalidated on every load so an upgrade is picked up at once
+    (ES modules import each other, so query-string versioning cannot reach them)."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(NO_CACHE)
+        return response
 
 
 def create_app(service: Service, config: ServerConfig) -> FastAPI:
@@ -34,17 +47,17 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
     app.state.config = config
     app.state.memory_plan = None  # filled by the server from the memory calculator
     install_handlers(app)
-    for module in (openai, kobold, ooba, llamacpp, status):
+    for module in (openai, kobold, ooba, llamacpp, status, metrics):
         app.include_router(module.router)
 
     index = STATIC / "index.html"
     if STATIC.is_dir():
-        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+        app.mount("/static", RevalidatedStaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
     async def root() -> object:
         if index.is_file():
-            return FileResponse(index)
+            return FileResponse(index, headers=NO_CACHE)
         return JSONResponse(
             {"name": "innkeeper", "version": __version__, "model": service.model_id}
         )
