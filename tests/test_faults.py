@@ -119,7 +119,7 @@ def test_an_engine_error_fails_only_its_own_request(faulty: ServerProcess, c: ht
         bad = c.post(
             "/api/v1/generate", json={"prompt": "Hi", "max_length": 5, "grammar": 'root ::= "a'}
         )
-        assert bad.status_code == 400 and "grammar" in bad.json()["detail"]["msg"]
+        assert bad.status_code == 422 and "grammar" in bad.json()["detail"]["msg"]
         chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["usage"]["completion_tokens"] == 40

@@ -41,6 +41,7 @@ class ServerConfig:
     mmap: bool = True
     chat_template: str | None = None
     cache_reuse: int = 32
+    cache_ram_mib: int = 2048
     max_queue: int = 64
     default_max_tokens: int | None = None
     allow_pickle: bool = False
@@ -74,6 +75,8 @@ class ServerConfig:
             raise ConfigError("a quantized V cache needs flash attention: add --flash-attn on")
         if self.ubatch_size < 1 or self.batch_size < 1:
             raise ConfigError("--batch-size and --ubatch-size must be positive")
+        if self.cache_reuse < 0 or self.cache_ram_mib < 0:
+            raise ConfigError("--cache-reuse and --cache-ram must not be negative")
         if self.threads < 0 or self.threads_batch < 0:
             raise ConfigError("--threads must be positive (0 = automatic)")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:

@@ -169,6 +169,7 @@ def run_server(config: ServerConfig, *, verbose: bool, console: Console) -> None
         use_mmap=config.mmap,
         use_mlock=config.mlock,
         cache_reuse=config.cache_reuse,
+        cache_ram_mib=config.cache_ram_mib,
         max_queue=config.max_queue,
         chat_template=config.chat_template,
     )

@@ -120,7 +120,9 @@ def test_server_still_serves_after_bad_inputs(client: httpx.Client) -> None:
 
 
 def test_bad_grammar_on_a_stream_is_a_400_before_streaming(client: httpx.Client) -> None:
-    r = client.post("/v1/completions", json={"prompt": "Hi", "stream": True, "grammar": "root ::= ("})
+    r = client.post(
+        "/v1/completions", json={"prompt": "Hi", "stream": True, "grammar": "root ::= ("}
+    )
     assert "grammar" in openai_error(r).lower()
     r = client.post("/api/extra/generate/stream", json={"prompt": "Hi", "grammar": "root ::= ("})
     assert "grammar" in kobold_error(r).lower()

@@ -6,6 +6,7 @@ import math
 import time
 
 from innkeeper.engine.engine import Engine
+from innkeeper.engine.events import TokenEvent
 from tests.engine.conftest import Runner
 
 SYSTEM = (
@@ -49,21 +50,38 @@ def cold_run(cold: Runner, prompt: list[int], max_tokens: int, **kw):
     return cold.run(prompt, max_tokens, **kw)
 
 
+def same_prefix_tokens(got: list[TokenEvent], want: list[TokenEvent]) -> int:
+    a = [lp.token for e in got for lp in e.logprobs]
+    b = [lp.token for e in want for lp in e.logprobs]
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def first_drift(got: list[TokenEvent], want: list[TokenEvent]) -> float:
+    a = {t.token: t.logprob for t in got[0].logprobs[0].top}
+    b = {t.token: t.logprob for t in want[0].logprobs[0].top}
+    return max(abs(a[t] - b[t]) for t in a.keys() & b.keys())
+
+
 def test_growing_chat_reuses_the_prefix_and_matches_cold(
     runner: Runner, cold: Runner, engine: Engine
 ) -> None:
+    """Prefix reuse evaluates only the new turn. Its logits equal a cold evaluation's up to
+    float rounding (a prefix evaluated in other batch shapes rounds differently)."""
     flush(engine)
     tok = engine.tokenize
     first = tok(chat(0, 6))
-    _text1, fin1, _ = runner.run(first, 16)
+    _, fin1, _ = runner.run(first, 16)
     assert fin1.timings.cached_tokens == 0
     second = tok(chat(0, 7))
-    text2, fin2, _ = runner.run(second, 16)
+    _, fin2, got = runner.run(second, 16, n_logprobs=5)
     shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
     assert fin2.timings.cached_tokens >= shared - 1
     assert fin2.timings.evaluated_tokens <= len(second) - shared + 1
-    ref, _, _ = cold_run(cold, second, 16)
-    assert text2 == ref
+    _, _, want = cold_run(cold, second, 16, n_logprobs=5)
+    assert same_prefix_tokens(got, want) >= 8
+    assert first_drift(got, want) < 0.3  # rounding noise of the quantized CPU kernels: ~0.1-0.2
 
 
 def test_regenerate_reuses_everything(runner: Runner, engine: Engine) -> None:
@@ -206,3 +224,24 @@ def test_quantized_kv_cache_with_flash_attention() -> None:
             e.close()
     assert "Paris" in outputs["f16"] and "Paris" in outputs["q8_0"]
     assert outputs["q4_0"].strip()
+
+
+def test_idle_conversations_are_parked_in_ram_and_restored(
+    runner: Runner, cold: Runner, engine: Engine
+) -> None:
+    """Switching between two chats: the idle one leaves the shared cache while the other
+    decodes (so it costs the active one nothing) and comes back without re-evaluation."""
+    flush(engine)
+    engine.scheduler.parked.clear()
+    a = engine.tokenize(chat(0, 8))
+    b = engine.tokenize("A completely different conversation about cooking pasta. " * 20)
+    runner.run(a, 8)
+    runner.run(b, 8)
+    assert any(p.tokens[:50] == a[:50] for p in engine.scheduler.parked)
+    live = sum(len(s.cache) for s in engine.scheduler.slots)
+    assert live <= len(b) + 8  # only the active conversation occupies the cache
+    _, fin, got = runner.run(a, 16, n_logprobs=5)
+    assert fin.timings.cached_tokens == len(a) - 1
+    _, _, want = cold_run(cold, a, 16, n_logprobs=5)
+    assert same_prefix_tokens(got, want) >= 8
+    assert first_drift(got, want) < 0.3  # rounding noise of the quantized CPU kernels: ~0.1-0.2

@@ -109,6 +109,13 @@ def serve(
             help="min. chunk (tokens) moved in the KV cache after a prompt trim; 0 = off",
         ),
     ] = 32,
+    cache_ram: Annotated[
+        int,
+        typer.Option(
+            "--cache-ram",
+            help="MiB of RAM for idle conversations' KV caches, restored when they return; 0 = off",
+        ),
+    ] = 2048,
     max_queue: Annotated[
         int, typer.Option("--max-queue", help="requests that may wait for a slot before 503")
     ] = 64,
@@ -199,6 +206,7 @@ def serve(
         mmap=not no_mmap,
         chat_template=chat_template,
         cache_reuse=cache_reuse,
+        cache_ram_mib=cache_ram,
         max_queue=max_queue,
         default_max_tokens=max_tokens,
         allow_pickle=allow_pickle,

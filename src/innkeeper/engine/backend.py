@@ -335,6 +335,19 @@ class Context:
     def clear(self) -> None:
         C.llama_memory_clear(self.mem, True)
 
+    def seq_save(self, seq: int) -> tuple[ctypes.Array[ctypes.c_uint8], int] | None:
+        """Copy one sequence's KV state out to host memory (to free its cells)."""
+        size = int(C.llama_state_seq_get_size(self.ptr, seq))
+        if size <= 0:
+            return None
+        buf = (ctypes.c_uint8 * size)()
+        n = int(C.llama_state_seq_get_data(self.ptr, buf, size, seq))
+        return (buf, n) if n > 0 else None
+
+    def seq_restore(self, seq: int, data: ctypes.Array[ctypes.c_uint8], size: int) -> bool:
+        """Load a saved state into an empty sequence; False when the cache has no room."""
+        return int(C.llama_state_seq_set_data(self.ptr, data, size, seq)) > 0
+
     def close(self) -> None:
         if self.ptr:
             C.llama_free(self.ptr)

@@ -39,6 +39,7 @@ class EngineConfig:
     use_mlock: bool = False
     cache_reuse: int = 32
     max_queue: int = 64
+    cache_ram_mib: int = 2048  # idle conversations' KV parked in RAM (0 = none)
     chat_template: str | None = None  # a built-in name, a file path, or None: the GGUF's own
 
 
@@ -86,6 +87,7 @@ class Engine:
             max(1, config.parallel),
             cache_reuse=config.cache_reuse,
             max_queue=config.max_queue,
+            cache_ram=config.cache_ram_mib * 2**20,
         )
         self.scheduler.start()
 

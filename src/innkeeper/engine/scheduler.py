@@ -119,6 +119,21 @@ class _Active:
         self.hold = max((len(s) for s in lowered), default=0)
 
 
+@dataclass
+class _Parked:
+    """A conversation's KV state moved to host memory while other slots decode.
+
+    With one cache shared by all slots, every decode step attends over every occupied
+    cell, so idle conversations left in the cache slow the active ones. They are parked
+    in RAM instead (llama-server's --cache-ram) and restored in milliseconds on return.
+    """
+
+    tokens: list[int]
+    data: object
+    size: int
+    last_used: float
+
+
 class _Slot:
     __slots__ = ("active", "cache", "id", "last_used")
 
@@ -148,12 +163,15 @@ class Scheduler:
         *,
         cache_reuse: int = 32,
         max_queue: int = 64,
+        cache_ram: int = 2 * 2**30,
     ) -> None:
         self.model = model
         self.ctx = ctx
         self.slots = [_Slot(i) for i in range(n_slots)]
         self.cache_reuse = cache_reuse if ctx.can_shift else 0
         self.max_queue = max_queue
+        self.cache_ram = cache_ram
+        self.parked: list[_Parked] = []
         self.perf = Perf()
         self._queue: deque[tuple[GenerationRequest, float]] = deque()
         self._cond = threading.Condition()
@@ -249,12 +267,56 @@ class Scheduler:
                 self._emit_finish_unstarted(req, "error", f"engine error: {exc}")
 
     def _choose_slot(self, free: list[_Slot], prompt: list[int]) -> _Slot:
+        """The free slot whose cache (live, or parked in RAM) shares most with the prompt."""
         best = max(free, key=lambda s: common_prefix(s.cache, prompt))
         shared = common_prefix(best.cache, prompt)
-        if shared > 0 and shared >= SIMILARITY_THRESHOLD * len(prompt):
+        parked = max(self.parked, key=lambda p: common_prefix(p.tokens, prompt), default=None)
+        parked_shared = common_prefix(parked.tokens, prompt) if parked else 0
+        threshold = SIMILARITY_THRESHOLD * len(prompt)
+        if parked is not None and parked_shared > shared and parked_shared >= threshold:
+            slot = min(free, key=lambda s: (len(s.cache) > 0, s.last_used))
+            self._restore(slot, parked)
+            return slot
+        if shared > 0 and shared >= threshold:
             return best
         # No useful prefix: take an empty slot, else the least recently used one.
         return min(free, key=lambda s: (len(s.cache) > 0, s.last_used))
+
+    def _park_idle(self) -> None:
+        """Move idle slots' caches to RAM while other slots are decoding."""
+        for slot in self.slots:
+            if slot.active is None and slot.cache:
+                self._park(slot)
+
+    def _park(self, slot: _Slot) -> None:
+        tokens = list(slot.cache)
+        saved = self.ctx.seq_save(slot.id) if len(tokens) >= 2 * max(self.cache_reuse, 16) else None
+        self.ctx.seq_rm(slot.id, -1, -1)
+        slot.cache.clear()
+        if saved is None or saved[1] > self.cache_ram:
+            return
+        data, size = saved
+        # A state that extends an older parked one replaces it.
+        self.parked = [p for p in self.parked if common_prefix(p.tokens, tokens) < len(p.tokens)]
+        self.parked.append(_Parked(tokens, data, size, slot.last_used))
+        self.parked.sort(key=lambda p: p.last_used)
+        while sum(p.size for p in self.parked) > self.cache_ram:
+            self.parked.pop(0)
+        log.info(
+            "slot %d: parked %d cached tokens in RAM (%.1f MiB)", slot.id, len(tokens), size / 2**20
+        )
+
+    def _restore(self, slot: _Slot, parked: _Parked) -> None:
+        if slot.cache:
+            self._park(slot)
+        self.parked.remove(parked)
+        self.ctx.seq_rm(slot.id, -1, -1)
+        if self.ctx.seq_restore(slot.id, parked.data, parked.size):  # type: ignore[arg-type]
+            slot.cache[:] = parked.tokens
+            log.info("slot %d: restored %d cached tokens from RAM", slot.id, len(parked.tokens))
+        else:
+            self.ctx.seq_rm(slot.id, -1, -1)
+            slot.cache.clear()
 
     def _start(self, slot: _Slot, req: GenerationRequest, t_submit: float) -> None:
         p = req.params
@@ -337,7 +399,7 @@ class Scheduler:
         active = self._active()
         if not active:
             return
-
+        self._park_idle()
         self._make_room(active)
         active = self._active()
         batch = self._batch
