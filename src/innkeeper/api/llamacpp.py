@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 from innkeeper import __version__
 from innkeeper.api.errors import ApiError
+from innkeeper.api.params import ParamError
 from innkeeper.api.state import service_of
 
 router = APIRouter(tags=["llama.cpp"])
@@ -73,8 +74,7 @@ async def tokenize(request: Request, body: TokenizeBody) -> dict[str, Any]:
 
 @router.post("/detokenize")
 async def detokenize(request: Request, body: DetokenizeBody) -> dict[str, str]:
-    service = service_of(request)
-    bad = [t for t in body.tokens if not service.engine.model.valid_token(t)]
-    if bad:
-        raise ApiError(400, f"token ids outside the vocabulary: {bad[:5]}")
-    return {"content": service.engine.detokenize(body.tokens)}
+    try:
+        return {"content": service_of(request).detokenize(body.tokens)}
+    except ParamError as exc:
+        raise ApiError(400, str(exc)) from exc

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from innkeeper.api.errors import ApiError
 from innkeeper.api.openai import ChatBody, render_chat
+from innkeeper.api.params import ParamError
 from innkeeper.api.state import service_of
 from innkeeper.engine.templates import BUILTIN_FORMATS
 
@@ -54,11 +55,10 @@ async def encode(request: Request, body: EncodeBody) -> dict[str, Any]:
 
 @router.post("/v1/internal/decode")
 async def decode(request: Request, body: DecodeBody) -> dict[str, str]:
-    service = service_of(request)
-    bad = [t for t in body.tokens if not service.engine.model.valid_token(t)]
-    if bad:
-        raise ApiError(422, f"token ids outside the vocabulary: {bad[:5]}")
-    return {"text": service.engine.detokenize(body.tokens)}
+    try:
+        return {"text": service_of(request).detokenize(body.tokens)}
+    except ParamError as exc:
+        raise ApiError(422, str(exc)) from exc
 
 
 @router.post("/v1/internal/token-count")

@@ -7,7 +7,6 @@ client-disconnect signal that cancels generations pass through untouched.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -15,6 +14,7 @@ from urllib.parse import urlsplit
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from innkeeper.api.errors import error_body
+from innkeeper.config import is_loopback
 
 # Routes a client calls without a key: health checks, the web page's files, and the calls
 # SillyTavern makes without an Authorization header (KoboldCpp's abort and version checks).
@@ -118,16 +118,6 @@ def host_name(value: str) -> str:
     return v.rstrip(".")
 
 
-def is_loopback_name(name: str) -> bool:
-    """Names no DNS answer can point elsewhere: loopback IP literals and *.localhost."""
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
 class HostGuardMiddleware:
     """DNS-rebinding and cross-site request protection for a server nobody else should reach.
 
@@ -159,7 +149,9 @@ class HostGuardMiddleware:
         self.check_origin = check_origin and "*" not in self.origins
 
     def host_allowed(self, name: str) -> bool:
-        return self.any_host or name in self.names or is_loopback_name(name)
+        return (
+            self.any_host or name in self.names or is_loopback(name)
+        )  # no DNS answer can point these elsewhere
 
     def origin_allowed(self, origin: str, host: str) -> bool:
         if origin.rstrip("/").lower() in self.origins:

@@ -128,6 +128,13 @@ class Service:
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return self.engine.tokenize(text, add_special=add_special)
 
+    def detokenize(self, tokens: list[int]) -> str:
+        """Token ids to text; ids outside the vocabulary are a ParamError, not a crash."""
+        bad = [t for t in tokens if not self.engine.model.valid_token(t)]
+        if bad:
+            raise ParamError(f"token ids outside the vocabulary: {bad[:5]}")
+        return self.engine.detokenize(tokens)
+
     def fit_prompt(self, prompt: list[int], gen: Generation) -> tuple[list[int], int]:
         """Check the prompt and length against the context; returns (prompt, max_tokens).
 
