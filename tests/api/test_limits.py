@@ -18,27 +18,28 @@ TIMEOUT_S = 5.0
 LONG = {"prompt": "Tell me a very long story.", "max_tokens": 1500, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module")
-def limited() -> Iterator[ServerProcess]:
-    with run_server(
-        "--ctx-size",
-        "2048",
-        "--parallel",
-        "1",
-        "--max-queue",
-        "1",
-        "--threads",
-        "1",
-        "--max-body",
-        "64K",
-        "--sse-ping-interval",
-        "0.2",
-        "--request-timeout",
-        str(TIMEOUT_S),
-        name="limits",
-    ) as srv:
+LIMITED_ARGS = (
+    "--ctx-size", "2048", "--parallel", "1", "--max-queue", "1", "--threads", "1",
+    "--max-body", "64K", "--sse-ping-interval", "0.2",
+)  # fmt: skip
+
+
+def _started(*args: str, name: str) -> Iterator[ServerProcess]:
+    with run_server(*args, name=name) as srv:
         httpx.post(f"{srv.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
         yield srv
+
+
+@pytest.fixture(scope="module")
+def limited() -> Iterator[ServerProcess]:
+    """One slot, a queue of one, small bodies, fast pings."""
+    yield from _started(*LIMITED_ARGS, name="limits")
+
+
+@pytest.fixture(scope="module")
+def timed() -> Iterator[ServerProcess]:
+    """The same, plus --request-timeout (its own server, so the other tests' timing is free)."""
+    yield from _started(*LIMITED_ARGS, "--request-timeout", str(TIMEOUT_S), name="timeout")
 
 
 @pytest.fixture()
@@ -114,7 +115,10 @@ def test_full_queue_is_503_with_retry_after_and_waiting_streams_get_pings(
 
             # the waiting stream gets keep-alive comments (every 0.2 s here) and no data yet
             pings, t0 = 0, time.monotonic()
-            for line in rb.iter_lines():
+            # Keep the line iterator referenced: a dropped httpx iterator closes the stream,
+            # which (correctly) cancels the queued request on the server.
+            lines = rb.iter_lines()
+            for line in lines:
                 assert not line.startswith("data:"), "the queued stream got data while waiting"
                 pings += line.startswith(": ping")
                 if pings >= 3:
@@ -143,9 +147,11 @@ def test_full_queue_is_503_with_retry_after_and_waiting_streams_get_pings(
     assert c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
-def test_request_timeout_cancels_the_generation(limited: ServerProcess, c: httpx.Client) -> None:
+def test_request_timeout_cancels_the_generation(timed: ServerProcess) -> None:
     """A non-streaming request past --request-timeout gets a 504; a stream gets an in-band
     error in its family's shape; both slots are freed."""
+    limited = timed
+    c = httpx.Client(base_url=timed.url, timeout=60)
     aborted = perf(c)["total_aborted"]
     result: dict = {}
 
