@@ -2,92 +2,77 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+import threading
 
 from innkeeper.engine.backend import (
-    CACHE_TYPES,
     Context,
     ContextParams,
     Model,
     ModelInfo,
+    ModelParams,
     default_threads,
 )
+from innkeeper.engine.config import DEFAULT_CTX, EngineConfig
 from innkeeper.engine.events import GenerationRequest
 from innkeeper.engine.scheduler import Scheduler
 from innkeeper.engine.templates import ChatTemplate, resolve_template
+from innkeeper.engine.tokenizer import Tokenizer
 
-DEFAULT_CTX = 4096
+__all__ = ["DEFAULT_CTX", "Engine", "EngineConfig"]
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """Every knob the engine takes; `ServerConfig` fills it from CLI flags."""
+def model_params(config: EngineConfig) -> ModelParams:
+    """The one place engine settings become llama.cpp model parameters."""
+    return ModelParams(
+        gpu_layers=config.gpu_layers if config.gpu_layers is not None else 0,
+        use_mmap=config.use_mmap,
+        use_mlock=config.use_mlock,
+        main_gpu=config.main_gpu,
+        split_mode=config.split_mode,
+        tensor_split=config.tensor_split,
+        cpu_tensor_patterns=config.cpu_tensor_patterns,
+    )
 
-    model_path: Path
-    ctx_size: int = 0  # 0: the model's trained context, at most DEFAULT_CTX
-    gpu_layers: int = 0
-    threads: int = 0
-    threads_batch: int = 0
-    batch_size: int = 2048
-    ubatch_size: int = 512
-    parallel: int = 4
-    flash_attn: str = "auto"
-    cache_type_k: str = "f16"
-    cache_type_v: str = "f16"
-    use_mmap: bool = True
-    use_mlock: bool = False
-    cache_reuse: int = 32
-    max_queue: int = 64
-    cache_ram_mib: int = 2048  # idle conversations' KV parked in RAM (0 = none)
-    chat_template: str | None = None  # a built-in name, a file path, or None: the GGUF's own
+
+def context_params(config: EngineConfig, n_ctx_train: int) -> ContextParams:
+    """The one place engine settings become llama.cpp context parameters."""
+    return ContextParams(
+        n_ctx=config.ctx_size or min(n_ctx_train or DEFAULT_CTX, DEFAULT_CTX),
+        n_seq=config.parallel,
+        n_batch=config.batch_size,
+        n_ubatch=config.ubatch_size,
+        threads=config.threads or default_threads(),
+        threads_batch=config.threads_batch,
+        flash_attn=config.flash_attn,
+        cache_type_k=config.cache_type_k,
+        cache_type_v=config.cache_type_v,
+        offload_kqv=config.kv_offload,
+        swa_full=config.swa_full,
+    )
 
 
 class Engine:
     """Loads the model and runs generations; knows nothing about HTTP."""
 
     def __init__(self, config: EngineConfig) -> None:
-        for name in (config.cache_type_k, config.cache_type_v):
-            if name not in CACHE_TYPES:
-                raise ValueError(
-                    f"unknown cache type {name!r}: use one of {', '.join(CACHE_TYPES)}"
-                )
-        if config.cache_type_v != "f16" and config.flash_attn == "off":
-            raise ValueError("a quantized V cache needs flash attention (--flash-attn on)")
+        config.validate()  # ConfigError (a ValueError) names the flag at fault
         self.config = config
-        self.model = Model(
-            config.model_path,
-            gpu_layers=config.gpu_layers,
-            use_mmap=config.use_mmap,
-            use_mlock=config.use_mlock,
-        )
+        self.model = Model(config.model_path, model_params(config))
         try:
-            self.ctx = Context(
-                self.model,
-                ContextParams(
-                    n_ctx=config.ctx_size
-                    or min(self.model.info.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX),
-                    n_seq=max(1, config.parallel),
-                    n_batch=config.batch_size,
-                    n_ubatch=config.ubatch_size,
-                    threads=config.threads or default_threads(),
-                    threads_batch=config.threads_batch,
-                    flash_attn=config.flash_attn,
-                    cache_type_k=config.cache_type_k,
-                    cache_type_v=config.cache_type_v,
-                ),
-            )
+            self.ctx = Context(self.model, context_params(config, self.model.info.n_ctx_train))
         except Exception:
             self.model.close()
             raise
         self.template: ChatTemplate = resolve_template(config.chat_template, self.model.info)
+        self.tokenizer = Tokenizer(self.model)
         self.scheduler = Scheduler(
             self.model,
             self.ctx,
-            max(1, config.parallel),
+            config.parallel,
             cache_reuse=config.cache_reuse,
             max_queue=config.max_queue,
             cache_ram=config.cache_ram_mib * 2**20,
+            ctx_checkpoints=config.ctx_checkpoints,
         )
         self.scheduler.start()
 
@@ -99,8 +84,16 @@ class Engine:
     def n_ctx(self) -> int:
         return self.ctx.n_ctx
 
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        return self.model.tokenize(text, add_special=add_special)
+    def tokenize(
+        self,
+        text: str,
+        *,
+        add_special: bool = True,
+        cancel: threading.Event | None = None,
+        limit: int | None = None,
+    ) -> list[int]:
+        """Text to ids in linear time; any thread (see `Tokenizer` for `cancel`/`limit`)."""
+        return self.tokenizer.tokenize(text, add_special=add_special, cancel=cancel, limit=limit)
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.model.detokenize(tokens)
