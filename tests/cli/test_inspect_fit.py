@@ -11,6 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from innkeeper.cli import app
+from innkeeper.models import hub
+from innkeeper.models.gguf_meta import read_gguf_spec
+from innkeeper.models.hardware import Hardware
+from innkeeper.models.spec import ModelSpec
 from innkeeper.models.store import default_model_path
 from tests.models import fakehub
 from tests.models import gguf_factory as factory
@@ -112,7 +116,7 @@ def test_fit_measure_agrees() -> None:
     [
         (["fit", SMOL, "--cache-type", "q3"], "unknown KV cache type"),
         (["fit", SMOL, "--cache-type", "q8_0", "--flash-attn", "off"], "needs flash attention"),
-        (["fit", SMOL, "--flash-attn", "maybe"], "on or off"),
+        (["fit", SMOL, "--flash-attn", "maybe"], "on, off or auto"),
         (["fit", SMOL, "--vram", "lots"], "not a size"),
         (["inspect", "/no/such/file.gguf"], "neither a local file"),
     ],
@@ -154,3 +158,72 @@ def test_fit_hub_repo_marks_largest_that_fits(fake_hub: FakeHub, tmp_path: Path)
     assert code == 0 and "★" in out and "largest that fits" in out
     code, out = run("inspect", "arch/L-GGUF")
     assert code == 0 and "variants" in out and "L-F16" in out
+
+
+# ---- one choice for inspect, fit and pull ------------------------------------------------------
+
+AGREE = "agree/Agree-GGUF"
+
+
+def _agree_repo(hub_: FakeHub, folder: Path) -> dict[str, Path]:
+    """One small real-shaped model at Q4_K_M, Q8_0 and F16 (about 2.5, 4.7 and 8.9 MB)."""
+    files = {
+        "Agree-Q4_K_M.gguf": (factory.Q.Q4_K, 15),
+        "Agree-Q8_0.gguf": (factory.Q.Q8_0, 7),
+        "Agree-F16.gguf": (factory.Q.F16, 1),
+    }
+    paths = {
+        name: factory.write_shape(folder / name, factory.TINY_LLAMA, qtype, ftype)
+        for name, (qtype, ftype) in files.items()
+    }
+    hub_.add_repo(AGREE, {**paths, "README.md": b"# agree"})
+    return paths
+
+
+def _named(target: str, store: Path, *machine: str) -> dict[str, str]:
+    """The file each command names for `target` on the same (pretend) machine."""
+    fit = runner.invoke(app, ["fit", target, *machine, "--json"])
+    assert fit.exit_code in (0, 2), fit.output  # 2: the plan does not fit
+    pulled = runner.invoke(app, ["pull", target, *machine, "--json", "--models-dir", str(store)])
+    assert pulled.exit_code == 0, pulled.output
+    named = {
+        "fit": json.loads(fit.stdout)["selected_file"],
+        "pull": json.loads(pulled.stdout)["files"][0],
+    }
+    if not machine:  # inspect plans for this machine only
+        inspected = runner.invoke(app, ["inspect", target, "--json"])
+        assert inspected.exit_code == 0, inspected.output
+        named["inspect"] = json.loads(inspected.stdout)["selected_file"]
+    return named
+
+
+def _least_ram(spec: ModelSpec, size: int) -> int:
+    """The least RAM (no GPU) on which serve's defaults run a `size`-byte file of `spec`."""
+    lo, hi = 0, 1024**3
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if hub.Machine.for_serve(Hardware(mid, mid)).plan(spec, size).fits:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def test_inspect_fit_and_pull_name_the_same_file(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """Before, `inspect` and `fit` read the smallest variant (Q4_K_M here) while `pull` took the
+    largest that fits (F16 on any test machine): one repo, two answers."""
+    paths = _agree_repo(fake_hub, tmp_path)
+    store = tmp_path / "store"
+    # this machine: a 9 MB model fits, so all three take the least quantized file
+    assert set(_named(AGREE, store).values()) == {"Agree-F16.gguf"}
+    # a machine where the Q8_0 fits and the F16 does not (serve's defaults, as the plan says)
+    spec = read_gguf_spec(paths["Agree-F16.gguf"])
+    q8 = paths["Agree-Q8_0.gguf"].stat().st_size
+    ram = ["--ram", str(_least_ram(spec, q8) + 1024**2), "--vram", "0"]
+    assert set(_named(AGREE, store, *ram).values()) == {"Agree-Q8_0.gguf"}
+    # nothing fits: the stated default
+    tiny = ["--ram", "1KiB", "--vram", "0"]
+    assert set(_named(AGREE, store, *tiny).values()) == {"Agree-Q4_K_M.gguf"}
+    # an explicit quant or file wins over the machine
+    assert set(_named(AGREE + ":q8_0", store, *tiny).values()) == {"Agree-Q8_0.gguf"}
+    assert set(_named(AGREE + "/Agree-Q8_0.gguf", store).values()) == {"Agree-Q8_0.gguf"}

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from innkeeper.models import hub, store
+from innkeeper.models.filenames import filename_hints, missing_shards, quant_label
+from innkeeper.models.hardware import Hardware
 from tests.models import fakehub
 from tests.models.fakehub import FakeHub
 
@@ -16,6 +18,7 @@ fake_hub = fakehub.fake_hub  # fixtures shared with tests/cli/test_pull.py
 hub_sources = fakehub.hub_sources
 
 TINY = "fake/Tiny-GGUF"
+GIB = 1024**3
 
 
 # --- references and names (no server) ----------------------------------------------------------
@@ -58,11 +61,25 @@ def test_parse_ref_rejects(text: str) -> None:
         ("Q4_K_M/Big-Q4_K_M-00001-of-00002.gguf", "Q4_K_M"),
         ("DeepSeek-UD-Q4_K_XL.gguf", "UD-Q4_K_XL"),
         ("ggml-model-f16.gguf", "F16"),
+        ("model-fp16.gguf", "F16"),
         ("Qwen2-7B-Instruct.gguf", None),
     ],
 )
 def test_quant_label(path: str, label: str | None) -> None:
-    assert hub.quant_label(path) == label
+    """One parser for hub variants and local names: a UD- quant or a quant named only by its
+    folder is the same label to `pull` and to `inspect`'s filename hints."""
+    assert quant_label(path) == label
+    assert filename_hints(path.rsplit("/", 1)[-1]).quantization == quant_label(
+        path.rsplit("/", 1)[-1]
+    )
+
+
+def test_missing_shards_names_every_absent_part() -> None:
+    names = ["a/M-Q8_0-00001-of-00003.gguf", "a/M-Q8_0-00003-of-00003.gguf", "b.gguf"]
+    assert missing_shards(names) == ["a/M-Q8_0-00002-of-00003.gguf"]
+    assert missing_shards(["model-00002-of-00002.safetensors"]) == [
+        "model-00001-of-00002.safetensors"
+    ]
 
 
 # --- listing and choosing ----------------------------------------------------------------------
@@ -80,40 +97,63 @@ def test_list_repo_has_sizes_hashes_and_commit(fake_hub: FakeHub) -> None:
 
 
 def test_explicit_quant_is_case_insensitive(fake_hub: FakeHub) -> None:
-    sel = hub.choose_files(hub.list_repo(TINY), quant="q6_k")
+    sel = hub.select(hub.list_repo(TINY), quant="q6_k")
     assert (sel.variant, [f.path for f in sel.files]) == ("Q6_K", ["Tiny-Q6_K.gguf"])
 
 
 def test_unknown_quant_lists_what_exists(fake_hub: FakeHub) -> None:
     with pytest.raises(hub.QuantNotFoundError, match=r"no Q5_K_M file.*Q4_K_M \("):
-        hub.choose_files(hub.list_repo(TINY), quant="Q5_K_M")
+        hub.select(hub.list_repo(TINY), quant="Q5_K_M")
+
+
+def _least_ram(size: int) -> int:
+    """The least RAM on which serve's defaults run a file of `size` (shape estimated)."""
+    lo, hi = 0, 64 * GIB
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if hub.Machine.for_serve(Hardware(mid, mid)).plan(None, size).fits:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def test_auto_picks_largest_that_fits_and_skips_mmproj(fake_hub: FakeHub) -> None:
     listing = hub.list_repo(TINY)
-    seen: list[int] = []
-
-    def fits(nbytes: int) -> bool:
-        seen.append(nbytes)
-        return nbytes <= 450 * 1024  # pretend a machine where Q6_K is the largest that fits
-
-    sel = hub.choose_files(listing, fits=fits)
+    q6 = listing.get("Tiny-Q6_K.gguf")
+    assert q6 is not None
+    ram = _least_ram(q6.size)  # a machine where Q6_K is the largest that fits
+    sel = hub.select(listing, machine=hub.Machine.for_serve(Hardware(ram, ram)))
     assert sel.variant == "Q6_K"
-    assert seen == sorted(seen, reverse=True)  # tried from the largest down
-    assert all("mmproj" not in f.path for v in sel.others for f in v.files)
-    assert hub.choose_files(listing).variant == "F16"  # no predicate: the largest
-    with pytest.raises(hub.NothingFitsError, match=r"smallest: Q2_K"):
-        hub.choose_files(listing, fits=lambda n: False)
+    # these fake GGUFs have no attention shape in their header: the plan estimates it
+    assert "largest that fits" in sel.reason and "estimated" in sel.reason
+    assert [v.label for v in sel.variants] == ["Q2_K", "Q4_K_M", "Q6_K", "Q8_0", "F16"]
+    roomy = hub.Machine.for_serve(Hardware(64 * GIB, 64 * GIB))
+    assert hub.select(listing, machine=roomy).variant == "F16"  # the least quantized
+
+
+def test_auto_falls_back_to_the_default_quant(fake_hub: FakeHub) -> None:
+    listing = hub.list_repo(TINY)
+    unknown = hub.select(listing)  # no machine: its memory is unknown
+    assert (unknown.variant, unknown.reason) == (
+        "Q4_K_M",
+        f"the default {hub.DEFAULT_QUANT}: this machine's memory is unknown",
+    )
+    tiny = hub.select(listing, machine=hub.Machine.for_serve(Hardware(1024, 1024)))
+    assert tiny.variant == "Q4_K_M" and "none fits" in tiny.reason
+    # a repo without Q4_K_M: its smallest complete file
+    broken = hub.select(hub.list_repo("fake/Broken-GGUF"))
+    assert broken.variant == "Q4_0" and "no Q4_K_M" in broken.reason
 
 
 def test_split_gguf_selects_every_shard(fake_hub: FakeHub) -> None:
-    sel = hub.choose_files(hub.list_repo("fake/Split-GGUF"), quant="Q4_K_M")
+    sel = hub.select(hub.list_repo("fake/Split-GGUF"), quant="Q4_K_M")
     assert [f.path for f in sel.files] == [
         "Q4_K_M/Split-Q4_K_M-00001-of-00002.gguf",
         "Q4_K_M/Split-Q4_K_M-00002-of-00002.gguf",
     ]
     assert sel.main_file == sel.files[0].path
-    named = hub.choose_files(
+    named = hub.select(
         hub.list_repo("fake/Split-GGUF"), filename="Q4_K_M/Split-Q4_K_M-00002-of-00002.gguf"
     )
     assert named.files == sel.files  # naming one shard pulls the whole set
@@ -122,12 +162,13 @@ def test_split_gguf_selects_every_shard(fake_hub: FakeHub) -> None:
 def test_missing_shard_in_listing(fake_hub: FakeHub) -> None:
     listing = hub.list_repo("fake/Broken-GGUF")
     with pytest.raises(hub.MissingShardError, match=r"in 3 files but shard\(s\) 2 are missing"):
-        hub.choose_files(listing, quant="Q8_0")
-    assert hub.choose_files(listing).variant == "Q4_0"  # auto skips the broken set
+        hub.select(listing, quant="Q8_0")
+    roomy = hub.Machine.for_serve(Hardware(64 * GIB, 64 * GIB))
+    assert hub.select(listing, machine=roomy).variant == "Q4_0"  # auto skips the broken set
 
 
 def test_safetensors_repo_takes_weights_config_and_tokenizer_only(fake_hub: FakeHub) -> None:
-    sel = hub.choose_files(hub.list_repo("fake/Tiny-Llama"))
+    sel = hub.select(hub.list_repo("fake/Tiny-Llama"))
     assert sel.format == "safetensors"
     assert {f.path for f in sel.files} == {
         "model-00001-of-00002.safetensors",
@@ -139,7 +180,7 @@ def test_safetensors_repo_takes_weights_config_and_tokenizer_only(fake_hub: Fake
         "tokenizer_config.json",
         "special_tokens_map.json",
     }
-    gptq = hub.choose_files(hub.list_repo("fake/Tiny-Llama-GPTQ"))
+    gptq = hub.select(hub.list_repo("fake/Tiny-Llama-GPTQ"))
     assert {f.path for f in gptq.files} == {
         "model.safetensors",
         "config.json",
@@ -148,7 +189,7 @@ def test_safetensors_repo_takes_weights_config_and_tokenizer_only(fake_hub: Fake
         "tokenizer_config.json",
     }
     with pytest.raises(hub.QuantNotFoundError, match="no GGUF files"):
-        hub.choose_files(hub.list_repo("fake/Tiny-Llama"), quant="Q4_K_M")
+        hub.select(hub.list_repo("fake/Tiny-Llama"), quant="Q4_K_M")
 
 
 def test_unknown_repo_is_a_clear_error(fake_hub: FakeHub) -> None:
@@ -168,7 +209,7 @@ def test_unreachable_hub_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def _pull(repo_id: str, root: Path, **kw: str) -> hub.PullResult:
-    return hub.pull(hub.choose_files(hub.list_repo(repo_id), **kw), root, progress=False)
+    return hub.pull(hub.select(hub.list_repo(repo_id), **kw), root, progress=False)
 
 
 def _store_files(root: Path) -> list[str]:
@@ -230,7 +271,7 @@ def test_interrupted_download_resumes_with_only_the_remaining_bytes(
 
 
 def test_bad_partial_is_thrown_away_and_fetched_afresh(fake_hub: FakeHub, tmp_path: Path) -> None:
-    sel = hub.choose_files(hub.list_repo(TINY), quant="Q2_K")
+    sel = hub.select(hub.list_repo(TINY), quant="Q2_K")
     final = store.entry_dir(tmp_path, TINY, "Q2_K") / "Tiny-Q2_K.gguf"
     final.parent.mkdir(parents=True)
     store.partial_path(final, sel.files[0].sha256 or "").write_bytes(b"garbage" * 100)

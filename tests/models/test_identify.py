@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from innkeeper.models import hub
+from innkeeper.models.filenames import filename_hints
+from innkeeper.models.hardware import Hardware
 from innkeeper.models.hf_meta import read_hf_dir
-from innkeeper.models.identify import filename_hints, identify
+from innkeeper.models.identify import identify
 from innkeeper.models.spec import ModelFormatError
 from innkeeper.models.store import default_model_path
 from innkeeper.models.templates_detect import detect_template
@@ -21,6 +24,8 @@ from tests.models.fakehub import FakeHub, add_smollm2
 fake_hub = fakehub.fake_hub  # the pull helper's fake hub fixtures
 hub_sources = fakehub.hub_sources
 SMOL = default_model_path()
+ROOMY = hub.Machine.for_serve(Hardware(64 * 1024**3, 64 * 1024**3))
+NO_MEMORY = hub.Machine.for_serve(Hardware(1024, 1024))  # nothing fits
 
 
 def _safetensors(tensors: dict[str, tuple[str, list[int]]]) -> bytes:
@@ -93,7 +98,8 @@ def test_split_gguf_with_missing_part(tmp_path: Path) -> None:
     assert ident.missing == ["Model-Q8_0-00002-of-00003.gguf"]
     folder = identify(tmp_path)
     assert folder.format == "gguf" and not folder.complete
-    assert folder.variants[0].files[0].endswith("00001-of-00003.gguf")
+    assert folder.variants[0].main_file.endswith("00001-of-00003.gguf")
+    assert folder.missing == ["Model-Q8_0-00002-of-00003.gguf"]
 
 
 def test_hf_folder(tmp_path: Path) -> None:
@@ -270,14 +276,51 @@ def test_hub_gguf_repo_reads_headers_only(fake_hub: FakeHub, tmp_path: Path) -> 
 
 def test_hub_variants_and_quant_choice(fake_hub: FakeHub, tmp_path: Path) -> None:
     repo = _add_arch_repo(fake_hub, tmp_path)
-    ident = identify(repo + ":F16")
+    ident = identify(repo + ":F16", NO_MEMORY)  # an explicit quant wins over the machine
     assert [v.quantization for v in ident.variants] == ["Q8_0", "F16"]
     assert ident.selected == "Tiny-F16" and ident.quantization == "F16"
+    assert ident.choice == "F16 asked for"
+    named = identify(repo + "/Tiny-F16.gguf", NO_MEMORY)
+    assert (named.selected_file, named.quantization) == ("Tiny-F16.gguf", "F16")
     with pytest.raises(ModelFormatError, match="no Q2_K file"):
         identify(repo + ":Q2_K")
+    with pytest.raises(ModelFormatError, match=r"no GGUF file 'README\.md'"):
+        identify(repo + "/README.md")
 
 
-def test_hub_missing_shard_and_errors(fake_hub: FakeHub) -> None:
+def test_hub_repo_is_read_at_the_file_pull_picks(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """Before, `inspect` read the smallest variant while `pull` took the largest that fits."""
+    repo = _add_arch_repo(fake_hub, tmp_path)
+    ident = identify(repo, ROOMY)
+    assert (ident.selected_file, ident.quantization) == ("Tiny-F16.gguf", "F16")
+    assert ident.choice is not None and ident.choice.startswith("the largest that fits")
+    assert hub.select(hub.list_repo(repo), machine=ROOMY).main_file == ident.selected_file
+    tiny = identify(repo, NO_MEMORY)
+    assert tiny.selected_file == "Tiny-Q8_0.gguf"  # no Q4_K_M in the repo: the smallest
+    assert tiny.choice is not None and "none fits" in tiny.choice
+
+
+def test_folder_of_variants_uses_the_same_choice(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    factory.write_shape(folder / "Tiny-Q8_0.gguf", factory.TINY_LLAMA)
+    factory.write_shape(folder / "Tiny-F16.gguf", factory.TINY_LLAMA, factory.Q.F16, 1)
+    factory.write_shape(folder / "Tiny-Q4_K_M.gguf", factory.TINY_LLAMA, factory.Q.Q4_K, 15)
+    assert identify(folder, ROOMY).selected_file == "Tiny-F16.gguf"
+    small = identify(folder, NO_MEMORY)
+    assert (small.selected_file, small.quantization) == ("Tiny-Q4_K_M.gguf", "Q4_K_M")
+
+
+def test_hub_missing_shard_and_errors(fake_hub: FakeHub, tmp_path: Path) -> None:
+    part = factory.write_shape(tmp_path / "B-Q8_0-00001-of-00003.gguf", factory.TINY_LLAMA)
+    q4 = factory.write_shape(tmp_path / "B-Q4_0.gguf", factory.TINY_LLAMA, factory.Q.Q4_0, 2)
+    names = ("B-Q8_0-00001-of-00003.gguf", "B-Q8_0-00003-of-00003.gguf", "B-Q4_0.gguf")
+    fake_hub.add_repo("arch/Broken-GGUF", dict(zip(names, (part, part, q4), strict=True)))
+    broken = identify("arch/Broken-GGUF", ROOMY)
+    assert broken.selected == "B-Q4_0" and broken.complete  # the broken Q8_0 is skipped
+    assert broken.warnings == ["B-Q8_0 lacks shard(s) 2 in the repo"]
+    asked = identify("arch/Broken-GGUF:Q8_0")  # asked for: inspect says what is missing
+    assert asked.missing == ["B-Q8_0-00002-of-00003.gguf"] and not asked.complete
     with pytest.raises(ModelFormatError, match="not found"):
         identify("nobody/Nothing-Here")
     with pytest.raises(ModelFormatError, match=r"gated|HF_TOKEN|401|403"):

@@ -10,16 +10,7 @@ from rich.table import Table
 from innkeeper.cli.app import app, console, fail
 from innkeeper.models.hardware import format_size
 from innkeeper.models.identify import Identification, identify
-from innkeeper.models.spec import ModelFormatError
-
-
-def _params(n: int | None) -> str:
-    if not n:
-        return "?"
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
+from innkeeper.models.spec import ModelFormatError, format_params
 
 
 def render_identification(ident: Identification) -> None:
@@ -40,7 +31,7 @@ def render_identification(ident: Identification) -> None:
             "architecture",
             s.architecture + (f", MoE {s.n_expert_used}/{s.n_expert} experts" if s.is_moe else ""),
         )
-        table.add_row("parameters", _params(s.parameters))
+        table.add_row("parameters", format_params(s.parameters))
         kv = d["kv_heads"]
         kv_text = f"{min(kv)}-{max(kv)} (per layer)" if isinstance(kv, list) else str(kv)
         attn = f"{s.n_layer} layers, {s.n_head} heads, {kv_text} KV heads, head dim {s.head_dim_k}"
@@ -61,8 +52,15 @@ def render_identification(ident: Identification) -> None:
         table.add_row("vocabulary", f"{s.n_vocab:,} tokens")
         table.add_row("weights", format_size(s.weight_bytes))
         tpl = s.chat_template_name or (
-            "custom (unrecognised)" if s.chat_template else "none in the file"
+            "custom (unrecognised)" if s.chat_template else "[yellow]none in the file[/]"
         )
+        if not s.chat_template:
+            fallback = d["chat_template_fallback"]
+            tpl += (
+                f", serve uses {fallback} (from the {s.architecture} architecture)"
+                if fallback != "alpaca"
+                else ", serve uses alpaca"
+            ) + " unless --chat-template says otherwise"
         table.add_row("chat template", tpl)
     hints = ident.hints
     hint_bits = [
@@ -96,8 +94,10 @@ def render_identification(ident: Identification) -> None:
         for v in ident.variants:
             mark = " [dim](inspected)[/]" if v.name == ident.selected else ""
             parts = f" [dim]({len(v.files)} parts)[/]" if len(v.files) > 1 else ""
-            vt.add_row(v.name + parts + mark, v.quantization or "?", format_size(v.size_bytes))
+            vt.add_row(v.name + parts + mark, v.quantization or "?", format_size(v.size))
         console.print(vt)
+        if ident.choice:
+            console.print(f"inspected {ident.selected_file}: {ident.choice}", highlight=False)
     for w in ident.warnings:
         console.print(f"[yellow]warning:[/] {w}")
 

@@ -9,52 +9,7 @@ import typer
 
 from innkeeper.cli.app import app, console, err_console, fail
 from innkeeper.models import hub, store
-from innkeeper.models.hardware import format_size, hardware_with_overrides
-from innkeeper.models.spec import ModelSpec
-
-
-def fit_check(
-    listing: hub.RepoListing, ctx_size: int, ram: str | None, vram: str | None
-) -> tuple[hub.FitCheck, str]:
-    """A predicate `weights bytes -> fits this machine?`, and a line saying what it compared.
-
-    Uses the memory plan: weights + KV cache (f16) + compute buffers for `ctx_size`, placed
-    on the GPUs and in RAM. The architecture comes from the largest GGUF's header, read by
-    range requests (no weights); it is the same for every quantization, only the weight bytes
-    change. An unreadable header leaves the plan to estimate the shape from the file size.
-    """
-    from innkeeper.models.memory import plan_for_files
-
-    try:
-        hw = hardware_with_overrides(vram=vram, ram=ram)
-    except ValueError as exc:
-        raise hub.HubError(str(exc)) from exc
-    spec = _remote_spec(listing)
-
-    def fits(nbytes: int) -> bool:
-        return plan_for_files(spec, nbytes, ctx_size, "f16", False, hw).fits
-
-    where = f"{format_size(hw.ram_available_bytes)} RAM"
-    if hw.gpus:
-        where += f" + {format_size(sum(g.free_bytes for g in hw.gpus))} VRAM"
-    how = f"memory plan for --ctx-size {ctx_size} on {where}"
-    return fits, how if spec is not None else how + ", model shape estimated from size"
-
-
-def _remote_spec(listing: hub.RepoListing) -> ModelSpec | None:
-    """The spec of the repo's largest complete GGUF, from its header alone; None if unreadable."""
-    from innkeeper.models.gguf_meta import read_source_spec
-    from innkeeper.models.sources import HubSource
-
-    variants = [v for v in hub.gguf_variants(listing) if not v.missing_shards]
-    if not variants:
-        return None
-    first = variants[0].files[0]
-    try:
-        src = HubSource(listing.repo_id, first.path, revision=listing.revision, size=first.size)
-        return read_source_spec(src)
-    except Exception:  # a hostile or odd header must not stop the pull: the plan estimates
-        return None
+from innkeeper.models.hardware import hardware_with_overrides
 
 
 @app.command()
@@ -65,10 +20,17 @@ def pull(
         show_default=False,
     ),
     quant: str | None = typer.Option(
-        None, "--quant", "-q", help="GGUF quantization to pull (default: largest that fits)"
+        None,
+        "--quant",
+        "-q",
+        help=f"GGUF quantization to pull (default: the largest that fits, else {hub.DEFAULT_QUANT})",
     ),
-    ctx_size: int = typer.Option(
-        4096, "--ctx-size", "-c", min=256, help="context the model must fit with, for the choice"
+    ctx_size: int | None = typer.Option(
+        None,
+        "--ctx-size",
+        "-c",
+        min=256,
+        help="context the model must fit with, for the choice (default: serve's smallest, 2048)",
     ),
     ram: str | None = typer.Option(None, "--ram", help="pretend this much RAM (e.g. 32GiB)"),
     vram: str | None = typer.Option(None, "--vram", help="pretend this much VRAM (e.g. 12GiB)"),
@@ -91,19 +53,22 @@ def pull(
     root = models_dir.expanduser() if models_dir is not None else store.models_dir()
     say = err_console if json_out else console
     try:
+        hardware = hardware_with_overrides(vram=vram, ram=ram)
+    except ValueError as exc:
+        fail(str(exc))
+    try:
         listing = hub.list_repo(parsed.repo_id, parsed.revision)
-        fits = None
-        if wanted is None and parsed.filename is None and hub.gguf_variants(listing):
-            fits, how = fit_check(listing, ctx_size, ram, vram)
-            say.print(f"choosing the largest quantization that fits ({how})", highlight=False)
-        sel = hub.choose_files(listing, quant=wanted, filename=parsed.filename, fits=fits)
+        machine = hub.Machine.for_serve(hardware, ctx_size)
+        sel = hub.select(listing, quant=wanted, filename=parsed.filename, machine=machine)
+        if wanted is None and parsed.filename is None and sel.format == "gguf":
+            say.print(f"chose {sel.variant}: {sel.reason}", highlight=False)
         say.print(
             f"pulling {sel.repo_id} [bold]{sel.variant}[/] ({len(sel.files)} file(s),"
             f" {hub.format_bytes(sel.size)}) into {root}",
             highlight=False,
         )
 
-        def on_file(n: int, total: int, f: hub.HubFile) -> None:
+        def on_file(n: int, total: int, f: hub.RepoFile) -> None:
             if not json_out:
                 say.print(f"[{n}/{total}] {f.path} ({hub.format_bytes(f.size)})", highlight=False)
 

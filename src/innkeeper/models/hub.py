@@ -1,4 +1,12 @@
-"""The Hugging Face hub: parse a model reference, list a repo, choose its files, download, verify.
+"""The Hugging Face hub, in one module: parse a reference, list a repo, group its GGUF files into
+variants, choose one, read headers by range requests, download, verify.
+
+One module because `inspect`, `fit` and `pull` must agree about a repo: all three list it with
+`list_repo` (one request, no retries), group it with `gguf_variants` (one `Variant` type, names
+read by `filenames`, the one quantization parser) and pick with `choose` (one policy: a named
+file or quant wins, else the largest that fits this machine by the memory plan with serve's
+settings, else `DEFAULT_QUANT`). `sources.py` keeps the ByteSource interface and local files;
+`HubSource`, the hub's ByteSource, is here, on the hub's session, error sentences and timeout.
 
 Every request goes through `huggingface_hub` (HfApi for the listing, its HEAD metadata call and
 its `http_get` streamer for the bytes), so HF_ENDPOINT, HF_TOKEN, proxies and the hub's error
@@ -15,16 +23,30 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from innkeeper.models import store
+from innkeeper.models.filenames import (
+    missing_shards,
+    normalize_quant,
+    quant_label,
+    shard_of,
+    unsharded,
+)
+from innkeeper.models.spec import ModelFormatError, ModelSpec
+
+if TYPE_CHECKING:
+    from innkeeper.models.hardware import Hardware
+    from innkeeper.models.memory import MemoryPlan, MemorySettings
 
 HUB_WEB = "https://huggingface.co"
 
@@ -33,14 +55,6 @@ _PART_RE = re.compile(rf"^{_PART}$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _URL_PREFIXES = ("https://huggingface.co/", "http://huggingface.co/", "huggingface.co/", "hf.co/")
 _URL_PREFIXES += ("https://hf.co/", "hf://")
-
-# GGUF quantization labels as they appear in file names: Q4_K_M, IQ3_XXS, Q8_0, UD-Q4_K_XL, BF16...
-_QUANT_RE = re.compile(
-    r"(?<![A-Za-z0-9])((?:UD-)?(?:I?Q[1-8](?:_[0-9A-Z]{1,3})*|TQ[12]_0|MXFP4(?:_MOE)?"
-    r"|BF16|F16|F32|FP16|FP32))(?![A-Za-z0-9])",
-    re.IGNORECASE,
-)
-_SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 
 # Files a transformers-style model needs besides its weights (top level of the repo only).
 SUPPORT_FILES = frozenset(
@@ -66,8 +80,22 @@ SUPPORT_FILES = frozenset(
 )
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
-FitCheck = Callable[[int], bool]
-"""Whether weights of this many bytes fit this machine (wired to the memory plan by the CLI)."""
+METADATA_TIMEOUT_S = 10.0
+"""Seconds a metadata request (listing, header ranges) may wait to connect or for data.
+
+huggingface_hub's client has no timeout at all, so an unroutable hub would hang `inspect` or
+`pull` forever. Metadata answers are small; a refused or unresolvable hub fails at once.
+"""
+
+JSON_LIMIT_BYTES = 16 * 1024**2
+"""The largest config/tokenizer JSON `read_json` fetches (real ones are well under 1 MiB)."""
+
+DEFAULT_QUANT = "Q4_K_M"
+"""What the automatic choice takes when nothing fits, or this machine's memory is unknown.
+
+The 4-bit K-quant llama.cpp's docs, Ollama and most GGUF repos treat as the default: the
+smallest file most people accept the quality of. A repo without one gets its smallest file.
+"""
 
 
 class HubError(Exception):
@@ -83,11 +111,7 @@ class HubAccessError(HubError):
 
 
 class QuantNotFoundError(HubError):
-    """No file in the repo matches the quantization asked for."""
-
-
-class NothingFitsError(HubError):
-    """No quantization of the repo fits this machine."""
+    """No file in the repo matches the quantization or file name asked for."""
 
 
 class MissingShardError(HubError):
@@ -148,21 +172,12 @@ def parse_ref(text: str) -> HubRef:
     return HubRef(repo_id=f"{owner}/{name}", quant=quant, filename=filename, revision=revision)
 
 
-def quant_label(path: str) -> str | None:
-    """The quantization a GGUF file name announces (upper case), from its name, then folders."""
-    for part in reversed(path.split("/")):
-        found = _QUANT_RE.findall(part.removesuffix(".gguf"))
-        if found:
-            return found[-1].upper()
-    return None
-
-
 # --- listing ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class HubFile:
-    """One file of a repo: its path, size and the hashes the hub publishes for it."""
+class RepoFile:
+    """One file of a repo (or of a local model folder): its path, size and published hashes."""
 
     path: str
     size: int
@@ -176,10 +191,10 @@ class RepoListing:
 
     repo_id: str
     revision: str
-    files: tuple[HubFile, ...]
+    files: tuple[RepoFile, ...]
     gated: bool | str = False
 
-    def get(self, path: str) -> HubFile | None:
+    def get(self, path: str) -> RepoFile | None:
         for f in self.files:
             if f.path == path:
                 return f
@@ -250,15 +265,20 @@ def hub_errors(repo_id: str, *, has_token: bool) -> Iterator[None]:
 
 
 def list_repo(repo_id: str, revision: str | None = None) -> RepoListing:
-    """Every file of a repo with size and LFS sha256, in one `model_info(files_metadata=True)`."""
+    """Every file of a repo with size and LFS sha256, in one `model_info(files_metadata=True)`.
+
+    One request, no retries: `inspect`, `fit` and `pull` all list through here, so an
+    unreachable hub fails them at once with the same message (`list_repo_tree` would retry
+    for ~24 s first).
+    """
     from huggingface_hub import HfApi
 
     tok = token()
     with hub_errors(repo_id, has_token=tok is not None):
         info = HfApi(endpoint=endpoint(), token=tok).model_info(
-            repo_id, revision=revision, files_metadata=True
+            repo_id, revision=revision, files_metadata=True, timeout=METADATA_TIMEOUT_S
         )
-    files: list[HubFile] = []
+    files: list[RepoFile] = []
     for sib in info.siblings or []:
         lfs = sib.lfs
         sha = None
@@ -267,79 +287,193 @@ def list_repo(repo_id: str, revision: str | None = None) -> RepoListing:
         size = sib.size
         if size is None and lfs is not None:
             size = lfs.get("size") if isinstance(lfs, dict) else getattr(lfs, "size", None)
-        files.append(HubFile(sib.rfilename, int(size or 0), sha, sib.blob_id))
+        files.append(RepoFile(sib.rfilename, int(size or 0), sha, sib.blob_id))
     if not info.sha:
         raise HubError(f"{repo_id}: the hub did not say which commit it listed")
     return RepoListing(repo_id, info.sha, tuple(files), gated=info.gated or False)
 
 
-# --- choosing files -----------------------------------------------------------------------------
+# --- reading headers without downloading ---------------------------------------------------------
+
+
+class HubSource:
+    """A file in a hub repo as a ByteSource, read in ranges with huggingface_hub's HTTP session.
+
+    `size` comes from the listing when the caller has it; otherwise the first range response's
+    `Content-Range` header tells it.
+    """
+
+    def __init__(
+        self, repo_id: str, filename: str, *, revision: str | None = None, size: int | None = None
+    ) -> None:
+        from huggingface_hub import hf_hub_url
+
+        self.name = f"{repo_id}/{filename}"
+        self.repo_id = repo_id
+        self.url = hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint())
+        self.size = size if size is not None else -1
+        self.requests = 0
+        if self.size < 0:
+            self._fetch(0, 1)
+
+    def _fetch(self, offset: int, length: int) -> bytes:
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        tok = token()
+        headers = build_hf_headers(token=tok)
+        headers["Range"] = f"bytes={offset}-{offset + length - 1}"
+        headers["Accept-Encoding"] = "identity"
+        self.requests += 1
+        try:
+            # The same error sentences and the same timeout as the listing (and `pull`).
+            with (
+                hub_errors(self.repo_id, has_token=tok is not None),
+                get_session().stream(
+                    "GET", self.url, headers=headers, timeout=METADATA_TIMEOUT_S
+                ) as response,
+            ):
+                hf_raise_for_status(response)
+                status = response.status_code
+                content_range = response.headers.get("Content-Range", "")
+                content_length = response.headers.get("Content-Length", "")
+                body = bytearray()
+                # A server that ignores Range sends the whole file: stop reading once the asked
+                # bytes are in, so a weights file is never downloaded by accident.
+                wanted = length if status == 206 else offset + length
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) >= wanted:
+                        break
+        except HubError as exc:
+            raise ModelFormatError(f"could not read {self.name} from the hub: {exc}") from exc
+        except Exception as exc:  # anything else the HTTP stack raises: still one clear line
+            reason = str(exc).strip().splitlines()
+            text = reason[0] if reason else type(exc).__name__
+            raise ModelFormatError(f"could not read {self.name} from the hub: {text}") from exc
+        if status == 206 and "/" in content_range:
+            total = content_range.rsplit("/", 1)[1].strip()
+            if total.isdigit():
+                self.size = int(total)
+        elif status == 200:
+            if content_length.isdigit():
+                self.size = int(content_length)
+            body = body[offset:]
+        return bytes(body[:length])
+
+    def read(self, offset: int, length: int) -> bytes:
+        if length <= 0 or (self.size >= 0 and offset >= self.size):
+            return b""
+        if self.size >= 0:
+            length = min(length, self.size - offset)
+        return self._fetch(offset, length)
+
+    def close(self) -> None:
+        """Nothing to release: the session is huggingface_hub's shared one."""
+
+    def __enter__(self) -> HubSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def source(listing: RepoListing, f: RepoFile) -> HubSource:
+    """A file of the listing, read at the listed commit (the size is known: no extra request)."""
+    return HubSource(listing.repo_id, f.path, revision=listing.revision, size=f.size)
+
+
+def read_spec(listing: RepoListing, variant: Variant) -> ModelSpec:
+    """The ModelSpec of a GGUF variant from its headers alone (every shard's tensor table)."""
+    from innkeeper.models.gguf_meta import merge_split, read_header, spec_from_header
+
+    first = source(listing, variant.files[0])
+    spec = spec_from_header(read_header(first), first.name)
+    if len(variant.files) > 1:
+        spec = merge_split(spec, [read_header(source(listing, f)) for f in variant.files[1:]])
+    return spec
+
+
+def read_json(listing: RepoListing, path: str) -> dict[str, Any]:
+    """A small JSON object from the repo (config.json, tokenizer_config.json…)."""
+    f = listing.get(path)
+    if f is None:
+        raise ModelFormatError(f"{listing.repo_id} has no {path}")
+    if f.size > JSON_LIMIT_BYTES:
+        raise ModelFormatError(f"{listing.repo_id}/{path} is too large to be a config file")
+    try:
+        data = json.loads(source(listing, f).read(0, f.size) or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"{listing.repo_id}/{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{listing.repo_id}/{path} should be a JSON object")
+    return data
+
+
+# --- variants -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One GGUF quantization of a repo: one file, or every shard of a split file."""
+    """One GGUF quantization of a repo or folder: one file, or every shard of a split file."""
 
-    label: str
-    files: tuple[HubFile, ...]
+    name: str  # the file name without shard suffix and .gguf: "Model-Q4_K_M"
+    quantization: str | None  # what the name says (filenames.quant_label), None if nothing
+    files: tuple[RepoFile, ...]
     missing_shards: tuple[int, ...] = ()
     shard_total: int = 1
 
     @property
-    def size(self) -> int:
-        return sum(f.size for f in self.files)
-
-
-@dataclass(frozen=True)
-class Selection:
-    """What a pull will fetch: the files, and which one a loader opens."""
-
-    repo_id: str
-    revision: str
-    variant: str
-    format: str
-    files: tuple[HubFile, ...]
-    main_file: str
-    others: tuple[Variant, ...] = field(default=(), compare=False)
+    def label(self) -> str:
+        """The quantization, else the name: what `repo:QUANT` matches and the store names."""
+        return self.quantization or self.name
 
     @property
     def size(self) -> int:
         return sum(f.size for f in self.files)
 
+    @property
+    def main_file(self) -> str:
+        """The file a loader opens: the first shard (it holds the metadata)."""
+        return self.files[0].path
 
-def gguf_variants(listing: RepoListing) -> list[Variant]:
-    """Group a repo's GGUF files by quantization; shards of one split file stay together.
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "files": [f.path for f in self.files],
+            "size_bytes": self.size,
+            "quantization": self.quantization,
+        }
+
+
+def gguf_variants(files: Sequence[RepoFile]) -> list[Variant]:
+    """Group GGUF files by quantization, smallest first; shards of one split file stay together.
 
     Vision projectors (`mmproj`) and importance matrices are not model weights and are left out.
     """
-    groups: dict[tuple[str, str], list[HubFile]] = {}
-    totals: dict[tuple[str, str], int] = {}
-    for f in listing.files:
+    groups: dict[str, list[RepoFile]] = {}
+    for f in files:
         base = f.path.rsplit("/", 1)[-1].lower()
         if not base.endswith(".gguf") or "mmproj" in base or "imatrix" in base:
             continue
-        split = _SPLIT_RE.search(f.path)
-        stem = f.path[: split.start()] if split else f.path.removesuffix(".gguf")
-        label = quant_label(f.path) or stem.rsplit("/", 1)[-1]
-        key = (label, stem)
-        groups.setdefault(key, []).append(f)
-        totals[key] = int(split.group(2)) if split else 1
+        groups.setdefault(unsharded(f.path), []).append(f)
     variants = []
-    for key, files in groups.items():
-        total = totals[key]
-        have = {int(m.group(1)) for f in files if (m := _SPLIT_RE.search(f.path))}
+    for stem_path, members in groups.items():
+        ordered = tuple(sorted(members, key=lambda f: f.path))
+        shards = [s for f in ordered if (s := shard_of(f.path))]
+        total = max((of for _, of in shards), default=1)
+        have = {part for part, _ in shards}
         missing = tuple(i for i in range(1, total + 1) if i not in have) if total > 1 else ()
-        ordered = tuple(sorted(files, key=lambda f: f.path))
-        variants.append(Variant(key[0], ordered, missing, total))
-    variants.sort(key=lambda v: v.size, reverse=True)
+        name = stem_path.rsplit("/", 1)[-1][: -len(".gguf")]
+        variants.append(Variant(name, quant_label(stem_path), ordered, missing, total))
+    variants.sort(key=lambda v: (v.size, v.name))
     return variants
 
 
-def _check_shards(repo_id: str, variant: Variant) -> None:
+def _check_shards(where: str, variant: Variant) -> None:
     if variant.missing_shards:
         shards = ", ".join(str(i) for i in variant.missing_shards)
         raise MissingShardError(
-            f"{repo_id}: {variant.label} is split in {variant.shard_total} files but shard(s)"
+            f"{where}: {variant.label} is split in {variant.shard_total} files but shard(s)"
             f" {shards} are missing from the repo; pick another quantization"
         )
 
@@ -348,48 +482,206 @@ def _describe(variants: Sequence[Variant]) -> str:
     return ", ".join(f"{v.label} ({format_bytes(v.size)})" for v in variants)
 
 
-def _gguf_selection(listing: RepoListing, variant: Variant, variants: list[Variant]) -> Selection:
-    _check_shards(listing.repo_id, variant)
-    return Selection(
-        repo_id=listing.repo_id,
-        revision=listing.revision,
-        variant=variant.label,
-        format="gguf",
-        files=variant.files,
-        main_file=variant.files[0].path,
-        others=tuple(variants),
-    )
+def _match_quant(where: str, quant: str, variants: Sequence[Variant]) -> Variant:
+    wanted = normalize_quant(quant)
+    exact = [v for v in variants if v.label.upper() == wanted]
+    if not exact:
+        exact = [v for v in variants if v.label.upper().removeprefix("UD-") == wanted]
+    if len(exact) == 1:
+        return exact[0]
+    if len(exact) > 1:
+        names = ", ".join(v.main_file for v in exact)
+        raise QuantNotFoundError(
+            f"{where}: several files are {quant} ({names}); name one as {where}/FILE"
+        )
+    raise QuantNotFoundError(f"{where} has no {quant} file; it has: {_describe(variants)}")
 
 
-def choose_files(
+# --- the choice ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the automatic choice plans for: memory settings on some hardware.
+
+    `ctx_size` None is serve's smallest automatic context (2048, or the trained context if
+    smaller): a file fits when `serve`, which lowers the context down to that floor to fit,
+    would run it without swapping.
+    """
+
+    hardware: Hardware
+    settings: MemorySettings
+    ctx_size: int | None = None
+    gpu_layers: int | None = None
+
+    @classmethod
+    def for_serve(cls, hardware: Hardware, ctx_size: int | None = None) -> Machine:
+        """`serve`'s defaults (EngineConfig: 4 slots sharing one f16 KV cache, flash attention
+        auto…) on `hardware`, mapped by the same function `serve` plans with."""
+        from innkeeper.engine.config import EngineConfig
+        from innkeeper.models.memory import memory_settings
+
+        return cls(hardware, memory_settings(EngineConfig(model_path=Path())), ctx_size)
+
+    def context(self, spec: ModelSpec | None) -> int:
+        from innkeeper.models.memory import default_ctx_candidates
+
+        if self.ctx_size:
+            return self.ctx_size
+        return default_ctx_candidates(spec.context_length if spec else 0)[-1]
+
+    def plan(self, spec: ModelSpec | None, file_bytes: int) -> MemoryPlan:
+        """The plan for a file of this size; `spec` is any quantization of the same model."""
+        from innkeeper.models.memory import plan_for_files
+
+        settings = replace(self.settings, ctx_size=self.context(spec))
+        return plan_for_files(spec, file_bytes, settings, self.hardware, self.gpu_layers)
+
+    def describe(self, spec: ModelSpec | None) -> str:
+        from innkeeper.models.hardware import format_size
+
+        s, hw = self.settings, self.hardware
+        where = f"{format_size(hw.ram_available_bytes)} RAM"
+        if hw.gpus:
+            where += f" + {format_size(sum(g.free_bytes for g in hw.gpus))} VRAM"
+        text = (
+            f"memory plan at context {self.context(spec)}, {s.parallel} slot(s),"
+            f" KV {s.cache_type_k}/{s.type_v}, on {where}"
+        )
+        return text if spec is not None else text + ", model shape estimated from its size"
+
+
+def detected_machine() -> Machine | None:
+    """`serve`'s defaults on this machine; None when its memory cannot be read (unknown)."""
+    from innkeeper.models.hardware import detect_hardware
+
+    try:
+        hw = detect_hardware()
+    except Exception:  # psutil's errors differ by platform; unknown memory is not a failure
+        return None
+    return Machine.for_serve(hw)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The variant picked, why (one line for the user), and its header if the choice read it."""
+
+    variant: Variant
+    reason: str
+    spec: ModelSpec | None = field(default=None, compare=False)
+
+
+def _fallback(pool: Sequence[Variant]) -> tuple[Variant, str]:
+    for v in pool:
+        if v.label.upper() == DEFAULT_QUANT:
+            return v, f"the default {DEFAULT_QUANT}"
+    for v in pool:
+        if v.label.upper().removeprefix("UD-") == DEFAULT_QUANT:
+            return v, f"the default {DEFAULT_QUANT}"
+    return pool[0], f"the smallest file (there is no {DEFAULT_QUANT})"
+
+
+def choose(
+    variants: Sequence[Variant],
+    *,
+    where: str,
+    quant: str | None = None,
+    filename: str | None = None,
+    machine: Machine | None = None,
+    read_spec: Callable[[Variant], ModelSpec] | None = None,
+) -> Choice:
+    """Which GGUF variant `inspect`, `fit` and `pull` mean: the one policy for all three.
+
+    A named file (`repo/file.gguf`) or quant (`repo:QUANT`) always wins. Otherwise the complete
+    variants are planned from the largest (least quantized) down and the first that fits
+    `machine` wins; none fitting, or no machine (memory unknown), gives `DEFAULT_QUANT`. The
+    model's shape comes from the largest variant's header (`read_spec`); an unreadable one
+    leaves the plan to estimate it from the file sizes. Incomplete variants are chosen only
+    when there is nothing else (`inspect` then says what is missing; `pull` refuses them).
+    """
+    if not variants:
+        raise QuantNotFoundError(f"{where} has no GGUF files")
+    if filename is not None:
+        for v in variants:
+            if any(f.path == filename for f in v.files):
+                return Choice(v, f"{filename} named")
+        raise QuantNotFoundError(f"{where} has no GGUF file {filename!r}")
+    if quant is not None:
+        return Choice(_match_quant(where, quant, variants), f"{normalize_quant(quant)} asked for")
+    pool = [v for v in variants if not v.missing_shards] or list(variants)
+    fallback, fallback_why = _fallback(pool)
+    if machine is None:
+        return Choice(fallback, f"{fallback_why}: this machine's memory is unknown")
+    probe = pool[-1]
+    spec = None
+    if read_spec is not None:
+        with contextlib.suppress(ModelFormatError, HubError, OSError):
+            spec = read_spec(probe)
+    if spec is not None and not (spec.n_layer and spec.n_vocab):
+        spec = None  # nothing to plan with: estimate from the sizes
+    for v in reversed(pool):
+        if machine.plan(spec, v.size).fits:
+            reason = f"the largest that fits ({machine.describe(spec)})"
+            return Choice(v, reason, spec if v is probe else None)
+    reason = f"{fallback_why}: none fits ({machine.describe(spec)})"
+    return Choice(fallback, reason, spec if fallback is probe else None)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a pull will fetch: the files, which one a loader opens, and why."""
+
+    repo_id: str
+    revision: str
+    variant: str
+    format: str
+    files: tuple[RepoFile, ...]
+    main_file: str
+    reason: str = ""
+    variants: tuple[Variant, ...] = field(default=(), compare=False)
+    spec: ModelSpec | None = field(default=None, compare=False)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def select(
     listing: RepoListing,
     *,
     quant: str | None = None,
     filename: str | None = None,
-    fits: FitCheck | None = None,
+    machine: Machine | None = None,
 ) -> Selection:
-    """Pick what to download: the named file, the named quant, or the largest quant that fits.
-
-    Without a quant, variants are tried from the largest (least quantized) down and the first
-    that `fits` accepts wins; without `fits`, the largest is taken.
-    """
-    variants = gguf_variants(listing)
+    """What `pull` downloads: `choose`'s variant (whole, every shard), a single named file, or
+    a transformers model's weights with its config and tokenizer."""
+    variants = gguf_variants(listing.files)
     if filename is not None:
-        return _select_file(listing, filename, variants)
+        named = _named_file(listing, filename)
+        filename = named.path
+        if not any(f.path == filename for v in variants for f in v.files):
+            return _select_file(listing, named)
     if variants:
-        if quant is not None:
-            chosen = _match_quant(listing.repo_id, quant, variants)
-            return _gguf_selection(listing, chosen, variants)
-        complete = [v for v in variants if not v.missing_shards]
-        if not complete:
-            _check_shards(listing.repo_id, variants[0])
-        for variant in complete:
-            if fits is None or fits(variant.size):
-                return _gguf_selection(listing, variant, variants)
-        smallest = complete[-1]
-        raise NothingFitsError(
-            f"no quantization of {listing.repo_id} fits this machine (smallest: {smallest.label},"
-            f" {format_bytes(smallest.size)}); pass --quant to pull one anyway"
+        choice = choose(
+            variants,
+            where=listing.repo_id,
+            quant=quant,
+            filename=filename,
+            machine=machine,
+            read_spec=lambda v: read_spec(listing, v),
+        )
+        chosen = choice.variant
+        _check_shards(listing.repo_id, chosen)
+        return Selection(
+            repo_id=listing.repo_id,
+            revision=listing.revision,
+            variant=chosen.label,
+            format="gguf",
+            files=chosen.files,
+            main_file=chosen.main_file,
+            reason=choice.reason,
+            variants=tuple(variants),
+            spec=choice.spec,
         )
     if quant is not None:
         raise QuantNotFoundError(
@@ -399,32 +691,19 @@ def choose_files(
     return _select_transformers(listing)
 
 
-def _match_quant(repo_id: str, quant: str, variants: list[Variant]) -> Variant:
-    wanted = quant.upper()
-    exact = [v for v in variants if v.label.upper() == wanted]
-    if not exact:
-        exact = [v for v in variants if v.label.upper().removeprefix("UD-") == wanted]
-    if len(exact) == 1:
-        return exact[0]
-    if len(exact) > 1:
-        names = ", ".join(v.files[0].path for v in exact)
-        raise QuantNotFoundError(
-            f"{repo_id}: several files are {quant} ({names}); name one as {repo_id}/FILE"
-        )
-    raise QuantNotFoundError(f"{repo_id} has no {quant} file; it has: {_describe(variants)}")
-
-
-def _select_file(listing: RepoListing, filename: str, variants: list[Variant]) -> Selection:
-    """A file named by path: for a shard of a split GGUF, the whole set."""
-    for variant in variants:
-        if any(f.path == filename for f in variant.files):
-            return _gguf_selection(listing, variant, variants)
+def _named_file(listing: RepoListing, filename: str) -> RepoFile:
+    """The listed file for a name, matched exactly, else case-insensitively if unique."""
     found = listing.get(filename)
-    if found is None:
-        lowered = [f for f in listing.files if f.path.lower() == filename.lower()]
-        found = lowered[0] if len(lowered) == 1 else None
-    if found is None:
-        raise QuantNotFoundError(f"{listing.repo_id} has no file {filename!r}")
+    if found is not None:
+        return found
+    lowered = [f for f in listing.files if f.path.lower() == filename.lower()]
+    if len(lowered) == 1:
+        return lowered[0]
+    raise QuantNotFoundError(f"{listing.repo_id} has no file {filename!r}")
+
+
+def _select_file(listing: RepoListing, found: RepoFile) -> Selection:
+    """One named file that is not part of a GGUF variant."""
     name = found.path.rsplit("/", 1)[-1]
     fmt = "gguf" if name.lower().endswith(".gguf") else name.rsplit(".", 1)[-1].lower()
     return Selection(
@@ -434,6 +713,7 @@ def _select_file(listing: RepoListing, filename: str, variants: list[Variant]) -
         format=fmt,
         files=(found,),
         main_file=found.path,
+        reason=f"{found.path} named",
     )
 
 
@@ -449,7 +729,12 @@ def _select_transformers(listing: RepoListing) -> Selection:
     if not weights:
         names = ", ".join(f.path for f in listing.files[:12]) or "none"
         raise HubError(f"{listing.repo_id} has no model weights to pull (files: {names})")
-    _check_split_names(listing.repo_id, weights)
+    absent = missing_shards([f.path for f in weights])
+    if absent:
+        raise MissingShardError(
+            f"{listing.repo_id}: the weights are split and {', '.join(absent)} are missing from"
+            " the repo"
+        )
     support = [f for f in top if f.path in SUPPORT_FILES]
     files = tuple(sorted(weights, key=lambda f: f.path)) + tuple(support)
     return Selection(
@@ -459,26 +744,8 @@ def _select_transformers(listing: RepoListing) -> Selection:
         format=fmt,
         files=files,
         main_file=files[0].path,
+        reason=f"{fmt} weights",
     )
-
-
-def _check_split_names(repo_id: str, weights: list[HubFile]) -> None:
-    """`model-00001-of-00003.safetensors`: every index from 1 to 3 must be in the repo."""
-    pattern = re.compile(r"-(\d{5})-of-(\d{5})\.[a-z]+$")
-    sets: dict[str, tuple[int, set[int]]] = {}
-    for f in weights:
-        m = pattern.search(f.path)
-        if m:
-            stem = f.path[: m.start()]
-            total, have = sets.setdefault(stem, (int(m.group(2)), set()))
-            have.add(int(m.group(1)))
-    for stem, (total, have) in sets.items():
-        missing = [i for i in range(1, total + 1) if i not in have]
-        if missing:
-            raise MissingShardError(
-                f"{repo_id}: {stem} is split in {total} files but shard(s)"
-                f" {', '.join(map(str, missing))} are missing from the repo"
-            )
 
 
 # --- downloading --------------------------------------------------------------------------------
@@ -494,7 +761,7 @@ class PullResult:
     reused_files: int
 
 
-ProgressHook = Callable[[int, int, HubFile], None]
+ProgressHook = Callable[[int, int, RepoFile], None]
 """Called before each file: (index from 1, count, file)."""
 
 
@@ -525,7 +792,7 @@ def _digest(path: Path, sha256: bool) -> str:
     return h.hexdigest()
 
 
-def _verify(path: Path, f: HubFile) -> bool:
+def _verify(path: Path, f: RepoFile) -> bool:
     if f.sha256:
         return _digest(path, True) == f.sha256.lower()
     if f.blob_id:
@@ -545,7 +812,7 @@ def _is_transport_error(exc: BaseException) -> bool:
     return any(k in name for k in words)
 
 
-def _fetch(sel: Selection, f: HubFile, final: Path, tok: str | None) -> int:
+def _fetch(sel: Selection, f: RepoFile, final: Path, tok: str | None) -> int:
     """Download one file into its `.incomplete` file (resuming it) and verify it; return bytes got.
 
     The HEAD call and the streaming GET are huggingface_hub's own; we only own the file handle,
@@ -672,7 +939,7 @@ def _pull_locked(
         files=[store.ManifestFile(f.path, f.size, f.sha256, f.blob_id) for f in sel.files],
         endpoint=endpoint(),
     )
-    todo: list[tuple[int, HubFile, Path]] = []
+    todo: list[tuple[int, RepoFile, Path]] = []
     reused = resumed = need = 0
     for i, (f, m) in enumerate(zip(sel.files, manifest.files, strict=True)):
         final = entry / f.path

@@ -7,14 +7,19 @@ filenames lie more often than headers: the header wins when both speak.
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from innkeeper.models import hub
+from innkeeper.models.filenames import (
+    FilenameHints,
+    filename_hints,
+    missing_shards,
+    normalize_quant,
+    shard_name,
+)
 from innkeeper.models.gguf_meta import GGUFHeader, merge_split, read_gguf_spec, read_header
-from innkeeper.models.gguf_meta import spec_from_header as gguf_spec_from_header
 from innkeeper.models.hf_meta import (
     IncompleteConfigError,
     _is_exl2,
@@ -31,83 +36,11 @@ from innkeeper.models.safety import (
     safe_format_report,
     scan_pickle,
 )
-from innkeeper.models.sources import FileSource, HubSource, hub_endpoint
+from innkeeper.models.sources import FileSource, require_regular_file
 from innkeeper.models.spec import ModelFormatError, ModelSpec
+from innkeeper.models.templates_detect import template_for_architecture
 
-REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-QUANT_RE = re.compile(
-    r"(?i)(?<![a-z0-9])("
-    r"IQ[1-4]_(?:XXS|XS|S|M|NL)|Q[2-6]_K(?:_(?:S|M|L|XL))?|Q[4-8]_[01]|Q8_K|TQ[12]_0|MXFP4(?:_MOE)?"
-    r"|BF16|F16|FP16|F32|FP32"
-    r")(?![a-z0-9])"
-)
-LOOSE_QUANT_RE = re.compile(r"(?i)(?<![a-z0-9])(q[2-8])(?![a-z0-9_])")
-BITS_RE = re.compile(r"(?i)(?<![a-z0-9.])(\d(?:\.\d+)?)\s*-?(bpw|bit|bits)(?![a-z])")
-CTX_RE = re.compile(r"(?i)(?<![a-z0-9])(\d{1,4})k(?![a-z0-9])")
-SHARD_RE = re.compile(r"-(\d{5})-of-(\d{5})(?=\.)")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
-
-
-@dataclass(frozen=True)
-class FilenameHints:
-    """What a filename alone suggests."""
-
-    quantization: str | None = None
-    context: int | None = None
-    shard: tuple[int, int] | None = None
-    bits: float | None = None
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "quantization": self.quantization,
-            "context": self.context,
-            "shard": list(self.shard) if self.shard else None,
-            "bits": self.bits,
-        }
-
-
-def filename_hints(name: str) -> FilenameHints:
-    """Parse `Q4_K_M`, `q5`, `-16k`, `4.0bpw`, `model-00001-of-00003` out of a filename."""
-    base = Path(name).name
-    quant = None
-    m = QUANT_RE.search(base)
-    if m:
-        quant = m.group(1).upper().replace("FP16", "F16").replace("FP32", "F32")
-    else:
-        loose = LOOSE_QUANT_RE.search(base)
-        quant = loose.group(1).upper() if loose else None
-    ctx = None
-    for c in CTX_RE.finditer(base):
-        value = int(c.group(1))
-        if value in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
-            ctx = value * 1024
-    shard = None
-    s = SHARD_RE.search(base)
-    if s:
-        shard = (int(s.group(1)), int(s.group(2)))
-    bits = None
-    b = BITS_RE.search(base)
-    if b:
-        bits = float(b.group(1))
-    return FilenameHints(quant, ctx, shard, bits)
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One loadable choice in a folder or repo: a GGUF quantization (maybe split in parts)."""
-
-    name: str
-    files: tuple[str, ...]
-    size_bytes: int
-    quantization: str | None
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "files": list(self.files),
-            "size_bytes": self.size_bytes,
-            "quantization": self.quantization,
-        }
 
 
 @dataclass
@@ -124,8 +57,10 @@ class Identification:
     files: list[tuple[str, int]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     safety: SafetyReport = field(default_factory=lambda: SafetyReport(True, "safe"))
-    variants: list[Variant] = field(default_factory=list)
-    selected: str | None = None
+    variants: list[hub.Variant] = field(default_factory=list)
+    selected: str | None = None  # the variant inspected, by name
+    selected_file: str | None = None  # its (first) file
+    choice: str | None = None  # why that variant: hub.choose's reason
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -171,6 +106,12 @@ class Identification:
             "weights_bytes": s.weight_bytes if s else None,
             "chat_template_name": s.chat_template_name if s else None,
             "has_chat_template": bool(s and s.chat_template),
+            # what `serve` renders with when the file has no template (None: it has one)
+            "chat_template_fallback": (
+                template_for_architecture(s.architecture, s.n_vocab) or "alpaca"
+            )
+            if s and not s.chat_template
+            else None,
             "complete": self.complete,
             "missing": self.missing,
             "safe": self.safety.safe,
@@ -179,52 +120,10 @@ class Identification:
             "files": [{"name": n, "size_bytes": sz} for n, sz in self.files],
             "variants": [v.to_json() for v in self.variants],
             "selected": self.selected,
+            "selected_file": self.selected_file,
+            "selected_because": self.choice,
             "warnings": self.warnings,
         }
-
-
-# ---- GGUF grouping -------------------------------------------------------------------------
-
-
-def group_gguf(files: list[tuple[str, int]]) -> list[Variant]:
-    """Group GGUF filenames into variants: split parts together, mmproj files left out."""
-    groups: dict[str, list[tuple[str, int]]] = {}
-    for name, size in files:
-        base = Path(name).name.lower()
-        if not base.endswith(".gguf") or base.startswith("mmproj") or "mmproj" in base:
-            continue
-        key = SHARD_RE.sub("", name)
-        groups.setdefault(key, []).append((name, size))
-    variants = []
-    for key, parts in groups.items():
-        parts.sort()
-        variants.append(
-            Variant(
-                name=Path(key).name.removesuffix(".gguf"),
-                files=tuple(n for n, _ in parts),
-                size_bytes=sum(sz for _, sz in parts),
-                quantization=filename_hints(key).quantization,
-            )
-        )
-    variants.sort(key=lambda v: v.size_bytes)
-    return variants
-
-
-def _missing_shards(names: list[str]) -> list[str]:
-    """Parts of `-0000k-of-0000n` sets that are absent."""
-    missing = []
-    sets: dict[tuple[str, int], set[int]] = {}
-    for n in names:
-        m = SHARD_RE.search(n)
-        if m:
-            sets.setdefault(
-                (SHARD_RE.sub("-{:05d}-of-" + m.group(2), n), int(m.group(2))), set()
-            ).add(int(m.group(1)))
-    for (pattern, total), have in sets.items():
-        for i in range(1, total + 1):
-            if i not in have:
-                missing.append(pattern.format(i))
-    return missing
 
 
 # ---- local ---------------------------------------------------------------------------------
@@ -236,7 +135,7 @@ def _identify_gguf_file(path: Path, ident: Identification) -> None:
     hints = filename_hints(path.name)
     if hints.shard and hints.shard[1] > 1:
         parts = [
-            path.with_name(SHARD_RE.sub(f"-{i:05d}-of-{hints.shard[1]:05d}", path.name))
+            path.with_name(shard_name(path.name, i, hints.shard[1]))
             for i in range(1, hints.shard[1] + 1)
         ]
         present = [p for p in parts if p.is_file()]
@@ -262,7 +161,7 @@ def _identify_gguf_file(path: Path, ident: Identification) -> None:
         if (
             hints.quantization
             and ident.spec.quantization
-            and (hints.quantization.split("_")[0] not in ident.spec.quantization)
+            and hints.quantization.removeprefix("UD-").split("_")[0] not in ident.spec.quantization
         ):
             ident.warnings.append(
                 f"filename says {hints.quantization} but the header says {ident.spec.quantization}"
@@ -277,19 +176,33 @@ def _identify_pickle(path: Path, ident: Identification) -> None:
     ident.files = [(path.name, path.stat().st_size)] if path.is_file() else ident.files
 
 
-def _identify_dir(path: Path, ident: Identification) -> None:
+def _local_spec(folder: Path, variant: hub.Variant) -> ModelSpec:
+    """A local variant's spec (every part's tensors), for `hub.choose` to plan with."""
+    sub = Identification(str(folder / variant.main_file), "file", "gguf")
+    _identify_gguf_file(folder / variant.main_file, sub)
+    if sub.spec is None:
+        raise ModelFormatError(f"{folder / variant.main_file}: the first part is missing")
+    return sub.spec
+
+
+def _identify_dir(path: Path, ident: Identification, machine: hub.Machine | None) -> None:
     files = sorted((p.name, p.stat().st_size) for p in path.iterdir() if p.is_file())
     ident.files = files
     names = [n for n, _ in files]
-    ggufs = group_gguf(files)
+    ggufs = hub.gguf_variants([hub.RepoFile(n, size) for n, size in files])
     if ggufs:
-        ident.variants = ggufs
-        chosen = ggufs[-1]
-        ident.selected = chosen.name
-        sub = Identification(
-            str(path / chosen.files[0]), "file", "gguf", hints=filename_hints(chosen.files[0])
+        # the same choice as for a hub repo: the largest that fits, else the default
+        choice = hub.choose(
+            ggufs, where=str(path), machine=machine, read_spec=lambda v: _local_spec(path, v)
         )
-        _identify_gguf_file(path / chosen.files[0], sub)
+        chosen = choice.variant
+        ident.variants = ggufs
+        ident.selected, ident.selected_file = chosen.name, chosen.main_file
+        ident.choice = choice.reason
+        sub = Identification(
+            str(path / chosen.main_file), "file", "gguf", hints=filename_hints(chosen.main_file)
+        )
+        _identify_gguf_file(path / chosen.main_file, sub)
         ident.format, ident.spec, ident.quantization = "gguf", sub.spec, sub.quantization
         ident.recognized_by = [*sub.recognized_by, f"{len(ggufs)} GGUF variant(s) in the folder"]
         ident.missing = sub.missing
@@ -350,7 +263,7 @@ def _hf_completeness(names: list[str], ident: Identification, index: dict[str, A
         ident.missing.append("config.json")
     if not any(t in names for t in TOKENIZER_FILES):
         ident.missing.append("tokenizer (tokenizer.json or tokenizer.model)")
-    ident.missing.extend(_missing_shards(names))
+    ident.missing.extend(missing_shards(names))
     if index:
         wm = index.get("weight_map")
         if isinstance(wm, dict):
@@ -359,15 +272,17 @@ def _hf_completeness(names: list[str], ident: Identification, index: dict[str, A
                     ident.missing.append(shard)
 
 
-def identify_path(path: Path) -> Identification:
-    """Identify a local file or folder."""
+def identify_path(path: Path, machine: hub.Machine | None = None) -> Identification:
+    """Identify a local file or folder; a folder of GGUF variants is read at the variant
+    `hub.choose` picks for `machine` (this machine with serve's defaults when None)."""
     path = Path(path)
     if not path.exists():
         raise ModelFormatError(f"{path} does not exist")
+    require_regular_file(path)
     ident = Identification(str(path), "directory" if path.is_dir() else "file", "unknown")
     ident.hints = filename_hints(path.name)
     if path.is_dir():
-        _identify_dir(path, ident)
+        _identify_dir(path, ident, machine or hub.detected_machine())
         return ident
     head = path.open("rb").read(8)
     if head[:4] == b"GGUF":
@@ -401,97 +316,75 @@ def identify_path(path: Path) -> Identification:
 # ---- hub -----------------------------------------------------------------------------------
 
 
-def is_repo_id(text: str) -> bool:
-    """`owner/name` (optionally `:QUANT`) that is not an existing local path."""
-    return bool(REPO_ID_RE.match(text.split(":", 1)[0])) and not Path(text).exists()
-
-
-def list_hub_files(repo_id: str, revision: str | None = None) -> list[tuple[str, int]]:
-    """Every file of a hub repo with its size, through huggingface_hub's tree listing."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.hf_api import RepoFile
-
-    api = HfApi(endpoint=hub_endpoint())
+def identify_repo(text: str, machine: hub.Machine | None = None) -> Identification:
+    """Identify a hub repo (`owner/name`, `owner/name:QUANT`, `owner/name/file.gguf`) from its
+    listing and headers read by range requests; a GGUF repo is read at the variant
+    `hub.choose` picks for `machine` (this machine with serve's defaults when None), the file
+    `pull` would fetch."""
     try:
-        items = api.list_repo_tree(repo_id, recursive=True, revision=revision)
-        return sorted((f.path, int(f.size or 0)) for f in items if isinstance(f, RepoFile))
-    except Exception as exc:
-        raise ModelFormatError(f"cannot list {repo_id} on the hub: {_hub_error(exc)}") from exc
-
-
-def _hub_error(exc: Exception) -> str:
-    name = type(exc).__name__
-    if "RepositoryNotFound" in name:
-        return "repository not found (or private: set HF_TOKEN)"
-    if "GatedRepo" in name:
-        return "access is gated: accept the license on the hub and set HF_TOKEN"
-    return str(exc).splitlines()[0] if str(exc) else name
-
-
-def _hub_json(repo_id: str, name: str, size: int, revision: str | None) -> dict[str, Any]:
-    if size > 16 * 1024**2:
-        raise ModelFormatError(f"{repo_id}/{name} is too large to be a config file")
-    src = HubSource(repo_id, name, revision=revision, size=size)
-    try:
-        data = json.loads(src.read(0, size) or b"{}")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"{repo_id}/{name} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ModelFormatError(f"{repo_id}/{name} should be a JSON object")
-    return data
-
-
-def hub_gguf_spec(
-    repo_id: str, variant: Variant, sizes: dict[str, int], revision: str | None = None
-) -> ModelSpec:
-    """The ModelSpec of one GGUF variant in a repo, from its headers read by range requests."""
-    first = HubSource(
-        repo_id, variant.files[0], revision=revision, size=sizes.get(variant.files[0])
-    )
-    spec = gguf_spec_from_header(read_header(first), first.name)
-    if len(variant.files) > 1:
-        others = [
-            read_header(HubSource(repo_id, f, revision=revision, size=sizes.get(f)))
-            for f in variant.files[1:]
-        ]
-        spec = merge_split(spec, others)
-    return spec
-
-
-def identify_repo(ref: str) -> Identification:
-    """Identify a hub repo (`owner/name`, optionally `:QUANT` to pick a GGUF variant)."""
-    repo_id, _, want = ref.partition(":")
-    files = list_hub_files(repo_id)
+        ref = hub.parse_ref(text)
+        listing = hub.list_repo(ref.repo_id, ref.revision)
+    except hub.HubError as exc:
+        raise ModelFormatError(str(exc)) from exc
+    repo_id = ref.repo_id
+    files = sorted((f.path, f.size) for f in listing.files)
     sizes = dict(files)
-    ident = Identification(ref, "hub", "unknown", files=files, hints=filename_hints(repo_id))
+    ident = Identification(text, "hub", "unknown", files=files, hints=filename_hints(repo_id))
     names = [n for n, _ in files]
-    ggufs = group_gguf(files)
+    ggufs = hub.gguf_variants(listing.files)
+    if ref.filename is not None and not any(f.path == ref.filename for v in ggufs for f in v.files):
+        raise ModelFormatError(
+            f"{repo_id} has no GGUF file {ref.filename!r}: name the repo or one of its .gguf files"
+        )
     if ggufs:
+        try:
+            choice = hub.choose(
+                ggufs,
+                where=repo_id,
+                quant=ref.quant,
+                filename=ref.filename,
+                machine=machine or hub.detected_machine(),
+                read_spec=lambda v: hub.read_spec(listing, v),
+            )
+        except hub.HubError as exc:
+            raise ModelFormatError(str(exc)) from exc
+        chosen = choice.variant
         ident.variants = ggufs
         ident.format = "gguf"
-        chosen = _pick_variant(ggufs, want)
-        ident.selected = chosen.name
-        ident.spec = hub_gguf_spec(repo_id, chosen, sizes)
+        ident.selected, ident.selected_file = chosen.name, chosen.main_file
+        ident.choice = choice.reason
+        ident.spec = choice.spec or hub.read_spec(listing, chosen)
         ident.quantization = ident.spec.quantization
         ident.recognized_by += [
             "GGUF header read by HTTP range requests",
             ident.spec.quantization_source or "GGUF metadata",
             f"{len(ggufs)} GGUF variant(s) in the repo",
         ]
-        ident.missing = _missing_shards([f for v in ggufs for f in v.files])
+        ident.missing = missing_shards([f.path for f in chosen.files])
+        ident.warnings += [
+            f"{v.name} lacks shard(s) {', '.join(map(str, v.missing_shards))} in the repo"
+            for v in ggufs
+            if v.missing_shards and v is not chosen
+        ]
         ident.safety = safe_format_report("GGUF")
         return ident
+    if ref.quant is not None:
+        raise ModelFormatError(
+            f"{repo_id} has no GGUF files, so there is no {normalize_quant(ref.quant)} to pick"
+        )
     if "config.json" in sizes:
-        cfg = _hub_json(repo_id, "config.json", sizes["config.json"], None)
+        cfg = hub.read_json(listing, "config.json")
         ident.recognized_by.append("config.json")
         st_files = [n for n in names if n.endswith(".safetensors") and "/" not in n]
         tensors = []
         for n in st_files:
-            tensors.extend(read_safetensors_header(HubSource(repo_id, n, size=sizes[n])))
+            f = listing.get(n)
+            if f is not None:
+                tensors.extend(read_safetensors_header(hub.source(listing, f)))
         if st_files:
             ident.recognized_by.append("safetensors headers read by HTTP range requests")
         tok = (
-            _hub_json(repo_id, "tokenizer_config.json", sizes["tokenizer_config.json"], None)
+            hub.read_json(listing, "tokenizer_config.json")
             if "tokenizer_config.json" in sizes
             else None
         )
@@ -516,9 +409,7 @@ def identify_repo(ref: str) -> Identification:
         if not st_files:
             ident.format = "pickle"
         index = (
-            _hub_json(
-                repo_id, "model.safetensors.index.json", sizes["model.safetensors.index.json"], None
-            )
+            hub.read_json(listing, "model.safetensors.index.json")
             if "model.safetensors.index.json" in sizes
             else None
         )
@@ -538,24 +429,36 @@ def identify_repo(ref: str) -> Identification:
     return ident
 
 
-def _pick_variant(variants: list[Variant], want: str) -> Variant:
-    if not want:
-        return variants[0]  # the smallest: all quants share one architecture header
-    for v in variants:
-        if (v.quantization or "").upper() == want.upper() or want.lower() in v.name.lower():
-            return v
-    raise ModelFormatError(
-        f"no {want} file in this repo (has: {', '.join(v.quantization or v.name for v in variants)})"
-    )
+def identify(target: str | Path, machine: hub.Machine | None = None) -> Identification:
+    """Identify a local path, a model name `serve` accepts (the embedded model's served name or
+    a store name from `innkeeper models`), or a hub reference, in that order.
 
+    Where there are several GGUF variants, `machine` is what `hub.choose` picks for (this
+    machine with serve's defaults when None), exactly as `pull` does.
+    """
+    from innkeeper.models import store
 
-def identify(target: str | Path) -> Identification:
-    """Identify a local path or a hub repo id."""
     text = str(target)
     if Path(text).expanduser().exists():
-        return identify_path(Path(text).expanduser())
-    if is_repo_id(text):
-        return identify_repo(text)
-    raise ModelFormatError(
-        f"{text!r} is neither a local file or folder nor a hub repo id (owner/name)"
-    )
+        return identify_path(Path(text).expanduser(), machine)
+    if store.is_embedded_name(text):
+        return identify_path(store.default_model_path())
+    if text.strip() and "/" not in text:
+        try:
+            return identify_path(store.find_in_store(text).path)
+        except store.UnknownModelNameError:
+            known = [e.name for e in store.list_models()] + [store.embedded_model_name()]
+            raise ModelFormatError(
+                f"{text!r} is neither a local file or folder, a model name ({', '.join(known)})"
+                " nor a hub repo id (owner/name)"
+            ) from None
+        except store.ModelNotFoundError as exc:  # a store entry that cannot be used
+            raise ModelFormatError(str(exc)) from None
+    try:
+        hub.parse_ref(text)
+    except hub.HubRefError:
+        raise ModelFormatError(
+            f"{text!r} is neither a local file or folder, a model name (innkeeper models)"
+            " nor a hub repo id (owner/name)"
+        ) from None
+    return identify_repo(text, machine)
