@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
+GPU    ?=
 PYTEST_ARGS ?=
 
 .PHONY: install dev serve test lint format bench
@@ -16,7 +17,9 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 
 ## serve: install, then serve the embedded default model on http://127.0.0.1:5001
+## serve GPU=cuda|vulkan|metal: first rebuild the pinned llama-cpp-python for that GPU (once)
 serve: install
+	@if [ -n "$(GPU)" ]; then ./scripts/gpu-build.sh "$(GPU)" "$(BIN)"; fi
 	$(BIN)/innkeeper serve $(ARGS)
 
 ## dev: the dev extras plus Debian's chromium for the browser tests

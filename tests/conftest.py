@@ -7,6 +7,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+# Before any test module: innkeeper maps llama.cpp's libraries on import, before any test module imports numpy
+# (the other order crashes CUDA builds; docs/gpu-load-order.md).
+import innkeeper  # noqa: F401
 from tests.helpers import ServerProcess, run_server
 
 

@@ -7,6 +7,7 @@ import logging
 import signal
 import socket
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import uvicorn
@@ -16,13 +17,26 @@ from rich.table import Table
 from innkeeper.api.app import create_app
 from innkeeper.api.service import Service
 from innkeeper.cli.app import fail
+from innkeeper.cli.doctor import (
+    GPU_UNUSED_CODES,
+    Problem,
+    find_problems,
+    gather_build,
+    gather_hardware,
+)
 from innkeeper.config import ServerConfig
-from innkeeper.engine.backend import BackendError, supports_gpu_offload
+from innkeeper.engine.backend import BackendError, ModelInfo, supports_gpu_offload
 from innkeeper.engine.engine import Engine, EngineConfig
 from innkeeper.engine.templates import TemplateRenderError
-from innkeeper.models.memory import AutoSettings, auto_settings
+from innkeeper.models.hardware import format_size
+from innkeeper.models.memory import (
+    AutoSettings,
+    MemoryPlan,
+    auto_settings,
+    memory_settings,
+)
 from innkeeper.models.safety import is_pickle_weights
-from innkeeper.models.spec import ModelFormatError
+from innkeeper.models.spec import ModelFormatError, format_params
 
 log = logging.getLogger("innkeeper")
 
@@ -102,6 +116,8 @@ def check_model_file(path: Path, allow_pickle: bool) -> Path:
                 f"(see `innkeeper inspect {path}`)"
             )
         fail(f"{path} holds {len(ggufs)} GGUF files: name the one to serve")
+    if path.exists() and not path.is_file():  # a FIFO would block open() forever
+        fail(f"{path} is not a regular file (a FIFO, device or socket): serve a GGUF file")
     try:
         with path.open("rb") as fh:
             magic = fh.read(4)
@@ -117,24 +133,38 @@ def check_model_file(path: Path, allow_pickle: bool) -> Path:
     return path
 
 
-def plan_settings(config: ServerConfig, model_path: Path) -> AutoSettings | None:
+def plan_settings(cfg: EngineConfig) -> AutoSettings | None:
     """Context size and GPU layers from the memory plan (`--ctx-size`/`--gpu-layers` win)."""
     try:
-        return auto_settings(
-            model_path,
-            config.ctx_size,
-            config.cache_type_k,
-            config.flash_attn != "off",
-            config.gpu_layers,
-            config.parallel,
-            n_ubatch=config.ubatch_size,
-            kv_unified=True,  # the engine shares one cache among its slots
-        )
+        return auto_settings(cfg.model_path, memory_settings(cfg), cfg.ctx_size, cfg.gpu_layers)
     except ModelFormatError as exc:
         fail(str(exc))
     except Exception as exc:  # the plan is advice: never let it stop a loadable model
         log.warning("memory plan unavailable: %s", exc)
         return None
+
+
+def planned_engine(cfg: EngineConfig, auto: AutoSettings | None) -> EngineConfig:
+    """The engine settings to load with: what the user gave, the plan's choices for the rest.
+
+    Several GPUs and no --tensor-split: the plan's per-GPU layer counts become the split, so
+    llama.cpp places layers exactly as `fit` and the plan did.
+    """
+    offload = supports_gpu_offload()
+    gpu_layers = cfg.gpu_layers
+    if gpu_layers is None:
+        gpu_layers = auto.gpu_layers if auto else (999 if offload else 0)
+    tensor_split = cfg.tensor_split
+    if auto is not None and tensor_split is None and cfg.split_mode != "none":
+        gpus = [d for d in auto.plan.devices if d.kind == "gpu"]
+        if len(gpus) > 1 and any(d.layers for d in gpus):
+            tensor_split = tuple(float(d.layers) for d in gpus)
+    return replace(
+        cfg,
+        ctx_size=cfg.ctx_size or (auto.ctx_size if auto else None),
+        gpu_layers=gpu_layers if offload else 0,
+        tensor_split=tensor_split,
+    )
 
 
 def model_id_for(path: Path) -> str:
@@ -145,34 +175,10 @@ def model_id_for(path: Path) -> str:
 def run_server(config: ServerConfig, *, verbose: bool, console: Console) -> None:
     model_path = check_model_file(config.model_path, config.allow_pickle)
     sock = bind_socket(config.host, config.port)
-    auto = plan_settings(config, model_path)
-    gpu_layers = config.gpu_layers
-    if gpu_layers is None:
-        gpu_layers = auto.gpu_layers if auto else (999 if supports_gpu_offload() else 0)
-    if not supports_gpu_offload():
-        gpu_layers = 0
-    ctx_size = config.ctx_size or (auto.ctx_size if auto else 0)
+    auto = plan_settings(replace(config.engine, model_path=model_path))
     if auto and auto.plan.verdict == "would swap":
         log.warning("this model and context may not fit in memory: %s", auto.plan.summary())
-    engine_config = EngineConfig(
-        model_path=model_path,
-        ctx_size=ctx_size,
-        gpu_layers=gpu_layers,
-        threads=config.threads,
-        threads_batch=config.threads_batch,
-        batch_size=config.batch_size,
-        ubatch_size=config.ubatch_size,
-        parallel=config.parallel,
-        flash_attn=config.flash_attn,
-        cache_type_k=config.cache_type_k,
-        cache_type_v=config.cache_type_v,
-        use_mmap=config.mmap,
-        use_mlock=config.mlock,
-        cache_reuse=config.cache_reuse,
-        cache_ram_mib=config.cache_ram_mib,
-        max_queue=config.max_queue,
-        chat_template=config.chat_template,
-    )
+    engine_config = planned_engine(replace(config.engine, model_path=model_path), auto)
     if verbose:
         import os
 
@@ -193,7 +199,7 @@ def run_server(config: ServerConfig, *, verbose: bool, console: Console) -> None
     app = create_app(service, config)
     if auto is not None:
         app.state.memory_plan = auto.plan.to_json()
-    print_banner(console, config, engine, service)
+    print_banner(console, config, engine, service, plan=auto.plan if auto else None)
     server = GracefulServer(
         uvicorn.Config(
             app,
@@ -210,7 +216,57 @@ def run_server(config: ServerConfig, *, verbose: bool, console: Console) -> None
         log.info("innkeeper stopped")
 
 
-def print_banner(console: Console, config: ServerConfig, engine: Engine, service: Service) -> None:
+def banner_warnings(
+    *,
+    info: ModelInfo,
+    template_given: bool,
+    template_name: str,
+    problems: list[Problem],
+    plan: MemoryPlan | None,
+) -> list[str]:
+    """What the banner must warn about, as plain sentences (a pure function, for tests).
+
+    A GGUF without a chat template (chat then uses the architecture's built-in format); a GPU
+    this llama.cpp build cannot use (`doctor`'s problems, with their fixes); and a plan that
+    needs more VRAM than is free, where the NVIDIA driver may spill into system RAM.
+    """
+    out: list[str] = []
+    if not info.chat_template and not template_given:
+        out.append(
+            f"the GGUF has no chat template: chat requests use the {template_name} format "
+            f"(chosen from its {info.architecture} architecture); pass --chat-template if the "
+            "model expects another"
+        )
+    for p in problems:
+        if p.code in GPU_UNUSED_CODES:
+            out.append(f"your GPU is not used: {p.message}. Fix: {p.fix}")
+    for d in plan.devices if plan is not None else ():
+        if d.kind == "gpu" and not d.fits:
+            out.append(
+                f"the plan needs {format_size(d.total_bytes)} on {d.name} but only "
+                f"{format_size(d.capacity_bytes - d.margin_bytes)} is free to use: the NVIDIA "
+                "driver may spill into system RAM, which makes generation many times slower; "
+                "lower --ctx-size or --gpu-layers (see `innkeeper fit`)"
+            )
+    return out
+
+
+def _doctor_problems() -> list[Problem]:
+    """`doctor`'s findings for this machine; none if they cannot be gathered (advice only)."""
+    try:
+        return find_problems(gather_build(), gather_hardware())
+    except Exception as exc:
+        log.debug("GPU check skipped: %s", exc)
+        return []
+
+
+def print_banner(
+    console: Console,
+    config: ServerConfig,
+    engine: Engine,
+    service: Service,
+    plan: MemoryPlan | None = None,
+) -> None:
     info = engine.info
     host = config.host
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
@@ -219,7 +275,9 @@ def print_banner(console: Console, config: ServerConfig, engine: Engine, service
     table.add_column(style="bold cyan")
     table.add_column()
     table.add_row(
-        "model", f"{service.model_id}  ({info.description}, {info.size_bytes / 2**20:.0f} MiB)"
+        "model",
+        f"{service.model_id}  ({info.architecture}, {format_params(info.n_params)} parameters, "
+        f"{info.size_bytes / 2**20:.0f} MiB)",
     )
     table.add_row(
         "context",
@@ -231,7 +289,12 @@ def print_banner(console: Console, config: ServerConfig, engine: Engine, service
         f"{engine.ctx.threads} threads ({engine.ctx.threads_batch} for prompts), "
         f"GPU layers {engine.config.gpu_layers}, {len(engine.scheduler.slots)} parallel slots",
     )
-    table.add_row("chat template", engine.template.name)
+    template_given = engine.config.chat_template is not None
+    no_template = not info.chat_template and not template_given
+    table.add_row(
+        "chat template",
+        engine.template.name + (" [yellow](none in the GGUF)[/]" if no_template else ""),
+    )
     table.add_row(
         "auth",
         "API key required"
@@ -254,4 +317,12 @@ def print_banner(console: Console, config: ServerConfig, engine: Engine, service
     urls.add_row("KoboldAI Classic", f"{base}/api")
     urls.add_row("Built-in chat page", f"{base}/")
     console.print(urls)
+    for warning in banner_warnings(
+        info=info,
+        template_given=template_given,
+        template_name=engine.template.name,
+        problems=_doctor_problems(),
+        plan=plan,
+    ):
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     console.print()

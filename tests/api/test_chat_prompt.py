@@ -35,7 +35,7 @@ def test_model_template_and_builtins(client: httpx.Client) -> None:
         "<|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
     )
     names = {t["name"] for t in client.get("/v1/internal/templates").json()["builtin"]}
-    assert names == {"alpaca", "chatml", "mistral", "llama3", "gemma", "vicuna", "metharme"}
+    assert names == {"alpaca", "chatml", "mistral", "llama3", "gemma", "phi3", "vicuna", "metharme"}
 
 
 def test_continue_leaves_the_last_message_open(client: httpx.Client) -> None:

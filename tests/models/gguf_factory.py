@@ -251,3 +251,50 @@ def write_all(folder: Path) -> dict[str, Path]:
     out = {name: write_shape(folder / f"{name}.gguf", s) for name, s in ARCH_SHAPES.items()}
     out["deepseek2_lite"] = write_deepseek2_lite(folder / "deepseek2_lite.gguf")
     return out
+
+
+GEMMA3_27B = Shape(
+    "gemma3",
+    62,
+    5376,
+    32,
+    16,
+    128,
+    21504,
+    262208,
+    131072,
+    tied=True,
+    window=1024,
+    qk_norm=True,
+    post_norms=True,
+)
+
+
+def write_recurrent(
+    path: Path,
+    arch: str,
+    n_layer: int,
+    n_embd: int,
+    kv_heads: int | list[int],
+    meta: dict[str, int],
+    n_vocab: int = 32000,
+) -> Path:
+    """A header-only GGUF of a recurrent (Mamba/RWKV) or hybrid model: the numbers the memory
+    plan reads (`meta` holds the `{arch}.ssm.*` / `wkv.*` keys without the prefix)."""
+    w = GGUFWriter(str(path), arch)
+    w.add_uint32(f"{arch}.block_count", n_layer)
+    w.add_uint32(f"{arch}.context_length", 1 << 20)
+    w.add_uint32(f"{arch}.embedding_length", n_embd)
+    w.add_uint32(f"{arch}.attention.head_count", 32)
+    if isinstance(kv_heads, list):
+        w.add_array(f"{arch}.attention.head_count_kv", kv_heads)
+    else:
+        w.add_uint32(f"{arch}.attention.head_count_kv", kv_heads)
+    w.add_uint32(f"{arch}.attention.key_length", 128)
+    w.add_uint32(f"{arch}.attention.value_length", 128)
+    w.add_uint32(f"{arch}.vocab_size", n_vocab)
+    for key, value in meta.items():
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_string("tokenizer.ggml.model", "none")
+    total = _tensor(w, "token_embd.weight", (n_embd, n_vocab), Q.Q8_0)
+    return _finish(w, path, total)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from innkeeper.cli import doctor as _doctor  # noqa: F401  (registers `doctor`)
 from innkeeper.cli import fit as _fit  # noqa: F401  (registers `fit`)
 from innkeeper.cli import inspect as _inspect  # noqa: F401  (registers `inspect`)
 from innkeeper.cli import models as _models  # noqa: F401  (registers `models`)

@@ -10,15 +10,25 @@ import typer
 from rich.table import Table
 
 from innkeeper.cli.app import app, console, fail
+from innkeeper.engine.config import DEFAULT_CTX, EngineConfig
+from innkeeper.models import hub
 from innkeeper.models.hardware import Hardware, format_size, hardware_with_overrides
 from innkeeper.models.identify import Identification, identify
 from innkeeper.models.memory import (
     MemoryPlan,
     MemorySettings,
     default_ctx_candidates,
+    flash_attn_enabled,
     plan_memory,
 )
 from innkeeper.models.spec import ModelFormatError, ModelSpec
+from innkeeper.settings import parse_text, settings_of
+
+# `fit` plans what `serve` would load: its defaults are serve's (declared once, in EngineConfig).
+_SERVE = EngineConfig(model_path=Path())
+_GPU = {f.name: spec for f, spec in settings_of(EngineConfig)}
+EXIT_DOES_NOT_FIT = 2
+"""Exit status of `fit` when the plan does not fit (1 stays "could not plan": bad input)."""
 
 _VERDICT_STYLE = {
     "vram": "green",
@@ -107,8 +117,14 @@ def fit_command(
     cache_type_v: str | None = typer.Option(
         None, "--cache-type-v", help="V cache type, if different from K."
     ),
-    flash_attn: str = typer.Option("on", "--flash-attn", help="Flash attention: on or off."),
-    parallel: int = typer.Option(1, "--parallel", "-np", help="Parallel sequences (slots)."),
+    flash_attn: str = typer.Option(
+        _SERVE.flash_attn,
+        "--flash-attn",
+        help="Flash attention: on, off or auto (as serve: on unless llama.cpp lacks it).",
+    ),
+    parallel: int = typer.Option(
+        _SERVE.parallel, "--parallel", "-np", help="Parallel sequences (slots), as serve's."
+    ),
     gpu_layers: int | None = typer.Option(
         None, "--gpu-layers", "-ngl", help="Layers on the GPU (default: as many as fit)."
     ),
@@ -117,13 +133,24 @@ def fit_command(
     ),
     ram: str | None = typer.Option(None, "--ram", help="Pretend RAM, e.g. 32GiB."),
     ubatch: int = typer.Option(
-        512, "--ubatch-size", help="Physical batch size (llama.cpp n_ubatch)."
+        _SERVE.ubatch_size, "--ubatch-size", help="Physical batch size (llama.cpp n_ubatch)."
     ),
     swa_full: bool = typer.Option(
-        True,
+        _SERVE.swa_full,
         "--swa-full/--no-swa-full",
-        help="Full-size sliding-window cache (llama-cpp-python's default).",
+        help="Full-size sliding-window cache, as serve --swa-full (default: window-sized, "
+        "as serve and llama-server allocate).",
     ),
+    main_gpu: int = typer.Option(0, *_GPU["main_gpu"].flags, help=_GPU["main_gpu"].help),
+    split_mode: str = typer.Option(
+        "layer", *_GPU["split_mode"].flags, help=_GPU["split_mode"].help
+    ),
+    tensor_split: str | None = typer.Option(
+        None, *_GPU["tensor_split"].flags, help="share of the model per GPU, e.g. 3,1"
+    ),
+    kv_offload: bool = typer.Option(True, *_GPU["kv_offload"].flags, help=_GPU["kv_offload"].help),
+    cpu_moe: bool = typer.Option(False, *_GPU["cpu_moe"].flags, help=_GPU["cpu_moe"].help),
+    n_cpu_moe: int = typer.Option(0, *_GPU["n_cpu_moe"].flags, help=_GPU["n_cpu_moe"].help),
     measure: bool = typer.Option(
         False,
         "--measure",
@@ -131,24 +158,10 @@ def fit_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
-    """Will this model fit? Weights, KV cache, compute buffers and overhead per device."""
-    fa = flash_attn.strip().lower()
-    if fa not in ("on", "off", "true", "false", "1", "0", "auto"):
-        fail(f"--flash-attn takes on or off, not {flash_attn!r}")
-    fa_on = fa in ("on", "true", "1", "auto")
-    try:
-        hw = hardware_with_overrides(vram=vram, ram=ram)
-        MemorySettings(
-            1, cache_type, cache_type_v, fa_on, parallel, max(512, ubatch), ubatch
-        ).validate()
-        ident = identify(target)
-    except (ModelFormatError, ValueError, OSError) as exc:
-        fail(str(exc))
-    spec = ident.spec
-    if spec is None:
-        fail(f"cannot plan memory for {target}: {ident.format} model without readable metadata")
-    if not spec.n_vocab or not spec.n_layer:
-        fail(f"{target}: the metadata lacks the vocabulary size or layer count needed to plan")
+    """Will this model fit? Weights, KV cache, compute buffers and overhead per device.
+
+    Exit status: 0 fits (VRAM, part-offloaded or RAM), 2 does not fit (would swap), 1 error.
+    """
 
     def settings(ctx: int) -> MemorySettings:
         return MemorySettings(
@@ -157,10 +170,44 @@ def fit_command(
             cache_type_v=cache_type_v,
             flash_attn=fa_on,
             parallel=parallel,
-            n_batch=max(512, ubatch),
+            n_batch=max(_SERVE.batch_size, ubatch),
             n_ubatch=ubatch,
             swa_full=swa_full,
+            kv_unified=True,  # serve's engine shares one KV cache among its slots
+            main_gpu=gpu.main_gpu,
+            split_mode=gpu.split_mode,
+            tensor_split=gpu.tensor_split,
+            kv_offload=gpu.kv_offload,
+            cpu_moe=gpu.cpu_moe,
+            n_cpu_moe=gpu.n_cpu_moe,
         )
+
+    try:
+        gpu = EngineConfig(  # serve's GPU settings: parsed and checked by their declarations
+            model_path=Path(),
+            main_gpu=main_gpu,
+            split_mode=parse_text(_GPU["split_mode"], split_mode),
+            tensor_split=parse_text(_GPU["tensor_split"], tensor_split),
+            kv_offload=kv_offload,
+            cpu_moe=cpu_moe,
+            n_cpu_moe=n_cpu_moe,
+        ).validate()
+        fa_on = flash_attn_enabled(flash_attn)
+        hw = hardware_with_overrides(vram=vram, ram=ram)
+        MemorySettings(
+            1, cache_type, cache_type_v, fa_on, parallel, max(512, ubatch), ubatch
+        ).validate()
+        # hub repos and folders of variants: the file `pull` would pick, planned with these flags
+        machine = hub.Machine(hw, settings(ctx_size or DEFAULT_CTX), ctx_size, gpu_layers)
+        ident = identify(target, machine)
+    except (ModelFormatError, ValueError, OSError) as exc:
+        fail(str(exc))
+    spec = ident.spec
+    if spec is None:
+        fail(f"cannot plan memory for {target}: {ident.format} model without readable metadata")
+    if not spec.n_vocab or not spec.n_layer:
+        fail(f"{target}: the metadata lacks the vocabulary size or layer count needed to plan")
+    fa_on = flash_attn_enabled(flash_attn, spec.architecture)
 
     header = int(spec.extra.get("header_bytes") or 0)
     variants = ident.variants if ident.kind == "hub" or len(ident.variants) > 1 else []
@@ -175,12 +222,12 @@ def fit_command(
             ctx, plan = ctx_size, make(ctx_size)
         rows = []
         for v in variants:
-            vp = make(ctx, max(v.size_bytes - header, 0)) if v.name != ident.selected else plan
+            vp = make(ctx, max(v.size - header, 0)) if v.name != ident.selected else plan
             rows.append((v, vp))
     except ValueError as exc:
         fail(str(exc))
     fitting = [(v, p) for v, p in rows if p.fits]
-    best = max(fitting, key=lambda vp: vp[0].size_bytes)[0] if fitting else None
+    best = max(fitting, key=lambda vp: vp[0].size)[0] if fitting else None
 
     measured = None
     if measure:
@@ -193,6 +240,9 @@ def fit_command(
             "model": ident.target,
             "format": ident.format,
             "quantization": ident.quantization,
+            "selected": ident.selected,
+            "selected_file": ident.selected_file,
+            "selected_because": ident.choice,
             **plan.to_json(),
             "ctx_size": ctx,
             "hardware": hw.to_json(),
@@ -213,8 +263,10 @@ def fit_command(
         if measured is not None:
             out["measured"] = measured
         print(json.dumps(out, indent=2))
-        return
-    _render(ident, spec, hw, plan, ctx, rows, best, measured)
+    else:
+        _render(ident, spec, hw, plan, ctx, rows, best, measured)
+    if not plan.fits:
+        raise typer.Exit(EXIT_DOES_NOT_FIT)
 
 
 def _measure(
@@ -235,7 +287,7 @@ def _measure(
     path = Path(ident.target)
     if path.is_dir():
         chosen = next(v for v in ident.variants if v.name == ident.selected)
-        path = path / chosen.files[0]
+        path = path / chosen.main_file
     try:
         m = measure(
             path,
@@ -248,6 +300,7 @@ def _measure(
             n_batch=max(512, ubatch),
             n_ubatch=ubatch,
             swa_full=swa_full,
+            kv_unified=True,
         )
     except (ModelFormatError, ValueError) as exc:
         fail(str(exc))
@@ -276,6 +329,10 @@ def _render(
         f"[bold]{ident.target}[/] [dim]{spec.architecture}, {ident.quantization or '?'}, "
         f"trained context {spec.context_length:,}[/]"
     )
+    if ident.choice:
+        console.print(
+            f"[dim]planned file {ident.selected_file}: {ident.choice}[/]", highlight=False
+        )
     console.print(
         f"[dim]context {ctx:,} ({plan.kv.n_ctx:,} cells), KV {s.cache_type_k}/{s.type_v}, "
         f"flash attention {'on' if s.flash_attn else 'off'}, {s.parallel} parallel; "
@@ -305,7 +362,7 @@ def _render(
                 mark,
                 v.name,
                 v.quantization or "?",
-                format_size(v.size_bytes),
+                format_size(v.size),
                 format_size(p.total_bytes),
                 f"{p.gpu_layers}/{p.n_layers}",
                 f"[{st}]{p.verdict}[/]",

@@ -17,7 +17,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from innkeeper.engine.backend import ModelInfo
-from innkeeper.models.templates_detect import detect_template
+from innkeeper.models.templates_detect import detect_template, template_for_architecture
 
 
 class TemplateRenderError(ValueError):
@@ -81,6 +81,14 @@ BUILTIN_FORMATS: dict[str, InstructFormat] = {
             ("<start_of_turn>model\n", "<end_of_turn>\n"),
             ("<end_of_turn>", "<start_of_turn>"),
             system_in_user=True,
+        ),
+        InstructFormat(
+            "phi3",
+            "Phi-3",
+            ("<|system|>\n", "<|end|>\n"),
+            ("<|user|>\n", "<|end|>\n"),
+            ("<|assistant|>\n", "<|end|>\n"),
+            ("<|end|>", "<|user|>"),
         ),
         InstructFormat(
             "vicuna",
@@ -214,7 +222,7 @@ def resolve_template(ref: str | None, info: ModelInfo) -> ChatTemplate:
     if ref is None:
         if info.chat_template:
             return JinjaTemplate(info.chat_template, info)
-        return BuiltinTemplate(BUILTIN_FORMATS["alpaca"])
+        return BuiltinTemplate(BUILTIN_FORMATS[fallback_format(info)])
     fmt = BUILTIN_FORMATS.get(_key(ref))
     if fmt is not None:
         return BuiltinTemplate(fmt)
@@ -223,6 +231,12 @@ def resolve_template(ref: str | None, info: ModelInfo) -> ChatTemplate:
         return JinjaTemplate(path.read_text(encoding="utf-8"), info, name=path.name)
     names = ", ".join(BUILTIN_FORMATS)
     raise ValueError(f"unknown chat template {ref!r}: use one of {names}, or a Jinja file path")
+
+
+def fallback_format(info: ModelInfo) -> str:
+    """The built-in format for a GGUF without a chat template: its architecture's, else Alpaca."""
+    name = template_for_architecture(info.architecture, info.n_vocab)
+    return name if name in BUILTIN_FORMATS else "alpaca"
 
 
 def _key(name: str) -> str:

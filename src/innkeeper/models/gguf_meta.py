@@ -456,6 +456,7 @@ def spec_from_header(header: GGUFHeader, name: str = "") -> ModelSpec:
         chat_template=template,
         chat_template_name=detect_template(template),
         tied_embeddings=tied,
+        **_recurrent_state(meta, p, n_embd),
         extra={
             "gguf_version": header.version,
             "header_bytes": header.data_offset,
@@ -464,6 +465,24 @@ def spec_from_header(header: GGUFHeader, name: str = "") -> ModelSpec:
             "split_index": meta.get("split.no"),
         },
     )
+
+
+def _recurrent_state(meta: dict[str, Any], p: str, n_embd: int) -> dict[str, int]:
+    """llama.cpp's per-layer recurrent state widths (llama-hparams.cpp n_embd_r/n_embd_s):
+    RWKV token shift + WKV state, LFM2 short-conv cache, Mamba/Mamba-2 conv + SSM state."""
+    wkv = _int(meta, p + "wkv.head_size", 0) or 0
+    if wkv:
+        shifts = _int(meta, p + "token_shift_count", 2) or 2
+        return {"n_embd_r": shifts * n_embd, "n_embd_s": n_embd * wkv}
+    l_cache = _int(meta, p + "shortconv.l_cache", 0) or 0
+    if l_cache:
+        return {"n_embd_r": n_embd * (l_cache - 1), "n_embd_s": 0}
+    d_conv = _int(meta, p + "ssm.conv_kernel", 0) or 0
+    d_inner = _int(meta, p + "ssm.inner_size", 0) or 0
+    d_state = _int(meta, p + "ssm.state_size", 0) or 0
+    n_group = _int(meta, p + "ssm.group_count", 0) or 0
+    r = max(d_conv - 1, 0) * (d_inner + 2 * n_group * d_state)
+    return {"n_embd_r": r, "n_embd_s": d_state * d_inner}
 
 
 def read_gguf_spec(path: Path | str) -> ModelSpec:

