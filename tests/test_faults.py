@@ -103,7 +103,13 @@ def test_an_engine_error_fails_only_its_own_request(faulty: ServerProcess, c: ht
         cs.stream(
             "POST",
             "/v1/completions",
-            json={"prompt": "Count:", "max_tokens": 40, "ignore_eos": True, "stream": True},
+            json={
+                "prompt": "Count:",
+                "max_tokens": 40,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
         ) as r,
     ):
         lines = r.iter_lines()
@@ -121,8 +127,8 @@ def test_an_engine_error_fails_only_its_own_request(faulty: ServerProcess, c: ht
         )
         assert bad.status_code == 422 and "grammar" in bad.json()["detail"]["msg"]
         chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert chunks[-1]["usage"]["completion_tokens"] == 40
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 40  # OpenAI's last, choice-less chunk
     wait_for(lambda: idle(c), "idle")
 
 
@@ -154,7 +160,11 @@ def test_sigterm_ends_streams_cleanly_and_exits_zero() -> None:
     ) as srv:
         with (
             httpx.Client(base_url=srv.url, timeout=60) as cs,
-            cs.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r,
+            cs.stream(
+                "POST",
+                "/v1/completions",
+                json={**LONG, "stream": True, "stream_options": {"include_usage": True}},
+            ) as r,
         ):
             lines = r.iter_lines()
             for line in lines:
@@ -169,7 +179,7 @@ def test_sigterm_ends_streams_cleanly_and_exits_zero() -> None:
         assert took < 10, f"shutdown took {took:.1f} s"
         data = [line for line in rest if line.startswith("data:")]
         assert data[-1] == "data: [DONE]"
-        final = json.loads(data[-2][6:])
+        final = json.loads(data[-3][6:])
         assert final["choices"][0]["finish_reason"] is not None
-        assert final["usage"]["completion_tokens"] < 1500
+        assert json.loads(data[-2][6:])["usage"]["completion_tokens"] < 1500
         assert "Traceback" not in srv.log()

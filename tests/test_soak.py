@@ -194,6 +194,46 @@ class Soak:
             ok = '"detail":{"msg"' in r.text and "[DONE]" not in r.text
         self.note("bad_values", r.status_code, ok, f"{body} -> {r.text}")
 
+    def hostile(self, rng: random.Random) -> None:
+        """Issue 10's crashers and freezers, scaled under the soak's body cap."""
+        chatml = "<|im_start|>user\nx<|im_end|>\n"
+        alternatives = "root ::= (" + " | ".join(f'"{i}"' for i in range(3000)) + ")+"
+        route, body, expect = rng.choice(
+            [
+                (
+                    "/v1/completions",
+                    {
+                        "prompt": "Hi",
+                        "max_tokens": 2,
+                        "grammar": "root ::= " + "(" * 3000 + '"a"' + ")" * 3000,
+                    },
+                    "4xx",
+                ),
+                (
+                    "/api/v1/generate",
+                    {"prompt": "Hi", "max_length": 2, "grammar": alternatives},
+                    "4xx",
+                ),
+                (
+                    "/v1/chat/completions",
+                    {
+                        "messages": [{"role": "user", "content": "Hi"}],
+                        "grammar": 'root ::= ("a"?)*',
+                    },
+                    "4xx",
+                ),
+                ("/tokenize", {"content": chatml * 4000}, "200"),
+                (
+                    "/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": "x"}] * 5000, "max_tokens": 2},
+                    "4xx",
+                ),
+            ]
+        )
+        r = httpx.post(self.url + route, json=body, timeout=60)
+        ok = r.status_code == 200 if expect == "200" else 400 <= r.status_code < 500
+        self.note("hostile", r.status_code, ok, f"{route} -> {r.text}")
+
     def oversized_prompt(self, rng: random.Random) -> None:
         words = rng.randint(2500, 6000)  # more tokens than the 2048-token context
         route, body = rng.choice(
@@ -224,6 +264,7 @@ class Soak:
             (3, lambda: self.malformed(rng)),
             (3, lambda: self.bad_values(rng)),
             (2, lambda: self.oversized_prompt(rng)),
+            (2, lambda: self.hostile(rng)),
             (1, lambda: self.oversized_body(rng)),
         ]
         _, action = rng.choices(actions, weights=[w for w, _ in actions])[0]
@@ -278,7 +319,7 @@ def test_soak() -> None:
         final2 = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 8, "seed": 3})
         c.close()
 
-        bad_kinds = ("malformed", "bad_values", "oversized_prompt", "oversized_body")
+        bad_kinds = ("malformed", "bad_values", "hostile", "oversized_prompt", "oversized_body")
         report = {
             "requests_sent": sum(soak.kinds.values()),
             "measured_phase_requests": sent,

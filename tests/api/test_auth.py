@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -49,5 +51,69 @@ def test_every_configured_key_works(keyed: ServerProcess) -> None:
 
 def test_public_routes(keyed: ServerProcess) -> None:
     assert httpx.get(f"{keyed.url}/health").status_code == 200
-    assert httpx.post(f"{keyed.url}/api/extra/abort").status_code == 200  # ST sends it bare
     assert httpx.get(f"{keyed.url}/api/extra/version").json()["protected"] is True
+
+
+KEY = {"Authorization": "Bearer first-key"}
+LONG = {"prompt": "Tell me a story.", "ignore_eos": True, "temperature": 0.8, "stream": True}
+
+
+def perf(url: str) -> dict:
+    return httpx.get(f"{url}/api/extra/perf", headers=KEY, timeout=30).json()
+
+
+@pytest.mark.parametrize("path", ["/api/extra/abort", "/v1/internal/stop-generation"])
+def test_abort_routes_need_the_key(keyed: ServerProcess, path: str) -> None:
+    """Nobody without the key stops other users' generations, cross-site pages included."""
+    assert httpx.post(f"{keyed.url}{path}").status_code == 401
+    r = httpx.post(
+        f"{keyed.url}{path}",
+        content=b"{}",
+        headers={"Origin": "http://evil.com", "Content-Type": "text/plain"},
+    )
+    assert r.status_code in (401, 403)
+    # the Origin check applies to the abort routes even with a key
+    r = httpx.post(f"{keyed.url}{path}", headers={**KEY, "Origin": "http://evil.com"})
+    assert r.status_code == 403
+    assert httpx.post(f"{keyed.url}{path}", headers=KEY).status_code == 200
+
+
+def test_unkeyed_abort_does_not_stop_an_authenticated_stream(keyed: ServerProcess) -> None:
+    tokens, finish = 0, None
+    body = {**LONG, "max_length": 40}
+    with (
+        httpx.Client(base_url=keyed.url, timeout=60, headers=KEY) as c,
+        c.stream("POST", "/api/extra/generate/stream", json=body) as r,
+    ):
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[6:])
+            tokens += 1
+            if tokens == 3:  # mid-stream, a cross-site page and a keyless client abort
+                for headers in ({"Origin": "http://evil.com"}, {}):
+                    bad = httpx.post(f"{keyed.url}/api/extra/abort", headers=headers)
+                    assert bad.status_code in (401, 403)
+            if event["finish_reason"] != "null":
+                finish = event["finish_reason"]
+    assert finish == "length"
+    assert perf(keyed.url)["last_token_count"] == 40  # ran to its full length
+
+
+def test_closing_the_stream_stops_it_on_a_keyed_server(keyed: ServerProcess) -> None:
+    """SillyTavern's Stop sends /api/extra/abort without the key (a 401 now), but it also
+    closes the stream, and that alone frees the slot."""
+    before = perf(keyed.url)["total_aborted"]
+    with httpx.Client(base_url=keyed.url, timeout=60, headers=KEY) as c:
+        with c.stream("POST", "/api/extra/generate/stream", json={**LONG, "max_length": 800}) as r:
+            seen = 0
+            for line in r.iter_lines():
+                seen += line.startswith("data: ")
+                if seen >= 5:
+                    break
+        assert httpx.post(f"{keyed.url}/api/extra/abort").status_code == 401
+    t0 = time.monotonic()
+    while (p := perf(keyed.url))["busy_slots"]:
+        assert time.monotonic() - t0 < 2, p
+        time.sleep(0.05)
+    assert p["total_aborted"] == before + 1

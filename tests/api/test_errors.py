@@ -84,7 +84,7 @@ def test_body_of_wrong_shape(client: httpx.Client) -> None:
 
 
 def test_kobold_family_errors(client: httpx.Client) -> None:
-    assert "max_tokens" in kobold_error(
+    assert "max_length" in kobold_error(  # the field the client sent is named
         client.post("/api/v1/generate", json={"prompt": "Hi", "max_length": 0})
     )
     assert "temperature" in kobold_error(

@@ -143,22 +143,49 @@ def test_rebinding_host_is_refused(
     assert "--allow-host" in message and "Host" in message
 
 
-def test_no_cors_headers_by_default_and_same_origin_works(guarded: ServerProcess) -> None:
+def test_no_cors_headers_without_origin_and_same_origin_works(guarded: ServerProcess) -> None:
     url = guarded.url
+    port = port_of(guarded)
     r = http.get(f"{url}/v1/models")
     assert "access-control-allow-origin" not in r.headers
-    # the built-in page posts with its own origin: allowed, no CORS needed
-    r = http.post(f"{url}/tokenize", json={"content": "hi"}, headers={"Origin": url})
-    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
-    r = http.post(
-        f"{url}/tokenize",
-        json={"content": "hi"},
-        headers={
-            "Origin": f"http://localhost:{port_of(guarded)}",
-            "Host": f"localhost:{port_of(guarded)}",
-        },
-    )
-    assert r.status_code == 200
+    # the built-in page posts with its own origin, under any loopback spelling
+    for origin, host in [
+        (url, f"127.0.0.1:{port}"),
+        (f"http://localhost:{port}", f"localhost:{port}"),
+        (f"http://[::1]:{port}", f"[::1]:{port}"),
+        (f"http://localhost:{port}", f"127.0.0.1:{port}"),
+        # an --allow-host name, addressed as itself (docker port forwarding too)
+        (f"http://host.docker.internal:{port}", f"host.docker.internal:{port}"),
+        ("http://host.docker.internal:8080", "host.docker.internal:8080"),
+    ]:
+        r = http.post(
+            f"{url}/tokenize", json={"content": "hi"}, headers={"Origin": origin, "Host": host}
+        )
+        assert r.status_code == 200, (origin, host, r.text)
+
+
+@pytest.mark.parametrize(
+    ("origin", "host"),
+    [
+        # another port of an --allow-host name: another origin (a host-name compare let it in)
+        ("http://host.docker.internal:9999", "host.docker.internal:{port}"),
+        # a *.localhost name on another port, and https on the server's own host and port
+        ("http://app.localhost:9999", "app.localhost:{port}"),
+        ("https://localhost:{port}", "localhost:{port}"),
+        ("https://127.0.0.1:{port}", "127.0.0.1:{port}"),
+    ],
+)
+def test_origins_are_compared_whole(guarded: ServerProcess, origin: str, host: str) -> None:
+    port = port_of(guarded)
+    origin, host = origin.format(port=port), host.format(port=port)
+    for path in ("/api/v1/generate", "/api/extra/abort"):
+        r = http.post(
+            f"{guarded.url}{path}",
+            content=b'{"prompt": "Hi", "max_length": 2}',
+            headers={"Origin": origin, "Host": host, "Content-Type": "text/plain"},
+        )
+        assert r.status_code == 403, (path, r.text)
+        assert "access-control-allow-origin" not in r.headers
 
 
 @pytest.mark.parametrize(
@@ -251,3 +278,106 @@ def test_model_field_is_never_a_path(guarded: ServerProcess, name: str) -> None:
         r = c.get(f"/v1/models/{name}")
         assert r.status_code == 404
         assert "root:" not in r.text
+
+
+@pytest.mark.parametrize(
+    "other", ["http://127.0.0.1:{p}", "http://localhost:{p}", "http://[::1]:{p}"]
+)
+def test_pages_on_other_local_ports_get_cors(guarded: ServerProcess, other: str) -> None:
+    """KoboldAI Lite served from another local port: its preflight is answered, then its
+    calls work and carry the CORS grant (Ollama's default)."""
+    origin = other.format(p=free_port())
+    pre = http.options(
+        f"{guarded.url}/api/v1/generate",
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
+    assert pre.status_code == 200, pre.text
+    assert pre.headers["access-control-allow-origin"] == origin
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    assert "content-type" in pre.headers["access-control-allow-headers"].lower()
+    r = http.post(
+        f"{guarded.url}/api/v1/generate",
+        json={"prompt": "Hi", "max_length": 2},
+        headers={"Origin": origin},
+    )
+    assert r.status_code == 200 and r.json()["results"]
+    assert r.headers["access-control-allow-origin"] == origin
+    r = http.get(f"{guarded.url}/api/v1/model", headers={"Origin": origin})
+    assert r.headers["access-control-allow-origin"] == origin
+    # keyless loopback server: stopping stays public (SillyTavern, Lite's Abort button)
+    for path in ("/api/extra/abort", "/v1/internal/stop-generation"):
+        assert http.post(f"{guarded.url}{path}").status_code == 200
+        assert http.post(f"{guarded.url}{path}", headers={"Origin": origin}).status_code == 200
+
+
+def test_private_network_preflight_of_an_allowed_https_page(guarded: ServerProcess) -> None:
+    """Chromium asks before an https page (the hosted Lite) may call a local server."""
+    headers = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Private-Network": "true",
+    }
+    pre = http.options(f"{guarded.url}/api/v1/generate", headers={"Origin": ST_ORIGIN, **headers})
+    assert pre.status_code == 200
+    assert pre.headers["access-control-allow-private-network"] == "true"
+    bad = http.options(
+        f"{guarded.url}/api/v1/generate", headers={"Origin": "https://evil.example", **headers}
+    )
+    assert bad.status_code == 403
+    assert "access-control-allow-private-network" not in bad.headers
+
+
+def test_refused_origin_is_logged_once_with_the_fix() -> None:
+    """A refused page leaves one hint naming --cors-origin; a flood of them stays one line."""
+    with run_server("--ctx-size", "256", "--parallel", "1", name="cors-hint") as srv:
+        for i in range(30):
+            r = http.options(
+                f"{srv.url}/v1/models",
+                headers={
+                    "Origin": f"https://lite{i}.example",
+                    "Access-Control-Request-Method": "GET",
+                },
+            )
+            assert r.status_code == 403
+            assert "access-control-allow-origin" not in r.headers
+        http.get(f"{srv.url}/health")  # the log line is written before this answer
+        hints = [line for line in srv.log().splitlines() if "--cors-origin" in line]
+    assert len(hints) == 1, hints
+    assert "--cors-origin https://lite0.example" in hints[0]
+
+
+def test_keyed_server_preflight_and_hint() -> None:
+    """With a key, a loopback page's preflight (which carries no key) passes; a foreign
+    page's is refused, logged with the hint, and its abort gets a 403 even with the key."""
+    with run_server(
+        "--api-key", "k1", "--ctx-size", "256", "--parallel", "1", name="cors-keyed"
+    ) as srv:
+        origin = f"http://localhost:{free_port()}"
+        pre = http.options(
+            f"{srv.url}/v1/chat/completions",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
+        assert pre.status_code == 200
+        assert pre.headers["access-control-allow-origin"] == origin
+        r = http.get(
+            f"{srv.url}/v1/models", headers={"Origin": origin, "Authorization": "Bearer k1"}
+        )
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        bad = http.options(
+            f"{srv.url}/v1/models",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+        )
+        assert "access-control-allow-origin" not in bad.headers
+        r = http.post(
+            f"{srv.url}/api/extra/abort",
+            headers={"Origin": "https://evil.example", "Authorization": "Bearer k1"},
+        )
+        assert r.status_code == 403
+        assert "--cors-origin https://evil.example" in srv.log()

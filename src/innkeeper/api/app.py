@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.cors import CORSMiddleware
 
 from innkeeper import __version__
 from innkeeper.api import kobold, llamacpp, metrics, ooba, openai, status
 from innkeeper.api.errors import family, install_handlers
 from innkeeper.api.limits import BodyLimitMiddleware
-from innkeeper.api.security import ApiKeyMiddleware, HostGuardMiddleware
+from innkeeper.api.params import TOKEN_BANS_SYNTAX
+from innkeeper.api.security import (
+    LOOPBACK_ORIGIN_REGEX,
+    ApiKeyMiddleware,
+    HostGuardMiddleware,
+)
 from innkeeper.api.service import Service
 from innkeeper.config import ServerConfig
+from innkeeper.engine.templates import BUILTIN_FORMATS
 
 STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 
@@ -126,13 +133,112 @@ SSE_ONLY_PATHS = frozenset({"/api/extra/generate/stream"})
 STATUS_TEXT = {
     "400": "Bad request: invalid parameters, or an unknown Host on a loopback server",
     "401": "Missing or wrong API key (when the server has one)",
-    "403": "A browser page from an origin --cors-origin does not allow",
+    "403": "A browser page from an origin the server does not allow (see --cors-origin)",
     "404": "Not found",
     "413": "Request body larger than --max-body",
     "422": "Invalid request body",
     "503": "Every slot busy and the queue full (--parallel, --max-queue): retry after Retry-After",
     "504": "The generation took longer than --request-timeout and was stopped",
 }
+
+
+# Fields whose integers are token ids; lengths in tokens, bounded by the context.
+TOKEN_ID_FIELDS = frozenset({"prompt", "tokens", "custom_token_bans"})
+# Text with a language of its own, named as a string `format` (tests register generators)
+TEXT_FORMATS = {
+    "grammar": "gbnf",
+    "grammar_string": "gbnf",
+    "dry_sequence_breakers": "json-string-list",
+}
+LENGTH_FIELDS = frozenset(
+    {"max_tokens", "max_new_tokens", "max_completion_tokens", "num_predict", "max_length"}
+)
+
+
+def _bound_integers(node: Any, low: int, high: int) -> None:
+    """Give every integer schema under `node` the range [low, high]."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node["minimum"], node["maximum"] = low, high
+        for value in node.values():
+            _bound_integers(value, low, high)
+    elif isinstance(node, list):
+        for value in node:
+            _bound_integers(value, low, high)
+
+
+def decimal_range(high: int) -> str:
+    """A regex matching the decimal numbers 0..high (no leading zeros, no sign)."""
+    digits = str(high)
+    parts = ["0", *("[1-9]" + "[0-9]" * (n - 1) for n in range(1, len(digits)))]
+    for i, d in enumerate(digits):
+        low = 1 if i == 0 else 0
+        if int(d) > low:
+            rest = "[0-9]" * (len(digits) - i - 1)
+            parts.append(f"{digits[:i]}[{low}-{int(d) - 1}]{rest}")
+    parts.append(digits)
+    return "^(" + "|".join(dict.fromkeys(parts)) + ")$"
+
+
+def template_names(default_template: str) -> str:
+    """A regex of the template names a request may give: built-ins and the model's own,
+    in any case, with `-`, `_` or spaces anywhere (as `template_by_name` compares them)."""
+    sep = "[-_ ]*"
+    names = dict.fromkeys(["model", "default", "gguf", default_template, *BUILTIN_FORMATS])
+    spelled = [
+        sep
+        + "".join(
+            f"[{c.lower()}{c.upper()}]{sep}" if c.isalpha() else f"{re.escape(c)}{sep}"
+            for c in name.lower().replace("-", "").replace("_", "").replace(" ", "")
+        )
+        for name in names
+    ]
+    return "^(" + "|".join([sep, *spelled]) + ")$"
+
+
+def _string_branch(prop: dict[str, Any]) -> dict[str, Any]:
+    """The `{"type": "string"}` alternative of a property (or the property itself)."""
+    for branch in prop.get("anyOf", []):
+        if branch.get("type") == "string":
+            return branch
+    return prop
+
+
+def document_limits(
+    schema: dict[str, Any], *, n_ctx: int, n_vocab: int, default_template: str
+) -> None:
+    """Write into the request bodies what the server enforces beyond JSON types: token ids
+    within the vocabulary and lengths within the context (known once the model is loaded),
+    the syntax of text-valued lists, the template names, and OpenAI's logprobs rule."""
+    for body in schema.get("components", {}).get("schemas", {}).values():
+        props = body.get("properties", {})
+        for name, prop in props.items():
+            if name in TOKEN_ID_FIELDS:
+                _bound_integers(prop, 0, n_vocab - 1)
+                if name == "custom_token_bans":  # or as text, "1,2,3"
+                    ids = decimal_range(n_vocab - 1)[1:-1]
+                    _string_branch(prop)["pattern"] = f"^{TOKEN_BANS_SYNTAX.format(id=ids)}$"
+            elif name in LENGTH_FIELDS:
+                prop.update(minimum=1, maximum=n_ctx)
+            elif name == "n_predict":  # llama.cpp's -1: until the context is full
+                prop.update(minimum=-1, maximum=n_ctx, description="-1: until the context is full")
+                prop["not"] = {"const": 0}
+            elif name in ("truncation_length", "max_context_length"):
+                prop["not"] = {"const": 1}  # 0: no limit; 1 leaves no room to generate
+            elif name in TEXT_FORMATS:
+                _string_branch(prop)["format"] = TEXT_FORMATS[name]
+            elif name == "logit_bias":  # keys are token ids
+                for branch in prop.get("anyOf", [prop]):
+                    if branch.get("type") == "object":
+                        branch["propertyNames"] = {"pattern": decimal_range(n_vocab - 1)}
+            elif name in ("instruction_template", "chat_template"):
+                prop["pattern"] = template_names(default_template)
+            elif name == "sampler_order":
+                _bound_integers(prop, 0, 6)  # KoboldCpp's sampler ids
+        if "top_logprobs" in props and "logprobs" in props:  # OpenAI: a 400 otherwise
+            needs = {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}
+            unset = {"properties": {"top_logprobs": {"type": "null"}}}
+            body["dependentSchemas"] = {"top_logprobs": {"anyOf": [unset, needs]}}
 
 
 def document_errors(app: FastAPI) -> None:
@@ -148,6 +254,13 @@ def document_errors(app: FastAPI) -> None:
         if app.openapi_schema:
             return app.openapi_schema
         schema = base()
+        service: Service = app.state.service
+        document_limits(
+            schema,
+            n_ctx=service.n_ctx,
+            n_vocab=service.engine.model.n_vocab,
+            default_template=service.engine.template.name,
+        )
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
         for fam, body in ERROR_SCHEMAS.items():
             comps[f"Error_{fam}"] = body
@@ -184,20 +297,24 @@ def install_guards(app: FastAPI, config: ServerConfig) -> None:
 
     The guard runs before CORS so a rebinding page gets nothing; CORS runs before the key
     check so a browser can read a 401 and its preflight (which carries no key) succeeds.
+    Pages on this machine (any loopback port) get CORS by default, as with Ollama; other
+    origins need `--cors-origin`.
     """
     app.add_middleware(ApiKeyMiddleware, keys=config.api_keys)
     app.add_middleware(BodyLimitMiddleware, max_body=config.max_body)
-    if config.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=config.cors_origins,
-            allow_methods=["*"],
-            allow_headers=["*"],
-            max_age=600,
-        )
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=config.cors_origins,
+        allow_origin_regex=LOOPBACK_ORIGIN_REGEX,
+        allow_methods=["*"],
+        allow_headers=["*"],
+        allow_private_network=True,  # Chromium's preflight from an https page (hosted Lite)
+        max_age=600,
+    )
     app.add_middleware(
         HostGuardMiddleware,
         bound_host=config.host,
+        port=config.port,
         allowed_hosts=config.allowed_hosts,
         cors_origins=config.cors_origins,
         check_host=config.loopback,

@@ -12,17 +12,17 @@ from collections.abc import Iterable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict
 
 from innkeeper import __version__
 from innkeeper.api.errors import ApiError
-from innkeeper.api.params import ParamError, SamplerFields, normalise
-from innkeeper.api.service import Service, check_finish
+from innkeeper.api.offload import OffLoopBodyRoute
+from innkeeper.api.params import JsonBody, ParamError, SamplerFields, normalise
+from innkeeper.api.service import Service, check_finish, finish_error
 from innkeeper.api.state import service_of
 from innkeeper.api.streaming import sse, sse_response
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent
 
-router = APIRouter(tags=["KoboldAI / KoboldCpp"])
+router = APIRouter(tags=["KoboldAI / KoboldCpp"], route_class=OffLoopBodyRoute)
 
 KOBOLD_API_VERSION = "1.2.5"
 KOBOLDCPP_COMPAT_VERSION = "1.76"
@@ -37,13 +37,11 @@ class KoboldGenerateBody(SamplerFields):
     quiet: bool = False
 
 
-class GenkeyBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class GenkeyBody(JsonBody):
     genkey: str | None = None
 
 
-class TokenCountBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TokenCountBody(JsonBody):
     prompt: str = ""
     special: bool = True
 
@@ -59,14 +57,25 @@ async def _optional_body(request: Request) -> GenkeyBody:
         return GenkeyBody()
 
 
+async def _count(request: Request, text: str, *, add_special: bool) -> list[int]:
+    """Token ids for a count route (off the event loop; too long a text is a 422)."""
+    try:
+        return await service_of(request).tokenize(text, add_special, request=request)
+    except ParamError as exc:
+        raise ApiError(422, str(exc)) from exc
+
+
 def _model_name(service: Service) -> str:
     return f"innkeeper/{service.model_id}"
 
 
-def _start(service: Service, body: KoboldGenerateBody) -> Any:
+async def _start(request: Request, service: Service, body: KoboldGenerateBody) -> Any:
     try:
         gen = normalise(body, n_vocab=service.engine.model.n_vocab)
-        prompt = service.tokenize(body.memory + body.prompt)
+        prompt = await service.tokenize(
+            body.memory + body.prompt, request=request, limit=service.prompt_limit(gen)
+        )
+        await service.check_grammar(gen.params.grammar)
         return service.start(
             prompt,
             gen,
@@ -116,10 +125,9 @@ for prefix in ("/api/v1", "/api/latest"):
     @router.post(f"{prefix}/generate", include_in_schema=include)
     async def generate(request: Request, body: KoboldGenerateBody) -> dict[str, Any]:
         service = service_of(request)
-        running = _start(service, body)
+        running = await _start(request, service, body)
         ev = await service.collect(request, running)
         check_finish(ev)
-        service.last_text = ev.text
         return {
             "results": [
                 {"text": _text_with_stop(ev, body.trim_stop), "finish_reason": _kobold_reason(ev)}
@@ -129,13 +137,14 @@ for prefix in ("/api/v1", "/api/latest"):
     @router.post(f"{prefix}/token-count", include_in_schema=include)
     async def legacy_token_count(request: Request, body: TokenCountBody) -> dict[str, Any]:
         """text-generation-webui's pre-2023 API, which SillyTavern's "Legacy API" option uses."""
-        return {"results": [{"tokens": len(service_of(request).tokenize(body.prompt))}]}
+        ids = await _count(request, body.prompt, add_special=True)
+        return {"results": [{"tokens": len(ids)}]}
 
 
 @router.post("/api/extra/generate/stream")
 async def generate_stream(request: Request, body: KoboldGenerateBody) -> Any:
     service = service_of(request)
-    running = _start(service, body)
+    running = await _start(request, service, body)
 
     def frame(ev: Event) -> Iterable[bytes]:
         if isinstance(ev, TokenEvent):
@@ -143,12 +152,9 @@ async def generate_stream(request: Request, body: KoboldGenerateBody) -> Any:
                 yield sse({"token": ev.text, "finish_reason": "null"}, event="message")
             return
         if ev.reason == "error":
-            yield sse(
-                {"detail": {"msg": ev.error or "generation failed", "type": "server_error"}},
-                event="message",
-            )
+            err = finish_error(ev)
+            yield sse({"detail": {"msg": err.message, "type": err.type}}, event="message")
             return
-        service.last_text = ev.text
         tail = "" if body.trim_stop or not ev.stop_string else ev.stop_string
         yield sse({"token": tail, "finish_reason": _kobold_reason(ev)}, event="message")
 
@@ -159,10 +165,7 @@ async def generate_stream(request: Request, body: KoboldGenerateBody) -> Any:
 async def generate_check(request: Request) -> dict[str, Any]:
     """The text generated so far (KoboldAI Lite polls this instead of streaming)."""
     body = await _optional_body(request)
-    service = service_of(request)
-    running = service.latest(body.genkey)
-    text = running.text if running is not None else service.last_text
-    return {"results": [{"text": text}]}
+    return {"results": [{"text": service_of(request).progress(body.genkey)}]}
 
 
 @router.post("/api/extra/abort")
@@ -174,7 +177,7 @@ async def abort(request: Request) -> dict[str, str]:
 
 @router.post("/api/extra/tokencount")
 async def tokencount(request: Request, body: TokenCountBody) -> dict[str, Any]:
-    ids = service_of(request).tokenize(body.prompt, add_special=False)
+    ids = await _count(request, body.prompt, add_special=False)
     return {"value": len(ids), "ids": ids}
 
 

@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict
+from fastapi.responses import JSONResponse
 
 from innkeeper import __version__
 from innkeeper.api.errors import ApiError
-from innkeeper.api.params import ParamError
+from innkeeper.api.offload import OffLoopBodyRoute
+from innkeeper.api.params import JsonBody, ParamError
 from innkeeper.api.state import service_of
 
-router = APIRouter(tags=["llama.cpp"])
+router = APIRouter(tags=["llama.cpp"], route_class=OffLoopBodyRoute)
 
 
-class TokenizeBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TokenizeBody(JsonBody):
     content: str = ""
     add_special: bool = False
     with_pieces: bool = False
 
 
-class DetokenizeBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class DetokenizeBody(JsonBody):
     tokens: list[int]
 
 
@@ -63,18 +63,25 @@ async def props(request: Request) -> dict[str, Any]:
 @router.post("/tokenize")
 async def tokenize(request: Request, body: TokenizeBody) -> dict[str, Any]:
     service = service_of(request)
-    ids = service.tokenize(body.content, add_special=body.add_special)
-    if body.with_pieces:
-        model = service.engine.model
-        return {
-            "tokens": [{"id": t, "piece": model.piece(t).decode("utf-8", "replace")} for t in ids]
-        }
-    return {"tokens": ids}
+    model = service.engine.model
+
+    def work(cancel: threading.Event) -> JSONResponse:
+        # The answer is built and serialised here too: it grows with the text.
+        ids = service.tokenize_now(body.content, body.add_special, cancel=cancel)
+        if body.with_pieces:
+            pieces = [{"id": t, "piece": model.piece(t).decode("utf-8", "replace")} for t in ids]
+            return JSONResponse({"tokens": pieces})
+        return JSONResponse({"tokens": ids})
+
+    try:
+        return await service.off_loop(work, request)  # type: ignore[return-value]
+    except ParamError as exc:
+        raise ApiError(400, str(exc)) from exc
 
 
 @router.post("/detokenize")
 async def detokenize(request: Request, body: DetokenizeBody) -> dict[str, str]:
     try:
-        return {"content": service_of(request).detokenize(body.tokens)}
+        return {"content": await service_of(request).detokenize(body.tokens, request)}
     except ParamError as exc:
         raise ApiError(400, str(exc)) from exc

@@ -6,29 +6,28 @@ on remote token counting through /v1/internal/encode.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, ConfigDict
 
 from innkeeper.api.errors import ApiError
+from innkeeper.api.offload import OffLoopBodyRoute
 from innkeeper.api.openai import ChatBody, render_chat
-from innkeeper.api.params import ParamError
+from innkeeper.api.params import JsonBody, ParamError, normalise
 from innkeeper.api.state import service_of
 from innkeeper.engine.templates import BUILTIN_FORMATS
 
-router = APIRouter(tags=["text-generation-webui"])
+router = APIRouter(tags=["text-generation-webui"], route_class=OffLoopBodyRoute)
 
 
-class EncodeBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class EncodeBody(JsonBody):
     text: str = ""
     add_special: bool = False
 
 
-class DecodeBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class DecodeBody(JsonBody):
     tokens: list[int]
 
 
@@ -47,23 +46,31 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
+async def _count(request: Request, text: str, add_special: bool) -> list[int]:
+    """Token ids for an encode/count route (off the event loop; too long a text is a 422)."""
+    try:
+        return await service_of(request).tokenize(text, add_special, request=request)
+    except ParamError as exc:
+        raise ApiError(422, str(exc)) from exc
+
+
 @router.post("/v1/internal/encode")
 async def encode(request: Request, body: EncodeBody) -> dict[str, Any]:
-    tokens = service_of(request).tokenize(body.text, add_special=body.add_special)
+    tokens = await _count(request, body.text, body.add_special)
     return {"tokens": tokens, "length": len(tokens)}
 
 
 @router.post("/v1/internal/decode")
 async def decode(request: Request, body: DecodeBody) -> dict[str, str]:
     try:
-        return {"text": service_of(request).detokenize(body.tokens)}
+        return {"text": await service_of(request).detokenize(body.tokens, request)}
     except ParamError as exc:
         raise ApiError(422, str(exc)) from exc
 
 
 @router.post("/v1/internal/token-count")
 async def token_count(request: Request, body: EncodeBody) -> dict[str, int]:
-    return {"length": len(service_of(request).tokenize(body.text, add_special=body.add_special))}
+    return {"length": len(await _count(request, body.text, body.add_special))}
 
 
 @router.post("/v1/internal/stop-generation")
@@ -76,8 +83,20 @@ async def stop_generation(request: Request) -> PlainTextResponse:
 async def chat_prompt(request: Request, body: ChatBody) -> dict[str, Any]:
     """The prompt a chat request would send, rendered with the chosen template."""
     service = service_of(request)
-    prompt, stops = render_chat(service, body)
-    return {"prompt": prompt, "stop": list(stops), "tokens": len(service.tokenize(prompt))}
+    try:  # the same body /v1/chat/completions takes: the same checks
+        service.check_lengths(normalise(body, n_vocab=service.engine.model.n_vocab))
+    except ParamError as exc:
+        raise ApiError(422, str(exc)) from exc
+
+    def work(cancel: threading.Event) -> dict[str, Any]:
+        prompt, stops = render_chat(service, body)
+        n = len(service.tokenize_now(prompt, cancel=cancel))
+        return {"prompt": prompt, "stop": list(stops), "tokens": n}
+
+    try:  # rendering and tokenising grow with the body: off the event loop
+        return await service.off_loop(work, request)
+    except ParamError as exc:
+        raise ApiError(422, str(exc)) from exc
 
 
 @router.get("/v1/internal/templates")

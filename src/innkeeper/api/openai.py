@@ -7,27 +7,29 @@ SillyTavern's KoboldCpp and Default (Oobabooga) Text Completion types both gener
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from innkeeper.api.errors import ApiError
-from innkeeper.api.params import Generation, ParamError, SamplerFields, normalise
-from innkeeper.api.service import RunningGeneration, Service, check_finish
+from innkeeper.api.offload import OffLoopBodyRoute
+from innkeeper.api.params import Generation, JsonBody, ParamError, SamplerFields, normalise
+from innkeeper.api.service import RunningGeneration, Service, check_finish, finish_error
 from innkeeper.api.state import service_of
-from innkeeper.api.streaming import sse, sse_response
+from innkeeper.api.streaming import sse, sse_runs_response
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent, TokenLogprob
 from innkeeper.engine.templates import TemplateRenderError, message_text, template_by_name
 
-router = APIRouter(tags=["OpenAI"])
+router = APIRouter(tags=["OpenAI"], route_class=OffLoopBodyRoute)
 
 PromptType = str | list[str] | list[int] | list[list[int]]
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(JsonBody):
     include_usage: bool = False
 
 
@@ -46,7 +48,7 @@ class CompletionBody(SamplerFields):
     )
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(JsonBody):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -100,16 +102,27 @@ def timings(ev: FinishEvent) -> dict[str, Any]:
     }
 
 
-def _prompts(service: Service, prompt: PromptType) -> list[list[int]]:
-    if isinstance(prompt, str):
-        return [service.tokenize(prompt)]
-    if not prompt:
-        return [service.tokenize("")]
-    if all(isinstance(p, int) for p in prompt):
+async def _prompts(
+    service: Service, prompt: PromptType, gen: Generation, request: Request
+) -> list[list[int]]:
+    """The prompt(s) as token ids, tokenised off the event loop (one job for all of them)."""
+    if isinstance(prompt, str) or not prompt:
+        texts = [prompt or ""]
+    elif all(isinstance(p, str) for p in prompt):
+        texts = list(prompt)  # type: ignore[arg-type]
+    elif all(isinstance(p, int) for p in prompt):
         return [list(prompt)]  # type: ignore[arg-type]
-    if all(isinstance(p, str) for p in prompt):
-        return [service.tokenize(p) for p in prompt]  # type: ignore[arg-type]
-    return [list(p) for p in prompt]  # type: ignore[arg-type]
+    else:
+        return [list(p) for p in prompt]  # type: ignore[arg-type]
+    limit = service.prompt_limit(gen)
+
+    def work(cancel: threading.Event) -> list[list[int]]:
+        return [service.tokenize_now(t, limit=limit, cancel=cancel) for t in texts]  # type: ignore[arg-type]
+
+    try:
+        return await service.off_loop(work, request)
+    except ParamError as exc:
+        raise ApiError(400, str(exc)) from exc
 
 
 def _legacy_logprobs(lps: list[TokenLogprob], offset0: int) -> dict[str, Any]:
@@ -140,6 +153,66 @@ def _chat_logprobs(lps: Iterable[TokenLogprob]) -> dict[str, Any]:
     }
 
 
+class _Stream:
+    """OpenAI's streaming shape for `n` choices: chunks carry each choice's `index`; with
+    `stream_options.include_usage` every chunk has `usage: null` and one last chunk with
+    `choices: []` carries the usage of all choices; without it no chunk has a usage."""
+
+    def __init__(
+        self,
+        cid: str,
+        kind: str,
+        created: int,
+        model: str,
+        options: StreamOptions | None,
+        n: int,
+    ) -> None:
+        self.base = {"id": cid, "object": kind, "created": created, "model": model}
+        self.include_usage = bool(options and options.include_usage)
+        self.n = n
+        self.finals: dict[int, FinishEvent] = {}
+
+    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        body: dict[str, Any] = {**self.base, "choices": choices, **extra}
+        if self.include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    def error(self, ev: FinishEvent) -> bytes:
+        err = finish_error(ev)  # the type of the error kind (a refused grammar is the client's)
+        return sse({"error": {"message": err.message, "type": err.type}})
+
+    def usage_chunk(self) -> Iterable[bytes]:
+        if not self.include_usage or not self.finals:
+            return
+        finals = sorted(self.finals.items())
+        per_prompt = {i // self.n: ev.timings for i, ev in finals}
+        prompt = sum(t.prompt_tokens for t in per_prompt.values())
+        completion = sum(ev.timings.completion_tokens for _, ev in finals)
+        yield sse(
+            {
+                **self.base,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                    "prompt_tokens_details": {
+                        "cached_tokens": sum(t.cached_tokens for t in per_prompt.values())
+                    },
+                },
+            }
+        )
+
+
+async def _check_grammar(service: Service, gen: Generation) -> None:
+    """Bound and compile the request's grammar off the event loop, before any run starts."""
+    try:
+        await service.check_grammar(gen.params.grammar)
+    except ParamError as exc:
+        raise ApiError(400, str(exc)) from exc
+
+
 def _generation(service: Service, body: SamplerFields) -> Generation:
     try:
         return normalise(body, n_vocab=service.engine.model.n_vocab)
@@ -154,28 +227,31 @@ def _start_all(
     n: int,
     n_logprobs: int,
 ) -> list[RunningGeneration]:
+    """Start `n` runs per prompt, all or none: every prompt is checked before the first run
+    is queued, and if any start fails (queue full, bad grammar) the runs already started
+    are cancelled and forgotten, so a failed request leaves nothing behind."""
     runs: list[RunningGeneration] = []
+    complete = False
     try:
-        for prompt in prompts:
-            for _ in range(n):
-                gen = _generation(service, body)
-                runs.append(
-                    service.start(
-                        prompt,
-                        gen,
-                        default_max_tokens=service.default_max_tokens,
-                        n_logprobs=n_logprobs,
-                        genkey=body.genkey,
-                    )
+        gens = [_generation(service, body) for _ in range(len(prompts) * n)]
+        for prompt, gen in zip(prompts, gens[::n], strict=True):
+            service.prepare(prompt, gen, service.default_max_tokens)
+        for i, gen in enumerate(gens):
+            runs.append(
+                service.start(
+                    prompts[i // n],
+                    gen,
+                    default_max_tokens=service.default_max_tokens,
+                    n_logprobs=n_logprobs,
+                    genkey=body.genkey,
                 )
+            )
+        complete = True
     except ParamError as exc:
-        for r in runs:
-            r.cancel()
         raise ApiError(400, str(exc)) from exc
-    except BaseException:
-        for r in runs:
-            r.cancel()
-        raise
+    finally:
+        if not complete:
+            service.release(runs)
     return runs
 
 
@@ -214,9 +290,9 @@ def _model_card(service: Service) -> dict[str, Any]:
 @router.post("/v1/completion", include_in_schema=False)
 async def completions(request: Request, body: CompletionBody) -> Any:
     service = service_of(request)
-    prompts = _prompts(service, body.prompt)
-    if body.stream and (len(prompts) > 1 or body.n > 1):
-        raise ApiError(400, "streaming supports a single prompt with n=1")
+    gen = _generation(service, body)
+    prompts = await _prompts(service, body.prompt, gen, request)
+    await _check_grammar(service, gen)
     n_logprobs = body.logprobs or 0
     runs = _start_all(service, prompts, body, body.n, n_logprobs)
     cid = f"cmpl-{runs[0].id}"
@@ -224,43 +300,27 @@ async def completions(request: Request, body: CompletionBody) -> Any:
     model = service.model_id
 
     if body.stream:
-        running = runs[0]
-        include_usage = True
+        stream = _Stream(cid, "text_completion", created, model, body.stream_options, body.n)
 
-        def frame(ev: Event) -> Iterable[bytes]:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "text": "",
-                "logprobs": None,
-                "finish_reason": None,
-            }
-            chunk: dict[str, Any] = {
-                "id": cid,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [choice],
-            }
+        def frame(i: int, ev: Event) -> Iterable[bytes]:
             if isinstance(ev, TokenEvent):
                 if not ev.text and not (n_logprobs and ev.logprobs):
                     return
-                choice["text"] = ev.text
+                logprobs = None
                 if n_logprobs and ev.logprobs:
-                    choice["logprobs"] = _legacy_logprobs(list(ev.logprobs), 0)
-                yield sse(chunk)
-                return
-            if ev.reason == "error":
-                yield sse(
-                    {"error": {"message": ev.error or "generation failed", "type": "server_error"}}
+                    logprobs = _legacy_logprobs(list(ev.logprobs), 0)
+                yield stream.chunk(
+                    [{"index": i, "text": ev.text, "logprobs": logprobs, "finish_reason": None}]
                 )
                 return
-            choice["finish_reason"] = _finish_reason(ev)
-            if include_usage:
-                chunk["usage"] = usage(ev)
-            chunk["timings"] = timings(ev)
-            yield sse(chunk)
+            if ev.reason == "error":
+                yield stream.error(ev)
+                return
+            stream.finals[i] = ev
+            choice = {"index": i, "text": "", "logprobs": None, "finish_reason": _finish_reason(ev)}
+            yield stream.chunk([choice], timings=timings(ev))
 
-        return sse_response(service, running, frame)
+        return sse_runs_response(service, runs, frame, end=stream.usage_chunk)
 
     finals = await asyncio.gather(*(service.collect(request, r) for r in runs))
     choices = []
@@ -325,10 +385,20 @@ def render_chat(service: Service, body: ChatBody) -> tuple[str, tuple[str, ...]]
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, body: ChatBody) -> Any:
     service = service_of(request)
-    prompt_text, template_stops = render_chat(service, body)
-    prompt = service.tokenize(prompt_text)
-    if body.stream and body.n > 1:
-        raise ApiError(400, "streaming supports n=1")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true")
+    gen = _generation(service, body)
+    limit = service.prompt_limit(gen)
+
+    def work(cancel: threading.Event) -> tuple[list[int], tuple[str, ...]]:
+        text, stops = render_chat(service, body)
+        return service.tokenize_now(text, limit=limit, cancel=cancel), stops
+
+    try:  # the template and the tokeniser run off the event loop: both grow with the body
+        prompt, template_stops = await service.off_loop(work, request)
+    except ParamError as exc:
+        raise ApiError(400, str(exc)) from exc
+    await _check_grammar(service, gen)
     n_logprobs = (body.top_logprobs or 1) if body.logprobs else 0
     extra_stops = [s for s in template_stops if s]
     if extra_stops:
@@ -340,63 +410,47 @@ async def chat_completions(request: Request, body: ChatBody) -> Any:
     model = service.model_id
 
     if body.stream:
-        running = runs[0]
-        sent_role = False
-        include_usage = True
-
-        def frame(ev: Event) -> Iterable[bytes]:
-            nonlocal sent_role
-            base: dict[str, Any] = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-            }
-            if not sent_role:
-                sent_role = True
-                yield sse(
+        stream = _Stream(cid, "chat.completion.chunk", created, model, body.stream_options, body.n)
+        head = [
+            stream.chunk(
+                [
                     {
-                        **base,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ],
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
                     }
-                )
+                ]
+            )
+            for i in range(len(runs))
+        ]
+
+        def frame(i: int, ev: Event) -> Iterable[bytes]:
             if isinstance(ev, TokenEvent):
                 if not ev.text and not (n_logprobs and ev.logprobs):
                     return
-                choice: dict[str, Any] = {
-                    "index": 0,
+                logprobs = _chat_logprobs(ev.logprobs) if n_logprobs and ev.logprobs else None
+                choice = {
+                    "index": i,
                     "delta": {"content": ev.text},
-                    "logprobs": None,
+                    "logprobs": logprobs,
                     "finish_reason": None,
                 }
-                if n_logprobs and ev.logprobs:
-                    choice["logprobs"] = _chat_logprobs(ev.logprobs)
-                yield sse({**base, "choices": [choice]})
+                yield stream.chunk([choice])
                 return
             if ev.reason == "error":
-                yield sse(
-                    {"error": {"message": ev.error or "generation failed", "type": "server_error"}}
-                )
+                yield stream.error(ev)
                 return
-            final: dict[str, Any] = {
-                **base,
-                "choices": [
-                    {"index": 0, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(ev)}
-                ],
-                "timings": timings(ev),
+            stream.finals[i] = ev
+            choice = {
+                "index": i,
+                "delta": {},
+                "logprobs": None,
+                "finish_reason": _finish_reason(ev),
             }
-            if include_usage:
-                final["usage"] = usage(ev)
-            yield sse(final)
+            yield stream.chunk([choice], timings=timings(ev))
 
-        return sse_response(service, running, frame)
+        return sse_runs_response(service, runs, frame, head=head, end=stream.usage_chunk)
 
     finals = await asyncio.gather(*(service.collect(request, r) for r in runs))
     choices = []

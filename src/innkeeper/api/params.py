@@ -10,10 +10,11 @@ presence penalty falls back to frequency penalty…). Unknown fields are ignored
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from innkeeper.engine.sampling import (
     DEFAULT_ORDER,
@@ -26,19 +27,54 @@ Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 NonNeg = Annotated[float, Field(ge=0.0)]
 Penalty = Annotated[float, Field(gt=0.0, le=100.0)]
 Range = Annotated[int, Field(ge=-1)]
-Seed = Annotated[int, Field(ge=-1, le=2**63 - 1)]
+# 2**53 - 1: the largest integer a JSON number carries exactly (JavaScript clients, floats)
+Seed = Annotated[int, Field(ge=-1, le=2**53 - 1)]
 MAX_STOPS = 64
 MAX_STOP_LENGTH = 1000
+# the length spellings, in the order of precedence when a client sends several
+LENGTH_ALIASES = (
+    "max_tokens",
+    "max_completion_tokens",
+    "max_new_tokens",
+    "max_length",
+    "n_predict",
+    "num_predict",
+)
+# custom_token_bans as text: "1,2,3" or "[1, 2, 3]"; `{id}` is a token id's pattern
+TOKEN_BANS_SYNTAX = r"[ \t]*\[?[ \t]*({id}([ \t]*,[ \t]*{id})*)?[ \t]*,?[ \t]*\]?[ \t]*"
+DECIMAL = "(0|[1-9][0-9]*)"
 
 
 class ParamError(ValueError):
     """A parameter value that is well-typed but makes no sense (reported as a 4xx)."""
 
 
-class SamplerFields(BaseModel):
-    """Every sampler and stop setting any client sends, under every name it uses."""
+def _integral_floats_to_ints(value: Any) -> Any:
+    """JSON Schema counts 4.0 as an integer; strict validation would not, so convert."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral_floats_to_ints(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral_floats_to_ints(v) for k, v in value.items()}
+    return value
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+class JsonBody(BaseModel):
+    """A request body validated by JSON types, as the OpenAPI document states them: no "5"
+    for 5 and no 0 for false (SillyTavern, KoboldAI Lite and the openai SDK all send real
+    JSON types); unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_integers(cls, data: Any) -> Any:
+        return _integral_floats_to_ints(data)
+
+
+class SamplerFields(JsonBody):
+    """Every sampler and stop setting any client sends, under every name it uses."""
 
     temperature: NonNeg | None = Field(None, le=100.0)
     top_k: Annotated[int, Field(ge=-1)] | None = None
@@ -114,6 +150,7 @@ class Generation:
     stop: list[str] = field(default_factory=list)
     banned_strings: list[str] = field(default_factory=list)
     truncate_to: int | None = None  # keep the prompt within this many tokens (left-trim)
+    longest: tuple[str, int] | None = None  # the largest length asked, under any spelling
     min_tokens: int = 0
     n_probs: int = 0
     unsupported: list[str] = field(default_factory=list)
@@ -152,6 +189,8 @@ def parse_token_bans(value: str | list[int] | None, n_vocab: int) -> list[int]:
         return []
     items: list[Any]
     if isinstance(value, str):
+        if not re.fullmatch(TOKEN_BANS_SYNTAX.format(id=DECIMAL), value):
+            raise ParamError(f"custom_token_bans: {value[:100]!r} is not a list of token ids")
         items = [x.strip() for x in value.replace("[", "").replace("]", "").split(",") if x.strip()]
     else:
         items = list(value)
@@ -268,18 +307,18 @@ def normalise(
             f"at most {MAX_STOPS} banned strings of at most {MAX_STOP_LENGTH} characters"
         )
 
-    max_tokens = _first(
-        f.max_tokens,
-        f.max_completion_tokens,
-        f.max_new_tokens,
-        f.max_length,
-        f.n_predict,
-        f.num_predict,
-    )
-    if max_tokens is not None and max_tokens == -1 and f.n_predict == -1:
+    # every spelling given is checked, not only the one used, as the OpenAPI document says
+    lengths = {name: value for name in LENGTH_ALIASES if (value := getattr(f, name)) is not None}
+    for name, value in lengths.items():
+        if value <= 0 and not (name == "n_predict" and value == -1):
+            raise ParamError(f"{name} must be at least 1 (got {value})")
+    max_tokens = next(iter(lengths.values()), None)
+    if max_tokens == -1:
         max_tokens = None  # llama.cpp's n_predict -1: until the context is full
-    elif max_tokens is not None and max_tokens <= 0:
-        raise ParamError(f"max_tokens must be at least 1 (got {max_tokens})")
+    longest = max(lengths.items(), key=lambda kv: kv[1], default=None)
+    for name in ("truncation_length", "max_context_length"):
+        if getattr(f, name) == 1:
+            raise ParamError(f"{name} must be 0 (no limit) or at least 2: 1 leaves no room")
     truncate_to = _first(f.truncation_length, f.max_context_length) or None
     return Generation(
         params=params,
@@ -287,6 +326,7 @@ def normalise(
         stop=stops,
         banned_strings=banned,
         truncate_to=truncate_to,
+        longest=longest,
         min_tokens=f.min_tokens or 0,
         n_probs=f.n_probs or 0,
         unsupported=params.unsupported(),

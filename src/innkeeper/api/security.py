@@ -8,28 +8,39 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
+import re
+import time
 from collections.abc import Iterable
-from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from innkeeper.api.errors import error_body
 from innkeeper.config import is_loopback
 
-# Routes a client calls without a key: health checks, the web page's files, and the calls
-# SillyTavern makes without an Authorization header (KoboldCpp's abort and version checks).
+log = logging.getLogger("innkeeper.api")
+
+# Routes a client calls without a key: health checks, the web page's files, and the version
+# checks SillyTavern makes without an Authorization header. The abort routes are not here:
+# on a keyed server stopping someone's generation needs the key (SillyTavern's Stop also
+# closes its stream, which stops the run without any route).
 PUBLIC_PATHS = frozenset(
     {
         "/",
         "/health",
         "/favicon.ico",
-        "/api/extra/abort",
         "/api/extra/version",
         "/api/v1/info/version",
         "/api/latest/info/version",
     }
 )
 PUBLIC_PREFIXES = ("/static/",)
+# Routes that stop generations: the Origin check applies to them even on a keyed server.
+ABORT_PATHS = frozenset({"/api/extra/abort", "/v1/internal/stop-generation"})
+# Pages served from this machine on any port may call the API by default, as Ollama allows:
+# only software already running here can serve them.
+LOOPBACK_ORIGIN_REGEX = r"http://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?"
+HINT_INTERVAL = 30.0  # seconds between two "origin refused" log hints, whatever the origin
 
 
 def key_matches(presented: str, keys: Iterable[str]) -> bool:
@@ -118,16 +129,58 @@ def host_name(value: str) -> str:
     return v.rstrip(".")
 
 
+class OriginPolicy:
+    """Which browser origins may call the API, compared as whole origins (scheme, host, port).
+
+    Allowed: the server's own origin (the bound host and, on loopback, its loopback
+    spellings at the server's port), the origin the request itself is addressed to once the
+    Host check vouched for it, pages served from this machine on any port
+    (`LOOPBACK_ORIGIN_REGEX`), and every `--cors-origin`.
+    """
+
+    def __init__(self, *, bound_host: str, port: int, cors_origins: Iterable[str] = ()) -> None:
+        self.configured = {o.strip().rstrip("/").lower() for o in cors_origins}
+        self.any = "*" in self.configured
+        self.own = own_origins(bound_host, port)
+        self.loopback = re.compile(LOOPBACK_ORIGIN_REGEX)
+
+    def allowed(self, origin: str, addressed: str | None = None) -> bool:
+        """`addressed` is `http://` + the request's Host, when the Host check passed it."""
+        o = origin.strip().rstrip("/").lower()
+        return (
+            self.any
+            or o in self.configured
+            or o in self.own
+            or o == addressed
+            or self.loopback.fullmatch(o) is not None
+        )
+
+
+def own_origins(bound_host: str, port: int) -> set[str]:
+    """The origins a browser gives a page served by this server itself."""
+    names = {bound_host.strip().strip("[]").lower()}
+    if is_loopback(bound_host):
+        names |= {"127.0.0.1", "localhost", "::1"}
+    out = set()
+    for name in names:
+        netloc = f"[{name}]" if ":" in name else name
+        out.add(f"http://{netloc}:{port}")
+        if port == 80:
+            out.add(f"http://{netloc}")
+    return out
+
+
 class HostGuardMiddleware:
     """DNS-rebinding and cross-site request protection for a server nobody else should reach.
 
     Bound to loopback (`check_host`), a request must be addressed to a loopback name, the
     bound host or an `--allow-host` name: a web page whose domain an attacker re-points at
     127.0.0.1 still sends its own name in Host, and gets a 400. Without API keys
-    (`check_origin`), a browser request from another site's page (its `Origin` names a
-    different host) gets a 403 unless `--cors-origin` allows that origin, so a page cannot
-    make the server generate or abort with a simple cross-site POST. Clients that are not
-    browsers send no Origin and are not affected.
+    (`check_origin`), a browser request whose `Origin` the `OriginPolicy` does not allow gets
+    a 403, so a page cannot make the server generate or abort with a simple cross-site POST;
+    the abort routes get that check on a keyed server too. Clients that are not browsers send
+    no Origin and are not affected. A refused origin is logged with a hint naming
+    `--cors-origin`, at most once every `HINT_INTERVAL` seconds.
     """
 
     def __init__(
@@ -135,6 +188,7 @@ class HostGuardMiddleware:
         app: ASGIApp,
         *,
         bound_host: str,
+        port: int,
         allowed_hosts: Iterable[str] = (),
         cors_origins: Iterable[str] = (),
         check_host: bool = True,
@@ -144,20 +198,29 @@ class HostGuardMiddleware:
         self.extra = {host_name(h) for h in allowed_hosts}
         self.names = {"localhost", host_name(bound_host), *self.extra}
         self.any_host = "*" in self.extra
-        self.origins = {o.rstrip("/").lower() for o in cors_origins}
+        self.origins = OriginPolicy(bound_host=bound_host, port=port, cors_origins=cors_origins)
         self.check_host = check_host
-        self.check_origin = check_origin and "*" not in self.origins
+        self.check_origin = check_origin
+        self.last_hint = -HINT_INTERVAL
 
     def host_allowed(self, name: str) -> bool:
         return (
             self.any_host or name in self.names or is_loopback(name)
         )  # no DNS answer can point these elsewhere
 
-    def origin_allowed(self, origin: str, host: str) -> bool:
-        if origin.rstrip("/").lower() in self.origins:
-            return True
-        other = (urlsplit(origin).hostname or "").rstrip(".")
-        return bool(other) and (other == host or other in self.extra)
+    def hint(self, origin: str) -> None:
+        """One log line that names the fix; rate-limited so refused pages cannot flood it."""
+        now = time.monotonic()
+        if now - self.last_hint < HINT_INTERVAL:
+            return
+        self.last_hint = now
+        flag = origin if _PRINTABLE_ORIGIN.fullmatch(origin) else "ORIGIN"
+        log.warning(
+            "refused a browser page from %r (CORS): start innkeeper with --cors-origin %s "
+            "to let it call the API",
+            origin[:200],
+            flag,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -177,14 +240,24 @@ class HostGuardMiddleware:
             )
             return
         origin = header(scope, b"origin")
-        if self.check_origin and origin is not None and not self.origin_allowed(origin, host):
-            await send_error(
-                scope,
-                send,
-                403,
-                f"cross-origin request from {origin!r} refused: start the server with "
-                f"--cors-origin {origin} to let that page use it",
-                "permission_error",
+        if origin is not None:
+            # Host names the origin the browser addressed; trusted once the Host check ran
+            addressed = (
+                f"http://{raw_host.strip().lower()}" if self.check_host and raw_host else None
             )
-            return
+            if not self.origins.allowed(origin, addressed):
+                self.hint(origin)
+                if self.check_origin or scope.get("path") in ABORT_PATHS:
+                    await send_error(
+                        scope,
+                        send,
+                        403,
+                        f"cross-origin request from {origin!r} refused: start the server with "
+                        f"--cors-origin {origin} to let that page use it",
+                        "permission_error",
+                    )
+                    return
         await self.app(scope, receive, send)
+
+
+_PRINTABLE_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[A-Za-z0-9.\-\[\]:]{1,200}")

@@ -10,10 +10,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from starlette.requests import Request
 
@@ -21,6 +25,7 @@ from innkeeper.api.errors import ApiError
 from innkeeper.api.params import Generation, ParamError
 from innkeeper.engine.engine import Engine
 from innkeeper.engine.events import (
+    ErrorKind,
     Event,
     FinishEvent,
     GenerationRequest,
@@ -29,10 +34,22 @@ from innkeeper.engine.events import (
 )
 from innkeeper.engine.sampling import GrammarError, check_grammar
 from innkeeper.engine.scheduler import QueueFullError
+from innkeeper.engine.tokenizer import TokenizeCancelled, TooManyTokens
 
 log = logging.getLogger("innkeeper.api")
 
 TIMEOUT_ERROR = "the request took longer than the server's --request-timeout"
+FINISHED_GENKEYS = 64  # finished genkey runs whose text /api/extra/generate/check still knows
+# Threads that tokenise, render templates and compile grammars for requests, so that the
+# event loop never does work proportional to a request body (a 30 MB /tokenize, a 40k-message
+# chat). Few: the engine thread needs the cores more; more requests than this wait their turn.
+OFF_LOOP_THREADS = 2
+# Token-count routes (/tokenize, /api/extra/tokencount…) and prompts that are left-trimmed
+# to fit (truncation_length, max_context_length) may hold this many contexts' worth of tokens.
+COUNT_LIMIT_CONTEXTS = 4
+GRAMMARS_REMEMBERED = 64  # grammars already checked: a chat resending one is not re-parsed
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -92,7 +109,10 @@ class RunningGeneration:
             else:
                 if self.timed_out and ev.reason == "abort":
                     ev = dataclasses.replace(
-                        ev, reason="error", error=f"{TIMEOUT_ERROR} ({self.timeout:g} s)"
+                        ev,
+                        reason="error",
+                        error=f"{TIMEOUT_ERROR} ({self.timeout:g} s)",
+                        error_kind=ErrorKind.TIMEOUT,
                     )
                 self.finish = ev
             yield ev
@@ -117,30 +137,139 @@ class Service:
         self.default_max_tokens = default_max_tokens
         self.request_timeout = request_timeout
         self.sse_ping_interval = sse_ping_interval
-        self.last_text = ""
         self.running: dict[str, RunningGeneration] = {}
+        # text of recently finished runs started with a genkey, for KoboldCpp's final poll
+        self.finished: OrderedDict[str, str] = OrderedDict()
+        self.last_text = ""  # the last finished run started without a genkey
         self.started = time.time()
+        self._pool = ThreadPoolExecutor(OFF_LOOP_THREADS, thread_name_prefix="innkeeper-work")
+        self._grammars_ok: OrderedDict[str, None] = OrderedDict()
 
     @property
     def n_ctx(self) -> int:
         return self.engine.n_ctx
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return self.engine.tokenize(text, add_special=add_special)
+    async def off_loop(
+        self, work: Callable[[threading.Event], T], request: Request | None = None
+    ) -> T:
+        """Run `work(cancel)` on the service's worker threads instead of the event loop.
 
-    def detokenize(self, tokens: list[int]) -> str:
+        When the client of `request` hangs up (or the awaiting task is cancelled), `cancel`
+        is set; work that comes in pieces (tokenising) stops at the next piece.
+        """
+        cancel = threading.Event()
+        future = asyncio.get_running_loop().run_in_executor(self._pool, work, cancel)
+        watcher = asyncio.create_task(_wait_disconnect(request)) if request is not None else None
+        try:
+            if watcher is not None:
+                await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if not future.done():
+                    cancel.set()
+                    future.add_done_callback(_retrieve)  # its outcome no longer matters
+                    raise ApiError(400, "the client went away")
+            return await future
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await watcher
+
+    @property
+    def count_limit(self) -> int:
+        """The most tokens a count route or a left-trimmed prompt may have."""
+        return COUNT_LIMIT_CONTEXTS * max(self.n_ctx, self.engine.info.n_ctx_train)
+
+    def prompt_limit(self, gen: Generation | None) -> int:
+        """The most tokens a prompt for `gen` can usefully have: more can only be refused
+        (a prompt must leave room in the context), unless it is left-trimmed to fit."""
+        if gen is not None and gen.truncate_to:
+            return self.count_limit
+        return self.n_ctx - 1
+
+    def tokenize_now(
+        self,
+        text: str,
+        add_special: bool = True,
+        *,
+        limit: int | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[int]:
+        """Tokenise on this thread (a worker: see `tokenize`); over `limit` is a ParamError."""
+        limit = self.count_limit if limit is None else limit
+        try:
+            return self.engine.tokenize(text, add_special=add_special, cancel=cancel, limit=limit)
+        except TooManyTokens as exc:
+            if limit < self.n_ctx:
+                raise ParamError(
+                    f"the prompt has at least {exc.at_least} tokens but the context holds "
+                    f"{self.n_ctx}: no room to generate (shorten the prompt or start the "
+                    "server with a larger --ctx-size)"
+                ) from exc
+            raise ParamError(
+                f"the text has at least {exc.at_least} tokens; this server tokenises at most "
+                f"{limit} ({COUNT_LIMIT_CONTEXTS} times its context) in one request"
+            ) from exc
+        except TokenizeCancelled as exc:
+            raise ApiError(400, "the client went away") from exc
+
+    async def tokenize(
+        self,
+        text: str,
+        add_special: bool = True,
+        *,
+        request: Request | None = None,
+        limit: int | None = None,
+    ) -> list[int]:
+        """Text to ids off the event loop, stopping early past `limit` (default: the count
+        limit) or when the client hangs up."""
+        return await self.off_loop(
+            lambda cancel: self.tokenize_now(text, add_special, limit=limit, cancel=cancel),
+            request,
+        )
+
+    def detokenize_now(self, tokens: list[int]) -> str:
         """Token ids to text; ids outside the vocabulary are a ParamError, not a crash."""
         bad = [t for t in tokens if not self.engine.model.valid_token(t)]
         if bad:
             raise ParamError(f"token ids outside the vocabulary: {bad[:5]}")
         return self.engine.detokenize(tokens)
 
+    async def detokenize(self, tokens: list[int], request: Request | None = None) -> str:
+        return await self.off_loop(lambda _cancel: self.detokenize_now(tokens), request)
+
+    def check_grammar_now(self, grammar: str | None) -> None:
+        """Bound and compile a client grammar (a ParamError if it is bad or too costly)."""
+        if not grammar or grammar in self._grammars_ok:
+            return
+        try:
+            check_grammar(self.engine.model, grammar)
+        except GrammarError as exc:
+            raise ParamError(str(exc)) from exc
+        self._grammars_ok[grammar] = None
+        while len(self._grammars_ok) > GRAMMARS_REMEMBERED:
+            self._grammars_ok.popitem(last=False)
+
+    async def check_grammar(self, grammar: str | None) -> None:
+        """`check_grammar_now` off the event loop; routes call it before `start`."""
+        if grammar and grammar not in self._grammars_ok:
+            await self.off_loop(lambda _cancel: self.check_grammar_now(grammar))
+
+    def check_lengths(self, gen: Generation) -> None:
+        """No length spelling may ask for more than the context holds."""
+        name, longest = gen.longest or ("max_tokens", gen.max_tokens)
+        if longest is not None and longest > self.n_ctx:
+            raise ParamError(f"{name} ({longest}) exceeds the context size ({self.n_ctx} tokens)")
+
     def fit_prompt(self, prompt: list[int], gen: Generation) -> tuple[list[int], int]:
         """Check the prompt and length against the context; returns (prompt, max_tokens).
 
         With `truncation_length`/`max_context_length` the prompt is left-trimmed to fit, as
-        text-generation-webui and KoboldCpp do; without, a prompt that leaves no room is a
-        client error.
+        text-generation-webui and KoboldCpp do (and, as KoboldCpp does, a length that would
+        fill that whole window is cut to leave one prompt token); without, a prompt that
+        leaves no room is a client error.
         """
         n_ctx = self.n_ctx
         if not prompt:
@@ -148,12 +277,11 @@ class Service:
             if bos < 0:
                 raise ParamError("the prompt is empty")
             prompt = [bos]
-        if gen.max_tokens is not None and gen.max_tokens > n_ctx:
-            raise ParamError(
-                f"max_tokens ({gen.max_tokens}) exceeds the context size ({n_ctx} tokens)"
-            )
+        self.check_lengths(gen)
         if gen.truncate_to:
             limit = min(gen.truncate_to, n_ctx)
+            if gen.max_tokens is not None and gen.max_tokens >= limit > 1:
+                gen.max_tokens = limit - 1
             keep = limit - (gen.max_tokens or 0)
             if keep <= 0:
                 raise ParamError(
@@ -173,6 +301,19 @@ class Service:
         max_tokens = min(gen.max_tokens, room) if gen.max_tokens else room
         return prompt, max_tokens
 
+    def prepare(
+        self, prompt: list[int], gen: Generation, default_max_tokens: int | None = None
+    ) -> tuple[list[int], int]:
+        """Everything about one prompt that can be wrong, checked before anything starts:
+        returns (prompt, max_tokens) or raises ParamError."""
+        if gen.max_tokens is None and default_max_tokens is not None:
+            gen.max_tokens = default_max_tokens
+        prompt, max_tokens = self.fit_prompt(prompt, gen)
+        for tok in prompt:
+            if not self.engine.model.valid_token(tok):
+                raise ParamError(f"token id {tok} is outside the vocabulary")
+        return prompt, max_tokens
+
     def start(
         self,
         prompt: list[int],
@@ -182,17 +323,9 @@ class Service:
         n_logprobs: int = 0,
         genkey: str | None = None,
     ) -> RunningGeneration:
-        if gen.max_tokens is None and default_max_tokens is not None:
-            gen.max_tokens = default_max_tokens
-        prompt, max_tokens = self.fit_prompt(prompt, gen)
-        for tok in prompt:
-            if not self.engine.model.valid_token(tok):
-                raise ParamError(f"token id {tok} is outside the vocabulary")
-        if gen.params.grammar:
-            try:
-                check_grammar(self.engine.model, gen.params.grammar)
-            except GrammarError as exc:
-                raise ParamError(str(exc)) from exc
+        prompt, max_tokens = self.prepare(prompt, gen, default_max_tokens)
+        # Routes check the grammar off the loop first (`check_grammar`); this is then a lookup.
+        self.check_grammar_now(gen.params.grammar)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -226,7 +359,27 @@ class Service:
         return running
 
     def done(self, running: RunningGeneration) -> None:
-        self.running.pop(running.id, None)
+        """Forget a run whose response is over (its owner may still poll it by genkey)."""
+        if self.running.pop(running.id, None) is None:
+            return
+        if not running.genkey:
+            self.last_text = running.text
+            return
+        self.finished[running.genkey] = running.text
+        self.finished.move_to_end(running.genkey)
+        while len(self.finished) > FINISHED_GENKEYS:
+            self.finished.popitem(last=False)
+
+    def release(self, runs: Iterable[RunningGeneration]) -> None:
+        """Undo started runs whose request failed as a whole: cancel and forget each one."""
+        for running in runs:
+            running.cancel()
+            self.running.pop(running.id, None)
+
+    @property
+    def in_flight(self) -> int:
+        """Runs started and not yet answered (0 when idle: nothing may leak here)."""
+        return len(self.running)
 
     def abort(self, genkey: str | None = None) -> int:
         """Stop running generations (all, or those started with `genkey`)."""
@@ -241,6 +394,22 @@ class Service:
     def latest(self, genkey: str | None = None) -> RunningGeneration | None:
         candidates = [r for r in self.running.values() if not genkey or r.genkey == genkey]
         return max(candidates, key=lambda r: r.created, default=None)
+
+    def progress(self, genkey: str | None = None) -> str:
+        """KoboldCpp's /api/extra/generate/check: the text generated so far.
+
+        With a genkey, only that client's own run (running, or among the last finished);
+        an unknown genkey gets "". Without one, as KoboldCpp does for single-user clients:
+        the run in flight while it is the only one, or the last finished one when idle,
+        never a run started with a genkey, and nothing while several users generate.
+        """
+        if genkey:
+            running = self.latest(genkey)
+            return running.text if running is not None else self.finished.get(genkey, "")
+        if not self.running:
+            return self.last_text
+        only = next(iter(self.running.values()))
+        return only.text if len(self.running) == 1 and not only.genkey else ""
 
     async def collect(self, request: Request, running: RunningGeneration) -> FinishEvent:
         """Wait for a non-streaming generation; a client that hangs up cancels it."""
@@ -269,6 +438,12 @@ class Service:
             self.done(running)
 
 
+def _retrieve(future: asyncio.Future[object]) -> None:
+    """Collect an abandoned future's exception so asyncio does not log it as lost."""
+    if not future.cancelled():
+        future.exception()
+
+
 async def _wait_disconnect(request: Request) -> None:
     while True:
         message = await request.receive()
@@ -276,10 +451,23 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
+# How each kind of engine failure reaches the client: (HTTP status, error type).
+ERROR_KINDS: dict[ErrorKind, tuple[int, str]] = {
+    ErrorKind.GRAMMAR: (400, "invalid_request_error"),
+    ErrorKind.CONTEXT_OVERFLOW: (503, "service_unavailable"),
+    ErrorKind.TIMEOUT: (504, "timeout_error"),
+    ErrorKind.SAMPLING: (500, "server_error"),
+    ErrorKind.INTERNAL: (500, "server_error"),
+}
+
+
+def finish_error(ev: FinishEvent) -> ApiError:
+    """The error response for a request the engine ended with reason "error"."""
+    status, type_ = ERROR_KINDS[ev.error_kind or ErrorKind.INTERNAL]
+    return ApiError(status, ev.error or "generation failed", type_)
+
+
 def check_finish(ev: FinishEvent) -> None:
     """An engine-side failure of one request becomes that request's error response."""
     if ev.reason == "error":
-        if ev.error and ev.error.startswith(TIMEOUT_ERROR):
-            raise ApiError(504, ev.error, "timeout_error")
-        status = 400 if ev.error and "grammar" in ev.error else 500
-        raise ApiError(status, ev.error or "generation failed", "server_error")
+        raise finish_error(ev)

@@ -66,6 +66,7 @@ async def status(request: Request) -> dict[str, Any]:
             "total_requests": perf.total_requests,
             "busy_slots": sched.busy_slots,
             "queued": sched.queued,
+            "requests_in_flight": service.in_flight,
             "uptime_seconds": round(time.time() - perf.started, 1),
         },
     }

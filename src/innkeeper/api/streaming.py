@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from innkeeper.api.service import RunningGeneration, Service
-from innkeeper.engine.events import Event
+from innkeeper.engine.events import Event, FinishEvent
 
 PING = b": ping\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -22,6 +24,27 @@ def dumps(obj: Any) -> str:
 def sse(data: Any, event: str | None = None) -> bytes:
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {dumps(data)}\n\n".encode()
+
+
+class _RunsResponse(StreamingResponse):
+    """A stream that releases its runs however it ends: a client that is gone before the
+    body generator first runs never reaches the generator's `finally`."""
+
+    def __init__(
+        self, runs: list[RunningGeneration], service: Service, *args: Any, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.runs = runs
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for running in self.runs:
+                if running.finish is None:
+                    running.cancel()
+                self.service.done(running)
 
 
 def sse_response(
@@ -57,7 +80,74 @@ def sse_response(
                 running.cancel()
             service.done(running)
 
-    return StreamingResponse(
+    return _RunsResponse(
+        [running],
+        service,
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def sse_runs_response(
+    service: Service,
+    runs: list[RunningGeneration],
+    frame: Callable[[int, Event], Iterable[bytes]],
+    *,
+    head: Iterable[bytes] = (),
+    end: Callable[[], Iterable[bytes]] | None = None,
+    tail: bytes | None = DONE,
+    ping_every: float | None = None,
+) -> StreamingResponse:
+    """Several runs on one stream (OpenAI's `n` and prompt lists), as `sse_response` does one.
+
+    Each run's events are framed with its index as they arrive, interleaved; `head` goes
+    out first, `end()` after every run has finished (the usage chunk), then `tail`. A closed
+    connection cancels every run still going, and every run is forgotten by the service.
+    """
+    if ping_every is None:
+        ping_every = service.sse_ping_interval
+
+    async def body() -> AsyncIterator[bytes]:
+        merged: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+        async def pump(index: int, running: RunningGeneration) -> None:
+            async for ev in running.events():
+                if ev is not None:
+                    merged.put_nowait((index, ev))
+
+        pumps = [asyncio.create_task(pump(i, r)) for i, r in enumerate(runs)]
+        try:
+            for chunk in head:
+                yield chunk
+            left = len(runs)
+            while left:
+                try:
+                    index, ev = await asyncio.wait_for(merged.get(), ping_every or None)
+                except asyncio.TimeoutError:
+                    yield PING
+                    continue
+                if isinstance(ev, FinishEvent):
+                    left -= 1
+                for chunk in frame(index, ev):
+                    yield chunk
+            if end is not None:
+                for chunk in end():
+                    yield chunk
+            if tail:
+                yield tail
+        finally:
+            for running in runs:
+                if running.finish is None:
+                    running.cancel()
+            for task in pumps:
+                task.cancel()
+            for running in runs:
+                service.done(running)
+
+    return _RunsResponse(
+        runs,
+        service,
         body(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 from innkeeper.engine.sampling import SamplingParams
 
@@ -60,6 +61,19 @@ class Timings:
         return done / (self.predicted_ms / 1000) if self.predicted_ms > 0 else 0.0
 
 
+class ErrorKind(str, Enum):
+    """Why a request ended with reason "error": the api layer maps each kind to a status.
+
+    Set where the failure happens, so nobody has to guess the kind from the message text.
+    """
+
+    GRAMMAR = "grammar"  # the request's grammar was refused, or too costly to run
+    CONTEXT_OVERFLOW = "context_overflow"  # the KV cache had no room for the request
+    SAMPLING = "sampling"  # picking this request's next token failed
+    TIMEOUT = "timeout"  # the request's deadline (--request-timeout) passed
+    INTERNAL = "internal"  # anything else: a bug or a llama.cpp failure
+
+
 @dataclass(frozen=True)
 class FinishEvent:
     """The last event of every request, whatever ended it."""
@@ -69,8 +83,9 @@ class FinishEvent:
     timings: Timings
     seed: int
     stop_string: str | None = None
-    error: str | None = None
+    error: str | None = None  # a message for the client when reason == "error"
     eos: bool = False
+    error_kind: ErrorKind | None = None  # set whenever reason == "error"
 
 
 Event = TokenEvent | FinishEvent

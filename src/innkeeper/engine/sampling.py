@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import llama_cpp as C
 
 from innkeeper.engine.backend import Model
+from innkeeper.engine.grammar_limits import GrammarError, check_limits
 
 # Canonical sampler names, in llama-server's default order (penalties first, temperature last).
 DEFAULT_ORDER: tuple[str, ...] = (
@@ -121,16 +122,14 @@ class SamplingParams:
         return self.temperature <= 0 and self.mirostat == 0
 
 
-class GrammarError(ValueError):
-    """A GBNF grammar llama.cpp could not parse."""
-
-
 def check_grammar(model: Model, grammar: str) -> None:
-    """Parse a GBNF grammar now (any thread: it only needs the vocabulary).
+    """Bound and parse a GBNF grammar now (any thread: it only needs the vocabulary).
 
-    Done before a request is queued so a bad grammar is a 400, not an error event in the
-    middle of an already-started stream.
+    Done before a request is queued (off the event loop) so a bad or too costly grammar is
+    a 400, not an error event in the middle of an already-started stream. The limits are
+    checked first: llama.cpp's own parser is what a hostile grammar would crash.
     """
+    check_limits(grammar, model.n_vocab)
     smpl = C.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
     if not smpl:
         raise GrammarError("the GBNF grammar could not be parsed (llama.cpp rejected it)")
@@ -182,6 +181,11 @@ class SamplerChain:
             self._add(chain, C.llama_sampler_init_logit_bias(model.n_vocab, len(bias), arr))
 
         if p.grammar:
+            try:
+                check_limits(p.grammar, model.n_vocab)  # cached: free after check_grammar
+            except GrammarError:
+                C.llama_sampler_free(chain)
+                raise
             grammar = C.llama_sampler_init_grammar(model.vocab, p.grammar.encode(), b"root")
             if not grammar:
                 C.llama_sampler_free(chain)

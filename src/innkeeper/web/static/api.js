@@ -75,12 +75,14 @@ export async function getJson(path, opts) {
 export const postJson = (path, body, opts = {}) => getJson(path, { ...opts, method: "POST", body });
 
 /**
- * POST /v1/completions with stream: true; calls onText(piece) for each piece and resolves to the
- * final chunk ({finish_reason, usage, timings}). Aborting `signal` closes the connection, which
- * the server turns into a cancel.
+ * POST /v1/completions with stream: true; calls onText(piece) for each piece and resolves to
+ * {finish_reason, usage, timings}: the finish chunk's, with the usage of the choice-less chunk
+ * that `include_usage` adds after it (OpenAI's shape). Aborting `signal` closes the connection,
+ * which the server turns into a cancel.
  */
 export async function streamCompletion(body, { signal, onText }) {
-  const res = await request("/v1/completions", { method: "POST", body: { ...body, stream: true }, signal });
+  const streamBody = { ...body, stream: true, stream_options: { include_usage: true } };
+  const res = await request("/v1/completions", { method: "POST", body: streamBody, signal });
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -109,6 +111,7 @@ export async function streamCompletion(body, { signal, onText }) {
       const choice = chunk.choices && chunk.choices[0];
       if (choice && choice.text) onText(choice.text);
       if (choice && choice.finish_reason) final = { finish_reason: choice.finish_reason, usage: chunk.usage, timings: chunk.timings };
+      if (final && chunk.usage) final.usage = chunk.usage;
     }
   }
   return final;
