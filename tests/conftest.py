@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-# Before any test module: innkeeper maps llama.cpp's libraries on import, before any test module imports numpy
-# (the other order crashes CUDA builds; docs/gpu-load-order.md).
+# Before any test module: innkeeper maps llama.cpp's libraries on import, before any test
+# module imports numpy (the other order crashes CUDA builds; docs/gpu-load-order.md).
 import innkeeper  # noqa: F401
 from tests.helpers import ServerProcess, run_server
+
+# Every server and CLI the suite starts sees an empty store of its own, never the user's
+# pulled models (tests that pull point INNKEEPER_MODELS elsewhere themselves).
+os.environ["INNKEEPER_MODELS"] = tempfile.mkdtemp(prefix="innkeeper-test-store-")
 
 
 @pytest.fixture(scope="session")

@@ -47,6 +47,18 @@ def check_origin(origin: str) -> str:
     return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
+def check_plan_size(text: str) -> str:
+    """`--ram`/`--vram` take what `fit` takes (hardware.parse_size, several GPUs by commas)."""
+    from innkeeper.models.hardware import parse_size as hardware_size
+
+    try:
+        for part in text.split(","):
+            hardware_size(part.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--ram/--vram: {exc}") from None
+    return text.strip()
+
+
 def check_host_name(name: str) -> str:
     value = name.strip().lower().rstrip(".")
     if value != "*" and (not value or any(c in value for c in "/ @?#")):
@@ -109,6 +121,44 @@ class ServerConfig:
         help="seconds between keep-alive comments on a silent stream (0 = off)",
     )
     model_alias: str | None = setting(None, "--alias", help="model name shown to clients")
+    admin_keys: tuple[str, ...] = setting(
+        (),
+        "--admin-key",
+        help="key for loading, unloading, pulling and deleting models (Bearer or X-Admin-Key; "
+        "without one these work on a loopback server only); repeatable",
+    )
+    models_dirs: tuple[str, ...] = setting(
+        (),
+        "--models-dir",
+        help="a folder of GGUF models clients may load by name; repeatable",
+    )
+    models_max: int = setting(
+        1, "--models-max", min=1, max=64, help="models loaded at once (1: a load swaps)"
+    )
+    idle_unload: float = setting(
+        0,
+        "--idle-unload",
+        min=0,
+        help="unload a model unused for this many seconds (0 = never; requests may pass "
+        "keep_alive)",
+    )
+    autoload: bool = setting(
+        True,
+        "--autoload/--no-autoload",
+        help="load a model a request names (--no-autoload: 409 until an admin loads it)",
+    )
+    plan_ram: str | None = setting(
+        None,
+        "--ram",
+        parse=check_plan_size,
+        help="plan memory for this much RAM instead of what is free (e.g. 8GiB), as `fit` does",
+    )
+    plan_vram: str | None = setting(
+        None,
+        "--vram",
+        parse=check_plan_size,
+        help="plan memory for this much GPU memory (e.g. 12GiB; 24GiB,12GiB; 0 = no GPU)",
+    )
     allow_pickle: bool = setting(
         False, "--allow-pickle", help="allow pickle weights (can run code!)"
     )

@@ -7,7 +7,6 @@ import logging
 import signal
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import uvicorn
@@ -15,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from innkeeper.api.app import create_app
+from innkeeper.api.registry import ModelRegistry
 from innkeeper.api.service import Service
 from innkeeper.cli.app import fail
 from innkeeper.cli.doctor import (
@@ -25,22 +25,32 @@ from innkeeper.cli.doctor import (
     gather_hardware,
 )
 from innkeeper.config import ServerConfig
-from innkeeper.engine.backend import BackendError, ModelInfo, supports_gpu_offload
-from innkeeper.engine.engine import Engine, EngineConfig
+from innkeeper.engine.backend import BackendError, ModelInfo
+from innkeeper.engine.engine import Engine
+from innkeeper.engine.planning import (  # re-exported: tests and tools import them from here
+    ModelFileError,
+    checked_model_file,
+    model_id_for,
+    plan_settings,
+    planned_engine,
+)
 from innkeeper.engine.templates import TemplateRenderError
 from innkeeper.models.hardware import format_size
-from innkeeper.models.memory import (
-    AutoSettings,
-    MemoryPlan,
-    auto_settings,
-    memory_settings,
-)
-from innkeeper.models.safety import is_pickle_weights
+from innkeeper.models.memory import MemoryPlan, memory_settings
 from innkeeper.models.spec import ModelFormatError, format_params
 
 log = logging.getLogger("innkeeper")
 
-GGUF_MAGIC = b"GGUF"
+__all__ = [
+    "GracefulServer",
+    "banner_warnings",
+    "check_model_file",
+    "memory_settings",
+    "model_id_for",
+    "plan_settings",
+    "planned_engine",
+    "run_server",
+]
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -97,109 +107,42 @@ class GracefulServer(uvicorn.Server):
 
 def check_model_file(path: Path, allow_pickle: bool) -> Path:
     """Refuse what llama.cpp cannot or must not load, with a message that says why."""
-    if is_pickle_weights(path):
-        if not allow_pickle:
-            fail(
-                f"{path.name} holds PyTorch pickle weights, which can run arbitrary code when "
-                "loaded; innkeeper refuses them (see `innkeeper inspect` for a scan; pass "
-                "--allow-pickle only if you trust the file)"
-            )
-        fail(f"{path.name} is a PyTorch checkpoint: convert it to GGUF to serve it")
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        firsts = [p for p in ggufs if "-00001-of-" in p.name]
-        if len(ggufs) == 1 or len(firsts) == 1:
-            return check_model_file((firsts or ggufs)[0], allow_pickle)
-        if not ggufs:
-            fail(
-                f"{path} holds no GGUF file: innkeeper serves GGUF models "
-                f"(see `innkeeper inspect {path}`)"
-            )
-        fail(f"{path} holds {len(ggufs)} GGUF files: name the one to serve")
-    if path.exists() and not path.is_file():  # a FIFO would block open() forever
-        fail(f"{path} is not a regular file (a FIFO, device or socket): serve a GGUF file")
     try:
-        with path.open("rb") as fh:
-            magic = fh.read(4)
-    except OSError as exc:
-        fail(f"cannot read {path}: {exc.strerror}")
-    if magic != GGUF_MAGIC:
-        if path.suffix.lower() == ".safetensors":
-            fail(
-                f"{path.name} is a safetensors file: innkeeper serves GGUF models "
-                "(convert it, or pull a GGUF build)"
-            )
-        fail(f"{path} is not a GGUF model file (it does not start with the GGUF magic bytes)")
-    return path
-
-
-def plan_settings(cfg: EngineConfig) -> AutoSettings | None:
-    """Context size and GPU layers from the memory plan (`--ctx-size`/`--gpu-layers` win)."""
-    try:
-        return auto_settings(cfg.model_path, memory_settings(cfg), cfg.ctx_size, cfg.gpu_layers)
-    except ModelFormatError as exc:
+        return checked_model_file(path, allow_pickle)
+    except ModelFileError as exc:
         fail(str(exc))
-    except Exception as exc:  # the plan is advice: never let it stop a loadable model
-        log.warning("memory plan unavailable: %s", exc)
-        return None
-
-
-def planned_engine(cfg: EngineConfig, auto: AutoSettings | None) -> EngineConfig:
-    """The engine settings to load with: what the user gave, the plan's choices for the rest.
-
-    Several GPUs and no --tensor-split: the plan's per-GPU layer counts become the split, so
-    llama.cpp places layers exactly as `fit` and the plan did.
-    """
-    offload = supports_gpu_offload()
-    gpu_layers = cfg.gpu_layers
-    if gpu_layers is None:
-        gpu_layers = auto.gpu_layers if auto else (999 if offload else 0)
-    tensor_split = cfg.tensor_split
-    if auto is not None and tensor_split is None and cfg.split_mode != "none":
-        gpus = [d for d in auto.plan.devices if d.kind == "gpu"]
-        if len(gpus) > 1 and any(d.layers for d in gpus):
-            tensor_split = tuple(float(d.layers) for d in gpus)
-    return replace(
-        cfg,
-        ctx_size=cfg.ctx_size or (auto.ctx_size if auto else None),
-        gpu_layers=gpu_layers if offload else 0,
-        tensor_split=tensor_split,
-    )
-
-
-def model_id_for(path: Path) -> str:
-    name = path.name
-    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
 
 
 def run_server(config: ServerConfig, *, verbose: bool, console: Console) -> None:
     model_path = check_model_file(config.model_path, config.allow_pickle)
     sock = bind_socket(config.host, config.port)
-    auto = plan_settings(replace(config.engine, model_path=model_path))
-    if auto and auto.plan.verdict == "would swap":
-        log.warning("this model and context may not fit in memory: %s", auto.plan.summary())
-    engine_config = planned_engine(replace(config.engine, model_path=model_path), auto)
     if verbose:
         import os
 
         os.environ["INNKEEPER_LLAMA_LOG"] = "1"
+    registry = ModelRegistry(config, model_path)
+    default = registry.default
+    try:
+        auto = registry.plan_of(default)
+    except ModelFormatError as exc:
+        sock.close()
+        fail(str(exc))
+    if auto and auto.plan.verdict == "would swap":
+        log.warning("this model and context may not fit in memory: %s", auto.plan.summary())
     with console.status(f"loading {model_path.name}…", spinner="dots"):
         try:
-            engine = Engine(engine_config)
-        except (BackendError, ValueError, TemplateRenderError) as exc:
+            service = registry.load_at_start()
+        except (BackendError, ValueError, TemplateRenderError, ModelFormatError) as exc:
             sock.close()
             fail(str(exc))
-    service = Service(
-        engine,
-        model_id=config.model_alias or model_id_for(model_path),
-        default_max_tokens=config.default_max_tokens,
-        request_timeout=config.request_timeout,
-        sse_ping_interval=config.sse_ping_interval,
-    )
-    app = create_app(service, config)
-    if auto is not None:
-        app.state.memory_plan = auto.plan.to_json()
-    print_banner(console, config, engine, service, plan=auto.plan if auto else None)
+    app = create_app(registry, config)
+    print_banner(console, config, service.engine, service, plan=auto.plan if auto else None)
+    if len(registry.entries_by_id) > 1:
+        console.print(
+            f"[bold cyan]models[/] {len(registry.entries_by_id)} available "
+            f"(up to {config.models_max} loaded at once): {', '.join(registry.entries_by_id)}",
+            highlight=False,
+        )
     server = GracefulServer(
         uvicorn.Config(
             app,
@@ -207,12 +150,12 @@ def run_server(config: ServerConfig, *, verbose: bool, console: Console) -> None
             access_log=verbose,
             timeout_graceful_shutdown=5,
         ),
-        on_shutdown=engine.scheduler.cancel_all,
+        on_shutdown=registry.cancel_all,
     )
     try:
         server.run(sockets=[sock])
     finally:
-        engine.close()
+        registry.close()
         log.info("innkeeper stopped")
 
 

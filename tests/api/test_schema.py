@@ -100,6 +100,8 @@ def test_api_contract(api_schema: Any, mode: GenerationMode) -> None:
 
     for result in api_schema.get_all_operations():
         operation = result.ok()
+        if operation.definition.raw.get("x-innkeeper-admin"):
+            continue  # load/unload/pull/delete change the model under every other operation
 
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(

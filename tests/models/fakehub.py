@@ -6,7 +6,8 @@ file metadata), the tree API, `resolve` with ETag / X-Linked-Etag / X-Linked-Siz
 X-Repo-Commit headers, LFS files redirected (302) to a second "CDN" server on another port
 (another origin, as the real hub's signed URLs are), Range requests (206), gated and missing
 repos with the hub's `X-Error-Code` headers. Fault knobs: cut a download after N bytes, take a
-file offline, serve corrupted bytes, stall mid-file, list a file that resolve cannot find.
+file offline, serve corrupted bytes, stall mid-file, serve slowly (bytes per second), list a
+file that resolve cannot find.
 
 Run standalone (`python tests/models/fakehub.py`) to poke at it by hand.
 """
@@ -17,6 +18,7 @@ import functools
 import hashlib
 import json
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -110,6 +112,7 @@ class FakeHub:
         self.offline: set[str] = set()
         self.corrupt: set[str] = set()
         self.stalls: dict[str, int] = {}
+        self.rates: dict[str, float] = {}  # bytes per second, to watch a download in progress
         self.stalled = threading.Event()
         self.release = threading.Event()
         self._servers: list[ThreadingHTTPServer] = []
@@ -149,6 +152,7 @@ class FakeHub:
         self.offline.clear()
         self.corrupt.clear()
         self.stalls.clear()
+        self.rates.clear()
         self.stalled.clear()
         self.release.set()
 
@@ -425,6 +429,7 @@ class _Handler(BaseHTTPRequestHandler):
             hub.range_starts.setdefault(key, []).append(start)
         cut = hub.cuts.get(key)
         stall = hub.stalls.get(key)
+        rate = hub.rates.get(key)
         pos = start
         while pos < end:
             stop = min(end, pos + CHUNK)
@@ -443,6 +448,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             with hub.lock:
                 hub.bytes_served[key] += len(data)
+            if rate:
+                time.sleep(len(data) / rate)
             pos = stop
             if cut is not None and pos == cut and pos < end:
                 hub.cuts.pop(key, None)
@@ -642,7 +649,6 @@ def fake_hub(
 
 if __name__ == "__main__":
     import sys
-    import time
 
     hub = FakeHub()
     hub.add_repo("demo/Tiny-GGUF", {"Tiny-Q8_0.gguf": b"GGUF" + bytes(1000), "README.md": b"hi"})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +14,26 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 
 from innkeeper import __version__
-from innkeeper.api import kobold, llamacpp, metrics, ooba, openai, status
+from innkeeper.api import (
+    kobold,
+    llamacpp,
+    metrics,
+    model_routes,
+    ooba,
+    openai,
+    status,
+    store_routes,
+)
 from innkeeper.api.errors import family, install_handlers
 from innkeeper.api.limits import BodyLimitMiddleware
 from innkeeper.api.params import TOKEN_BANS_SYNTAX
+from innkeeper.api.registry import ModelRegistry
 from innkeeper.api.security import (
     LOOPBACK_ORIGIN_REGEX,
     ApiKeyMiddleware,
     HostGuardMiddleware,
 )
-from innkeeper.api.service import Service
+from innkeeper.api.state import ModelLeaseMiddleware
 from innkeeper.config import ServerConfig
 from innkeeper.engine.templates import BUILTIN_FORMATS
 
@@ -41,8 +53,17 @@ class RevalidatedStaticFiles(StaticFiles):
         return response
 
 
-def create_app(service: Service, config: ServerConfig) -> FastAPI:
+def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        registry.start()  # idle unload runs on the server's event loop
+        try:
+            yield
+        finally:
+            await registry.stop()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="innkeeper",
         version=__version__,
         description=(
@@ -50,12 +71,12 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
             "text-generation-webui and llama.cpp route families."
         ),
     )
-    app.state.service = service
+    app.state.registry = registry
     app.state.config = config
-    app.state.memory_plan = None  # filled by the server from the memory calculator
     install_handlers(app)
-    for module in (openai, kobold, ooba, llamacpp, status, metrics):
+    for module in (model_routes, openai, kobold, ooba, llamacpp, status, metrics):
         app.include_router(module.router)
+    app.include_router(store_routes.router)  # pull and delete, for the page's Models panel
 
     index = STATIC / "index.html"
     if STATIC.is_dir():
@@ -66,7 +87,7 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
         if index.is_file():
             return FileResponse(index, headers=NO_CACHE)
         return JSONResponse(
-            {"name": "innkeeper", "version": __version__, "model": service.model_id}
+            {"name": "innkeeper", "version": __version__, "model": registry.default_id}
         )
 
     install_guards(app, config)
@@ -130,14 +151,41 @@ SSE_EVENT: dict[str, Any] = {
     "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
 }
 SSE_ONLY_PATHS = frozenset({"/api/extra/generate/stream"})
+# Routes that never resolve, load or wait for a model (everything else may answer 404 for an
+# unknown name, 409 with --no-autoload or a plan that does not fit, 500 for a failed load,
+# 503 while it loads).
+MODEL_FREE_PATHS = frozenset(
+    {
+        "/health",
+        "/v1/internal/health",
+        "/v1/models",
+        "/models",
+        "/api/innkeeper/models",
+        "/v1/internal/model/list",
+        "/v1/internal/model/info",
+        "/v1/internal/stop-generation",
+        "/api/v1/model",
+        "/api/v1/info/version",
+        "/api/v1/config/max_length",
+        "/api/v1/config/soft_prompts_list",
+        "/api/v1/config/soft_prompt",
+        "/api/extra/version",
+        "/api/extra/abort",
+        "/api/extra/generate/check",
+        "/metrics",
+    }
+)
 STATUS_TEXT = {
     "400": "Bad request: invalid parameters, or an unknown Host on a loopback server",
     "401": "Missing or wrong API key (when the server has one)",
     "403": "A browser page from an origin the server does not allow (see --cors-origin)",
-    "404": "Not found",
+    "404": "Not found (for a model name: the message lists the available models)",
+    "409": "The model is not loaded (--no-autoload) or does not fit in memory (load routes)",
+    "500": "The model failed to load (the message says why; the previous default still serves)",
     "413": "Request body larger than --max-body",
     "422": "Invalid request body",
-    "503": "Every slot busy and the queue full (--parallel, --max-queue): retry after Retry-After",
+    "503": "Every slot busy and the queue full (--parallel, --max-queue), or the model still "
+    "loading: retry after Retry-After",
     "504": "The generation took longer than --request-timeout and was stopped",
 }
 
@@ -254,13 +302,14 @@ def document_errors(app: FastAPI) -> None:
         if app.openapi_schema:
             return app.openapi_schema
         schema = base()
-        service: Service = app.state.service
-        document_limits(
-            schema,
-            n_ctx=service.n_ctx,
-            n_vocab=service.engine.model.n_vocab,
-            default_template=service.engine.template.name,
-        )
+        service = app.state.registry.default.service
+        if service is not None:  # the limits are the default model's
+            document_limits(
+                schema,
+                n_ctx=service.n_ctx,
+                n_vocab=service.n_vocab,
+                default_template=service.template.name,
+            )
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
         for fam, body in ERROR_SCHEMAS.items():
             comps[f"Error_{fam}"] = body
@@ -274,6 +323,8 @@ def document_errors(app: FastAPI) -> None:
                     codes.append("422" if fam in ("kobold", "ooba") else "400")
                 if "{" in path:
                     codes.append("404")
+                if path not in MODEL_FREE_PATHS:  # names or loads a model, or uses the default
+                    codes += ["404", "409", "500", "503"]
                 if path in GENERATE_PATHS:
                     codes += ["503", "504"]
                     ok = responses.setdefault("200", {"description": "Successful Response"})
@@ -300,7 +351,10 @@ def install_guards(app: FastAPI, config: ServerConfig) -> None:
     Pages on this machine (any loopback port) get CORS by default, as with Ollama; other
     origins need `--cors-origin`.
     """
-    app.add_middleware(ApiKeyMiddleware, keys=config.api_keys)
+    # An admin key also opens the API (an admin may use what they manage).
+    api_keys = (*config.api_keys, *config.admin_keys) if config.api_keys else ()
+    app.add_middleware(ModelLeaseMiddleware)
+    app.add_middleware(ApiKeyMiddleware, keys=api_keys)
     app.add_middleware(BodyLimitMiddleware, max_body=config.max_body)
     app.add_middleware(
         CORSMiddleware,

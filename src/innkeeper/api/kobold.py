@@ -18,7 +18,7 @@ from innkeeper.api.errors import ApiError
 from innkeeper.api.offload import OffLoopBodyRoute
 from innkeeper.api.params import JsonBody, ParamError, SamplerFields, normalise
 from innkeeper.api.service import Service, check_finish, finish_error
-from innkeeper.api.state import service_of
+from innkeeper.api.state import registry_of, use_model
 from innkeeper.api.streaming import sse, sse_response
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent
 
@@ -60,18 +60,20 @@ async def _optional_body(request: Request) -> GenkeyBody:
 async def _count(request: Request, text: str, *, add_special: bool) -> list[int]:
     """Token ids for a count route (off the event loop; too long a text is a 422)."""
     try:
-        return await service_of(request).tokenize(text, add_special, request=request)
+        service = await use_model(request)
+        return await service.tokenize(text, add_special, request=request)
     except ParamError as exc:
         raise ApiError(422, str(exc)) from exc
 
 
-def _model_name(service: Service) -> str:
-    return f"innkeeper/{service.model_id}"
+def _model_name(request: Request) -> str:
+    """KoboldCpp's spelling of the current default model (SillyTavern shows it)."""
+    return f"innkeeper/{registry_of(request).default.id}"
 
 
 async def _start(request: Request, service: Service, body: KoboldGenerateBody) -> Any:
     try:
-        gen = normalise(body, n_vocab=service.engine.model.n_vocab)
+        gen = normalise(body, n_vocab=service.n_vocab)
         prompt = await service.tokenize(
             body.memory + body.prompt, request=request, limit=service.prompt_limit(gen)
         )
@@ -100,7 +102,7 @@ for prefix in ("/api/v1", "/api/latest"):
 
     @router.get(f"{prefix}/model", include_in_schema=include)
     async def model(request: Request) -> dict[str, str]:
-        return {"result": _model_name(service_of(request))}
+        return {"result": _model_name(request)}
 
     @router.get(f"{prefix}/info/version", include_in_schema=include)
     async def info_version() -> dict[str, str]:
@@ -108,11 +110,12 @@ for prefix in ("/api/v1", "/api/latest"):
 
     @router.get(f"{prefix}/config/max_context_length", include_in_schema=include)
     async def max_context_length(request: Request) -> dict[str, int]:
-        return {"value": service_of(request).n_ctx}
+        return {"value": await registry_of(request).context_size()}
 
     @router.get(f"{prefix}/config/max_length", include_in_schema=include)
     async def max_length(request: Request) -> dict[str, int]:
-        return {"value": service_of(request).default_max_tokens or DEFAULT_MAX_LENGTH}
+        max_tokens = request.app.state.config.default_max_tokens
+        return {"value": max_tokens or DEFAULT_MAX_LENGTH}
 
     @router.get(f"{prefix}/config/soft_prompts_list", include_in_schema=include)
     async def soft_prompts_list() -> dict[str, list[str]]:
@@ -124,7 +127,7 @@ for prefix in ("/api/v1", "/api/latest"):
 
     @router.post(f"{prefix}/generate", include_in_schema=include)
     async def generate(request: Request, body: KoboldGenerateBody) -> dict[str, Any]:
-        service = service_of(request)
+        service = await use_model(request)
         running = await _start(request, service, body)
         ev = await service.collect(request, running)
         check_finish(ev)
@@ -143,7 +146,7 @@ for prefix in ("/api/v1", "/api/latest"):
 
 @router.post("/api/extra/generate/stream")
 async def generate_stream(request: Request, body: KoboldGenerateBody) -> Any:
-    service = service_of(request)
+    service = await use_model(request)
     running = await _start(request, service, body)
 
     def frame(ev: Event) -> Iterable[bytes]:
@@ -165,13 +168,14 @@ async def generate_stream(request: Request, body: KoboldGenerateBody) -> Any:
 async def generate_check(request: Request) -> dict[str, Any]:
     """The text generated so far (KoboldAI Lite polls this instead of streaming)."""
     body = await _optional_body(request)
-    return {"results": [{"text": service_of(request).progress(body.genkey)}]}
+    service = registry_of(request).default.service
+    return {"results": [{"text": service.progress(body.genkey) if service else ""}]}
 
 
 @router.post("/api/extra/abort")
 async def abort(request: Request) -> dict[str, str]:
     body = await _optional_body(request)
-    n = service_of(request).abort(body.genkey)
+    n = sum(e.service.abort(body.genkey) for e in registry_of(request).loaded() if e.service)
     return {"success": "true" if n else "false", "done": "true"}
 
 
@@ -198,17 +202,24 @@ async def extra_version(request: Request) -> dict[str, Any]:
 
 @router.get("/api/extra/true_max_context_length")
 async def true_max_context_length(request: Request) -> dict[str, int]:
-    return {"value": service_of(request).n_ctx}
+    return {"value": await registry_of(request).context_size()}
 
 
 @router.get("/api/extra/perf")
-async def perf(request: Request) -> dict[str, Any]:
-    service = service_of(request)
-    sched = service.engine.scheduler
-    p = sched.perf
-    idle = sched.busy_slots == 0 and sched.queued == 0
+async def perf(request: Request, model: str | None = None) -> dict[str, Any]:
+    """KoboldCpp's counters for the default model, or the one `?model=` names (a model that
+    is not loaded reports idle, without loading it)."""
+    registry = registry_of(request)
+    entry = registry.resolve(model)
+    service = entry.service
+    if service is None:
+        return {"model": entry.id, "status": entry.status, "idle": 1, "queue": 0, "total_gens": 0}
+    p = service.perf
+    idle = service.busy_slots == 0 and service.queued == 0
     now = time.time()
     return {
+        "model": entry.id,
+        "status": entry.status,
         "last_process": round(p.last_prompt_seconds, 4),
         "last_eval": round(p.last_eval_seconds, 4),
         "last_token_count": p.last_token_count,
@@ -216,7 +227,7 @@ async def perf(request: Request) -> dict[str, Any]:
         "last_seed": p.last_seed,
         "total_gens": p.total_requests,
         "stop_reason": p.last_stop_reason,
-        "queue": sched.queued,
+        "queue": service.queued,
         "idle": 1 if idle else 0,
         "uptime": round(now - p.started, 1),
         "idletime": round(now - p.idle_since, 1) if idle else 0.0,
@@ -224,8 +235,8 @@ async def perf(request: Request) -> dict[str, Any]:
         "hordeexitcounter": 0,
         "quiet": False,
         "last_tokens_per_second": round(p.last_tokens_per_second, 2),
-        "busy_slots": sched.busy_slots,
-        "total_slots": len(sched.slots),
+        "busy_slots": service.busy_slots,
+        "total_slots": service.slots_total,
         "total_prompt_tokens": p.total_prompt_tokens,
         "total_cached_tokens": p.total_cached_tokens,
         "total_generated_tokens": p.total_generated_tokens,

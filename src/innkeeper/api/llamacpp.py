@@ -12,18 +12,20 @@ from innkeeper import __version__
 from innkeeper.api.errors import ApiError
 from innkeeper.api.offload import OffLoopBodyRoute
 from innkeeper.api.params import JsonBody, ParamError
-from innkeeper.api.state import service_of
+from innkeeper.api.state import use_model
 
 router = APIRouter(tags=["llama.cpp"], route_class=OffLoopBodyRoute)
 
 
 class TokenizeBody(JsonBody):
+    model: str | None = None
     content: str = ""
     add_special: bool = False
     with_pieces: bool = False
 
 
 class DetokenizeBody(JsonBody):
+    model: str | None = None
     tokens: list[int]
 
 
@@ -33,43 +35,43 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/props")
-async def props(request: Request) -> dict[str, Any]:
-    service = service_of(request)
-    engine = service.engine
-    cfg = engine.config
+async def props(request: Request, model: str | None = None) -> dict[str, Any]:
+    """The default model's properties, or those of the model `?model=` names."""
+    service = await use_model(request, model)
+    info = service.info
+    settings = service.settings
     return {
         "default_generation_settings": {
             "n_ctx": service.n_ctx,
             "params": {"n_predict": service.default_max_tokens or -1},
         },
         "n_ctx": service.n_ctx,
-        "total_slots": len(engine.scheduler.slots),
-        "model_path": str(engine.info.path),
+        "total_slots": service.slots_total,
+        "model_path": str(info.path),
         "model_alias": service.model_id,
-        "chat_template": engine.template.source or "",
-        "chat_template_name": engine.template.name,
-        "bos_token": engine.info.bos_token,
-        "eos_token": engine.info.eos_token,
+        "chat_template": service.template.source or "",
+        "chat_template_name": service.template.name,
+        "bos_token": info.bos_token,
+        "eos_token": info.eos_token,
         "build_info": f"innkeeper {__version__}",
         "modalities": {"vision": False, "audio": False},
-        "n_threads": engine.ctx.threads,
-        "n_gpu_layers": cfg.gpu_layers,
-        "flash_attn": cfg.flash_attn,
-        "cache_type_k": cfg.cache_type_k,
-        "cache_type_v": cfg.cache_type_v,
+        "n_threads": settings["threads"],
+        "n_gpu_layers": settings["gpu_layers"],
+        "flash_attn": settings["flash_attn"],
+        "cache_type_k": settings["cache_type_k"],
+        "cache_type_v": settings["cache_type_v"],
     }
 
 
 @router.post("/tokenize")
 async def tokenize(request: Request, body: TokenizeBody) -> dict[str, Any]:
-    service = service_of(request)
-    model = service.engine.model
+    service = await use_model(request, body.model)
 
     def work(cancel: threading.Event) -> JSONResponse:
         # The answer is built and serialised here too: it grows with the text.
         ids = service.tokenize_now(body.content, body.add_special, cancel=cancel)
         if body.with_pieces:
-            pieces = [{"id": t, "piece": model.piece(t).decode("utf-8", "replace")} for t in ids]
+            pieces = [{"id": t, "piece": service.piece(t)} for t in ids]
             return JSONResponse({"tokens": pieces})
         return JSONResponse({"tokens": ids})
 
@@ -82,6 +84,7 @@ async def tokenize(request: Request, body: TokenizeBody) -> dict[str, Any]:
 @router.post("/detokenize")
 async def detokenize(request: Request, body: DetokenizeBody) -> dict[str, str]:
     try:
-        return {"content": await service_of(request).detokenize(body.tokens, request)}
+        service = await use_model(request, body.model)
+        return {"content": await service.detokenize(body.tokens, request)}
     except ParamError as exc:
         raise ApiError(400, str(exc)) from exc

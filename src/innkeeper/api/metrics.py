@@ -1,7 +1,7 @@
-"""/metrics in Prometheus text format, read from the engine's counters at scrape time.
+"""/metrics in Prometheus text format, read from each model's counters at scrape time.
 
-A custom collector reads `Scheduler.perf` when scraped, so the decode loop pays nothing
-per token for metrics.
+A custom collector reads every loaded model's `Service.perf` when scraped (labelled with
+`model`), so the decode loop pays nothing per token for metrics.
 """
 
 from __future__ import annotations
@@ -13,71 +13,81 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from innkeeper.api.service import Service
-from innkeeper.api.state import service_of
+from innkeeper.api.registry import ModelRegistry
+from innkeeper.api.state import registry_of
 
 router = APIRouter(tags=["innkeeper"])
 
 
 class EngineCollector:
-    def __init__(self, service: Service) -> None:
-        self.service = service
+    """Every loaded model's counters, each sample labelled with its `model`."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
 
     def collect(self) -> Iterator[Metric]:
-        sched = self.service.engine.scheduler
-        p = sched.perf
+        services = [e.service for e in self.registry.loaded() if e.service is not None]
         counters = {
-            "requests": ("finished generation requests", p.total_requests),
+            "requests": ("finished generation requests", lambda p: p.total_requests),
             "requests_aborted": (
                 "requests cancelled by the client or an abort route",
-                p.total_aborted,
+                lambda p: p.total_aborted,
             ),
-            "requests_failed": ("requests that failed in the engine", p.total_errors),
-            "prompt_tokens": ("prompt tokens received", p.total_prompt_tokens),
+            "requests_failed": ("requests that failed in the engine", lambda p: p.total_errors),
+            "prompt_tokens": ("prompt tokens received", lambda p: p.total_prompt_tokens),
             "prompt_tokens_cached": (
                 "prompt tokens reused from the KV cache",
-                p.total_cached_tokens,
+                lambda p: p.total_cached_tokens,
             ),
-            "generated_tokens": ("tokens generated", p.total_generated_tokens),
-            "decode_steps": ("llama_decode calls", p.decode_steps),
+            "generated_tokens": ("tokens generated", lambda p: p.total_generated_tokens),
+            "decode_steps": ("llama_decode calls", lambda p: p.decode_steps),
+            "prompt_seconds": (
+                "time in decode steps that only evaluated prompts",
+                lambda p: p.total_prompt_seconds,
+            ),
+            "generation_seconds": (
+                "time in decode steps that generated tokens",
+                lambda p: p.total_decode_seconds,
+            ),
         }
-        for name, (doc, value) in counters.items():
-            yield CounterMetricFamily(f"innkeeper_{name}", doc, value=value)
-        yield CounterMetricFamily(
-            "innkeeper_prompt_seconds",
-            "time in decode steps that only evaluated prompts",
-            value=p.total_prompt_seconds,
-        )
-        yield CounterMetricFamily(
-            "innkeeper_generation_seconds",
-            "time in decode steps that generated tokens",
-            value=p.total_decode_seconds,
-        )
-        cells = sum(len(s.cache) for s in sched.slots)
+        for name, (doc, read) in counters.items():
+            counter = CounterMetricFamily(f"innkeeper_{name}", doc, labels=["model"])
+            for s in services:
+                counter.add_metric([s.model_id], read(s.perf))
+            yield counter
         gauges = {
-            "slots_busy": ("slots generating now", sched.busy_slots),
-            "slots_total": ("generation slots", len(sched.slots)),
-            "queue_length": ("requests waiting for a slot", sched.queued),
-            "kv_cells_used": ("KV cache cells holding tokens", cells),
-            "kv_cells_total": ("KV cache cells (the context size)", self.service.n_ctx),
+            "slots_busy": ("slots generating now", lambda s: s.busy_slots),
+            "slots_total": ("generation slots", lambda s: s.slots_total),
+            "queue_length": ("requests waiting for a slot", lambda s: s.queued),
+            "kv_cells_used": ("KV cache cells holding tokens", lambda s: sum(s.slot_cells())),
+            "kv_cells_total": ("KV cache cells (the context size)", lambda s: s.n_ctx),
             "last_tokens_per_second": (
                 "decode speed of the last request",
-                p.last_tokens_per_second,
+                lambda s: s.perf.last_tokens_per_second,
             ),
         }
-        for name, (doc, value) in gauges.items():
-            yield GaugeMetricFamily(f"innkeeper_{name}", doc, value=value)
+        for name, (doc, read) in gauges.items():
+            gauge = GaugeMetricFamily(f"innkeeper_{name}", doc, labels=["model"])
+            for s in services:
+                gauge.add_metric([s.model_id], read(s))
+            yield gauge
+        loaded = GaugeMetricFamily(
+            "innkeeper_model_loaded", "1 for each loaded model, 0 for the others", labels=["model"]
+        )
+        for e in self.registry.entries():
+            loaded.add_metric([e.id], 1 if e.service is not None else 0)
+        yield loaded
 
 
-def registry_for(service: Service) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(EngineCollector(service))  # type: ignore[arg-type]
-    return registry
+def registry_for(registry: ModelRegistry) -> CollectorRegistry:
+    collectors = CollectorRegistry(auto_describe=False)
+    collectors.register(EngineCollector(registry))  # type: ignore[arg-type]
+    return collectors
 
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    registry = getattr(request.app.state, "metrics_registry", None)
-    if registry is None:
-        registry = request.app.state.metrics_registry = registry_for(service_of(request))
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    collectors = getattr(request.app.state, "metrics_registry", None)
+    if collectors is None:
+        collectors = request.app.state.metrics_registry = registry_for(registry_of(request))
+    return Response(generate_latest(collectors), media_type=CONTENT_TYPE_LATEST)

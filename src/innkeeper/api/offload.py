@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from innkeeper.api.state import service_of
+from innkeeper.api.state import registry_of
 
 OFF_LOOP_BODY_BYTES = 64 * 1024  # smaller bodies cost the loop a few milliseconds at most
 
@@ -40,8 +40,8 @@ class OffLoopBodyRoute(APIRoute):
                 body = await request.body()  # Starlette keeps it for the handler
                 if len(body) >= OFF_LOOP_BODY_BYTES:
                     # Starlette's Request.json() returns this cached value: FastAPI uses it.
-                    request._json = await service_of(request).off_loop(  # type: ignore[attr-defined]
-                        lambda _cancel: _parse(model, body)
+                    request._json = await registry_of(request).off_loop(  # type: ignore[attr-defined]
+                        lambda: _parse(model, body)
                     )
             return await handler(request)
 

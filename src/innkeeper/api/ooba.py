@@ -16,7 +16,7 @@ from innkeeper.api.errors import ApiError
 from innkeeper.api.offload import OffLoopBodyRoute
 from innkeeper.api.openai import ChatBody, render_chat
 from innkeeper.api.params import JsonBody, ParamError, normalise
-from innkeeper.api.state import service_of
+from innkeeper.api.state import registry_of, use_model
 from innkeeper.engine.templates import BUILTIN_FORMATS
 
 router = APIRouter(tags=["text-generation-webui"], route_class=OffLoopBodyRoute)
@@ -33,12 +33,19 @@ class DecodeBody(JsonBody):
 
 @router.get("/v1/internal/model/info")
 async def model_info(request: Request) -> dict[str, Any]:
-    return {"model_name": service_of(request).model_id, "lora_names": [], "loader": "llama.cpp"}
+    """The current default model: what requests that name no model go to."""
+    default = registry_of(request).default
+    return {
+        "model_name": default.id,
+        "lora_names": [],
+        "loader": "llama.cpp",
+        "status": default.status,
+    }
 
 
 @router.get("/v1/internal/model/list")
 async def model_list(request: Request) -> dict[str, Any]:
-    return {"model_names": [service_of(request).model_id]}
+    return {"model_names": [e.id for e in registry_of(request).entries()]}
 
 
 @router.get("/v1/internal/health")
@@ -49,7 +56,8 @@ async def health() -> dict[str, str]:
 async def _count(request: Request, text: str, add_special: bool) -> list[int]:
     """Token ids for an encode/count route (off the event loop; too long a text is a 422)."""
     try:
-        return await service_of(request).tokenize(text, add_special, request=request)
+        service = await use_model(request)
+        return await service.tokenize(text, add_special, request=request)
     except ParamError as exc:
         raise ApiError(422, str(exc)) from exc
 
@@ -63,7 +71,7 @@ async def encode(request: Request, body: EncodeBody) -> dict[str, Any]:
 @router.post("/v1/internal/decode")
 async def decode(request: Request, body: DecodeBody) -> dict[str, str]:
     try:
-        return {"text": await service_of(request).detokenize(body.tokens, request)}
+        return {"text": await (await use_model(request)).detokenize(body.tokens, request)}
     except ParamError as exc:
         raise ApiError(422, str(exc)) from exc
 
@@ -75,16 +83,18 @@ async def token_count(request: Request, body: EncodeBody) -> dict[str, int]:
 
 @router.post("/v1/internal/stop-generation")
 async def stop_generation(request: Request) -> PlainTextResponse:
-    service_of(request).abort()
+    for e in registry_of(request).loaded():
+        if e.service is not None:
+            e.service.abort()
     return PlainTextResponse('"OK"', media_type="application/json")
 
 
 @router.post("/v1/internal/chat-prompt")
 async def chat_prompt(request: Request, body: ChatBody) -> dict[str, Any]:
     """The prompt a chat request would send, rendered with the chosen template."""
-    service = service_of(request)
+    service = await use_model(request, body.model)
     try:  # the same body /v1/chat/completions takes: the same checks
-        service.check_lengths(normalise(body, n_vocab=service.engine.model.n_vocab))
+        service.check_lengths(normalise(body, n_vocab=service.n_vocab))
     except ParamError as exc:
         raise ApiError(422, str(exc)) from exc
 
@@ -102,7 +112,7 @@ async def chat_prompt(request: Request, body: ChatBody) -> dict[str, Any]:
 @router.get("/v1/internal/templates")
 async def templates(request: Request) -> dict[str, Any]:
     """The instruct formats the server can render (the web page lists them)."""
-    current = service_of(request).engine.template
+    current = (await use_model(request)).template
     return {
         "model": current.name,
         "has_model_template": current.source is not None,

@@ -18,8 +18,9 @@ from pydantic import Field
 from innkeeper.api.errors import ApiError
 from innkeeper.api.offload import OffLoopBodyRoute
 from innkeeper.api.params import Generation, JsonBody, ParamError, SamplerFields, normalise
+from innkeeper.api.registry import KEEP_ALIVE_PATTERN, ModelEntry, ModelRegistry
 from innkeeper.api.service import RunningGeneration, Service, check_finish, finish_error
-from innkeeper.api.state import service_of
+from innkeeper.api.state import registry_of, use_model
 from innkeeper.api.streaming import sse, sse_runs_response
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent, TokenLogprob
 from innkeeper.engine.templates import TemplateRenderError, message_text, template_by_name
@@ -43,6 +44,11 @@ class CompletionBody(SamplerFields):
     suffix: str | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
+    keep_alive: float | Annotated[str, Field(pattern=KEEP_ALIVE_PATTERN)] | None = Field(
+        None,
+        description="Ollama's keep_alive: seconds or a duration like 5m to keep the model "
+        "loaded after this request (negative: forever)",
+    )
     genkey: str | None = Field(
         None, description="KoboldCpp multi-user key: /api/extra/abort with it stops only this run"
     )
@@ -69,6 +75,11 @@ class ChatBody(SamplerFields):
     continue_: bool = Field(False, description="continue the last assistant message")
     add_generation_prompt: bool = True
     user: str | None = None
+    keep_alive: float | Annotated[str, Field(pattern=KEEP_ALIVE_PATTERN)] | None = Field(
+        None,
+        description="Ollama's keep_alive: seconds or a duration like 5m to keep the model "
+        "loaded after this request (negative: forever)",
+    )
     genkey: str | None = Field(
         None, description="KoboldCpp multi-user key: /api/extra/abort with it stops only this run"
     )
@@ -215,7 +226,7 @@ async def _check_grammar(service: Service, gen: Generation) -> None:
 
 def _generation(service: Service, body: SamplerFields) -> Generation:
     try:
-        return normalise(body, n_vocab=service.engine.model.n_vocab)
+        return normalise(body, n_vocab=service.n_vocab)
     except ParamError as exc:
         raise ApiError(400, str(exc)) from exc
 
@@ -257,39 +268,45 @@ def _start_all(
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    """Always 200 with a `data` list: SillyTavern hangs on anything else."""
-    return {"object": "list", "data": [_model_card(service_of(request))]}
+    """Every model a request may name, loaded or not, the current default first (SillyTavern's
+    KoboldCpp type shows data[0] as the connected model). Always 200 with a `data` list:
+    SillyTavern hangs on anything else."""
+    registry = registry_of(request)
+    return {"object": "list", "data": [_model_card(registry, e) for e in registry.entries()]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str) -> dict[str, Any]:
-    service = service_of(request)
-    if model_id != service.model_id:
-        raise ApiError(404, f"model {model_id!r} is not loaded", "not_found_error")
-    return _model_card(service)
+    registry = registry_of(request)
+    return _model_card(registry, registry.resolve(model_id))
 
 
-def _model_card(service: Service) -> dict[str, Any]:
-    info = service.engine.info
-    return {
-        "id": service.model_id,
+def _model_card(registry: ModelRegistry, e: ModelEntry) -> dict[str, Any]:
+    """OpenAI's model object, with llama-server's `status` and the model's numbers."""
+    card: dict[str, Any] = {
+        "id": e.id,
         "object": "model",
-        "created": int(service.started),
+        "created": int(e.service.started) if e.service else 0,
         "owned_by": "innkeeper",
-        "meta": {
-            "n_ctx": service.n_ctx,
+        "status": {"value": e.status},
+        "meta": {"size": e.size_bytes},
+    }
+    if e.service is not None:
+        info = e.service.info
+        card["meta"] = {
+            "n_ctx": e.service.n_ctx,
             "n_ctx_train": info.n_ctx_train,
             "n_params": info.n_params,
             "n_vocab": info.n_vocab,
             "size": info.size_bytes,
-        },
-    }
+        }
+    return card
 
 
 @router.post("/v1/completions")
 @router.post("/v1/completion", include_in_schema=False)
 async def completions(request: Request, body: CompletionBody) -> Any:
-    service = service_of(request)
+    service = await use_model(request, body.model, body.keep_alive)
     gen = _generation(service, body)
     prompts = await _prompts(service, body.prompt, gen, request)
     await _check_grammar(service, gen)
@@ -329,7 +346,7 @@ async def completions(request: Request, body: CompletionBody) -> Any:
         check_finish(ev)
         prompt_text = ""
         if body.echo:
-            prompt_text = service.engine.detokenize(running.request.prompt)
+            prompt_text = service.detokenize_now(running.request.prompt)
         choice: dict[str, Any] = {
             "index": i,
             "text": prompt_text + ev.text,
@@ -369,7 +386,7 @@ def render_chat(service: Service, body: ChatBody) -> tuple[str, tuple[str, ...]]
     """
     try:
         template = template_by_name(
-            body.instruction_template or body.chat_template, service.engine.template
+            body.instruction_template or body.chat_template, service.template
         )
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         if body.continue_ and messages[-1].get("role") == "assistant":
@@ -384,7 +401,7 @@ def render_chat(service: Service, body: ChatBody) -> tuple[str, tuple[str, ...]]
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, body: ChatBody) -> Any:
-    service = service_of(request)
+    service = await use_model(request, body.model, body.keep_alive)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true")
     gen = _generation(service, body)

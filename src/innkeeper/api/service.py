@@ -17,12 +17,13 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
 from innkeeper.api.errors import ApiError
 from innkeeper.api.params import Generation, ParamError
+from innkeeper.engine.backend import ModelInfo
 from innkeeper.engine.engine import Engine
 from innkeeper.engine.events import (
     ErrorKind,
@@ -33,7 +34,8 @@ from innkeeper.engine.events import (
     TokenLogprob,
 )
 from innkeeper.engine.sampling import GrammarError, check_grammar
-from innkeeper.engine.scheduler import QueueFullError
+from innkeeper.engine.scheduler import Perf, QueueFullError
+from innkeeper.engine.templates import ChatTemplate
 from innkeeper.engine.tokenizer import TokenizeCancelled, TooManyTokens
 
 log = logging.getLogger("innkeeper.api")
@@ -131,6 +133,7 @@ class Service:
         default_max_tokens: int | None = None,
         request_timeout: float | None = None,
         sse_ping_interval: float = 10.0,
+        pool: ThreadPoolExecutor | None = None,
     ) -> None:
         self.engine = engine
         self.model_id = model_id
@@ -142,12 +145,90 @@ class Service:
         self.finished: OrderedDict[str, str] = OrderedDict()
         self.last_text = ""  # the last finished run started without a genkey
         self.started = time.time()
-        self._pool = ThreadPoolExecutor(OFF_LOOP_THREADS, thread_name_prefix="innkeeper-work")
+        self._pool = pool or ThreadPoolExecutor(
+            OFF_LOOP_THREADS, thread_name_prefix="innkeeper-work"
+        )
         self._grammars_ok: OrderedDict[str, None] = OrderedDict()
+        self.users = 0  # requests holding this model now (the registry unloads at 0)
+        self.last_used = time.monotonic()  # for LRU eviction and idle unload
+        self.closed = False  # set by the registry when it unloads the model
 
+    # ---- what routes may read about the model (they never touch the engine itself) --------
     @property
     def n_ctx(self) -> int:
         return self.engine.n_ctx
+
+    @property
+    def n_vocab(self) -> int:
+        return self.engine.model.n_vocab
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.engine.info
+
+    @property
+    def template(self) -> ChatTemplate:
+        return self.engine.template
+
+    @property
+    def bos(self) -> int:
+        return self.engine.model.bos
+
+    def piece(self, token: int) -> str:
+        return self.engine.model.piece(token).decode("utf-8", "replace")
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings the model was loaded with (the registry's and the page's names)."""
+        cfg = self.engine.config
+        return {
+            "ctx_size": self.n_ctx,
+            "gpu_layers": cfg.gpu_layers,
+            "cache_type_k": cfg.cache_type_k,
+            "cache_type_v": cfg.cache_type_v,
+            "flash_attn": cfg.flash_attn,
+            "parallel": cfg.parallel,
+            "threads": self.engine.ctx.threads,
+            "threads_batch": self.engine.ctx.threads_batch,
+        }
+
+    @property
+    def perf(self) -> Perf:
+        """The engine's counters (read-only for routes)."""
+        return self.engine.scheduler.perf
+
+    @property
+    def slots_total(self) -> int:
+        return len(self.engine.scheduler.slots)
+
+    @property
+    def busy_slots(self) -> int:
+        return self.engine.scheduler.busy_slots
+
+    @property
+    def queued(self) -> int:
+        return self.engine.scheduler.queued
+
+    def slot_cells(self) -> list[int]:
+        """Tokens held in each slot's KV cache."""
+        return [len(s.cache) for s in self.engine.scheduler.slots]
+
+    @property
+    def busy(self) -> bool:
+        """Anything running, queued or about to start: an unload must wait."""
+        return bool(self.users or self.running or self.busy_slots or self.queued)
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+    def cancel_all(self) -> int:
+        """Cancel every running and queued generation (shutdown); returns how many."""
+        return self.engine.scheduler.cancel_all()
+
+    def close(self) -> None:
+        """Free the model (any thread); requests still holding it get a 503 on start."""
+        self.closed = True
+        self.engine.close()
 
     async def off_loop(
         self, work: Callable[[threading.Event], T], request: Request | None = None
@@ -343,6 +424,14 @@ class Service:
             min_tokens=gen.min_tokens,
         )
         running = RunningGeneration(request=req, queue=queue, genkey=genkey)
+        if self.closed:
+            raise ApiError(
+                503,
+                f"model {self.model_id!r} was just unloaded; send the request again",
+                "service_unavailable",
+                headers={"Retry-After": "1"},
+            )
+        self.touch()
         if self.request_timeout:
             running.timeout = self.request_timeout
             running.deadline = time.monotonic() + self.request_timeout
@@ -362,6 +451,7 @@ class Service:
         """Forget a run whose response is over (its owner may still poll it by genkey)."""
         if self.running.pop(running.id, None) is None:
             return
+        self.touch()
         if not running.genkey:
             self.last_text = running.text
             return

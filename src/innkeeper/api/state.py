@@ -1,11 +1,74 @@
-"""Access to the per-app objects routes need (kept on `app.state`, set by the app factory)."""
+"""Access to the per-app objects routes need (kept on `app.state`, set by the app factory).
+
+Routes reach a model only through its `Service`: `use_model` picks it (by name, or the
+current default), loading or waiting for it, and holds it for the request's whole life so
+the registry never unloads a model a request is still using (`ModelLeaseMiddleware`
+releases it when the response is over, streams included).
+"""
 
 from __future__ import annotations
 
-from fastapi import Request
+from typing import Any
 
+from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from innkeeper.api.errors import ApiError
+from innkeeper.api.registry import ModelRegistry
 from innkeeper.api.service import Service
+
+LEASES = "innkeeper.leases"
+
+
+def registry_of(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+async def use_model(request: Request, name: str | None = None, keep_alive: Any = None) -> Service:
+    """The service for the model a request names (None: the default), held until the
+    response ends; every route that uses a model calls this first."""
+    chosen = getattr(request.state, "service", None)
+    if chosen is not None and (not name or registry_of(request).resolve(name).service is chosen):
+        return chosen
+    service = await registry_of(request).service_for(name, keep_alive)
+    service.users += 1
+    leases = request.scope.get(LEASES)
+    if leases is None:  # not behind the middleware (an app without it): release at once
+        service.users -= 1
+    else:
+        leases.append(service)
+    request.state.service = service
+    return service
 
 
 def service_of(request: Request) -> Service:
-    return request.app.state.service
+    """The service `use_model` chose for this request, else the loaded default."""
+    chosen = getattr(request.state, "service", None)
+    if chosen is not None:
+        return chosen
+    default = registry_of(request).default
+    if default.service is None:
+        raise ApiError(
+            409, f"model {default.id!r} is not loaded", "model_not_loaded"
+        )  # pragma: no cover - routes call use_model first
+    return default.service
+
+
+class ModelLeaseMiddleware:
+    """Hands back the models a request held once its response (or stream) is over."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        leases: list[Service] = []
+        scope[LEASES] = leases
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            for service in leases:
+                service.users -= 1
+                service.touch()

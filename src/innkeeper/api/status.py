@@ -8,7 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from innkeeper import __version__
-from innkeeper.api.state import service_of
+from innkeeper.api.registry import ModelEntry, ModelRegistry
+from innkeeper.api.state import registry_of
 
 router = APIRouter(tags=["innkeeper"])
 
@@ -22,51 +23,76 @@ FILE_TYPES = {
 }  # fmt: skip
 
 
-@router.get("/api/innkeeper/status")
-async def status(request: Request) -> dict[str, Any]:
-    service = service_of(request)
-    engine = service.engine
-    info = engine.info
-    cfg = engine.config
-    sched = engine.scheduler
-    perf = sched.perf
-    plan = request.app.state.memory_plan
-    return {
-        "version": __version__,
+def _model_status(registry: ModelRegistry, e: ModelEntry) -> dict[str, Any]:
+    """One model's part of the status: what it is, how it runs, its counters."""
+    service = e.service
+    out: dict[str, Any] = {
         "model": {
-            "id": service.model_id,
-            "path": str(info.path),
+            "id": e.id,
+            "path": str(e.path),
             "format": "GGUF",
-            "architecture": info.architecture,
-            "quantization": FILE_TYPES.get(info.file_type or "", info.file_type),
-            "description": info.description,
-            "parameters": info.n_params,
-            "size_bytes": info.size_bytes,
-            "context_trained": info.n_ctx_train,
+            "quantization": e.quantization,
+            "size_bytes": e.size_bytes,
+            "status": e.status,
+            "is_default": e.id == registry.default_id,
+            "error": e.error,
         },
-        "context": {"size": engine.n_ctx, "used_by_slots": [len(s.cache) for s in sched.slots]},
-        "settings": {
-            "threads": engine.ctx.threads,
-            "threads_batch": engine.ctx.threads_batch,
-            "gpu_layers": cfg.gpu_layers,
-            "parallel": len(sched.slots),
-            "flash_attn": cfg.flash_attn,
-            "cache_type_k": cfg.cache_type_k,
-            "cache_type_v": cfg.cache_type_v,
+        "settings": registry.settings_of(e),
+        "memory_plan": e.loaded_plan.to_json() if e.loaded_plan is not None else None,
+    }
+    if service is None:
+        return out
+    info = service.info
+    out["model"].update(
+        architecture=info.architecture,
+        quantization=FILE_TYPES.get(info.file_type or "", info.file_type) or e.quantization,
+        description=info.description,
+        parameters=info.n_params,
+        size_bytes=info.size_bytes,
+        context_trained=info.n_ctx_train,
+    )
+    settings = service.settings
+    perf = service.perf
+    out.update(
+        context={"size": service.n_ctx, "used_by_slots": service.slot_cells()},
+        settings={
+            "threads": settings["threads"],
+            "threads_batch": settings["threads_batch"],
+            "gpu_layers": settings["gpu_layers"],
+            "parallel": service.slots_total,
+            "flash_attn": settings["flash_attn"],
+            "cache_type_k": settings["cache_type_k"],
+            "cache_type_v": settings["cache_type_v"],
+            "ctx_size": service.n_ctx,
         },
-        "chat_template": {
-            "name": engine.template.name,
-            "from_model": engine.template.source is not None,
+        chat_template={
+            "name": service.template.name,
+            "from_model": service.template.source is not None,
         },
-        "memory_plan": plan,
-        "auth_required": bool(request.app.state.config.api_keys),
-        "perf": {
+        perf={
             "last_tokens_per_second": round(perf.last_tokens_per_second, 2),
             "last_prompt_seconds": round(perf.last_prompt_seconds, 3),
             "total_requests": perf.total_requests,
-            "busy_slots": sched.busy_slots,
-            "queued": sched.queued,
+            "busy_slots": service.busy_slots,
+            "queued": service.queued,
             "requests_in_flight": service.in_flight,
             "uptime_seconds": round(time.time() - perf.started, 1),
         },
+    )
+    return out
+
+
+@router.get("/api/innkeeper/status")
+async def status(request: Request, model: str | None = None) -> dict[str, Any]:
+    """The default model's status (or `?model=`'s), every loaded model's, and the memory plan
+    summed over the loaded models. Asking never loads a model."""
+    registry = registry_of(request)
+    chosen = registry.resolve(model)
+    return {
+        "version": __version__,
+        **_model_status(registry, chosen),
+        "default": registry.default_id,
+        "models": [_model_status(registry, e) for e in registry.loaded()],
+        "memory": registry.memory_json(),
+        "auth_required": bool(request.app.state.config.api_keys),
     }

@@ -47,6 +47,15 @@ _EXTRA_AFTER: dict[str, Parameter] = {
             typer.Option("--api-key-file", help="file with one key per line"),
         ],
     ),
+    "admin_keys": Parameter(
+        "admin_key_file",
+        Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            Path | None,
+            typer.Option("--admin-key-file", help="file with one admin key per line"),
+        ],
+    ),
 }
 _VERBOSE = Parameter(
     "verbose",
@@ -115,13 +124,15 @@ def _from_cli(cls: type, values: dict[str, Any], **fixed: Any) -> Any:
     return cls(**kwargs)
 
 
-def _read_keys(keys: list[str] | tuple[str, ...], key_file: Path | None) -> tuple[str, ...]:
+def _read_keys(
+    keys: list[str] | tuple[str, ...], key_file: Path | None, flag: str = "--api-key-file"
+) -> tuple[str, ...]:
     out = [k.strip() for k in keys if k.strip()]
     if key_file is not None:
         try:
             text = key_file.read_text(encoding="utf-8")
         except OSError as exc:
-            fail(f"cannot read --api-key-file {key_file}: {exc.strerror}")
+            fail(f"cannot read {flag} {key_file}: {exc.strerror}")
         out += [
             line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
         ]
@@ -136,6 +147,9 @@ def build_config(model_path: Path, values: dict[str, Any]) -> ServerConfig:
             if values.get(key) is None:
                 values[key] = values["cache_type"]
     values["api_keys"] = _read_keys(values.get("api_keys") or [], values.get("api_key_file"))
+    values["admin_keys"] = _read_keys(
+        values.get("admin_keys") or [], values.get("admin_key_file"), "--admin-key-file"
+    )
     engine = _from_cli(EngineConfig, values, model_path=model_path)
     return _from_cli(ServerConfig, values, engine=engine).validate()
 
@@ -145,10 +159,16 @@ def serve(**values: Any) -> None:
     from innkeeper.server import run_server
 
     verbose = bool(values.pop("verbose", False))
+    ref = values.pop("model", None)
     try:
-        model_path = resolve_model(values.pop("model", None))
+        model_path = resolve_model(ref)
     except ModelNotFoundError as exc:
-        fail(str(exc))
+        from innkeeper.api.registry import find_in_models_dirs
+
+        found = find_in_models_dirs(ref, values.get("models_dirs") or []) if ref else None
+        if found is None:
+            fail(str(exc))
+        model_path = found
     try:
         config = build_config(model_path, values)
     except ConfigError as exc:

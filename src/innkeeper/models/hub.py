@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -124,6 +126,13 @@ class IntegrityError(HubError):
 
 class DiskSpaceError(HubError):
     """Not enough free disk space for what the pull must fetch."""
+
+
+class PullCancelled(HubError):
+    """A pull stopped on request; its `.incomplete` file stays, so the next pull resumes it."""
+
+    def __init__(self) -> None:
+        super().__init__("pull cancelled: the same pull resumes where this one stopped")
 
 
 # --- references ---------------------------------------------------------------------------------
@@ -764,6 +773,33 @@ class PullResult:
 ProgressHook = Callable[[int, int, RepoFile], None]
 """Called before each file: (index from 1, count, file)."""
 
+BytesHook = Callable[[int, int], None]
+"""Called as bytes land: (bytes of the selection on disk now, bytes of the whole selection)."""
+
+
+class _WatchedFile:
+    """The `.incomplete` file as `http_get` sees it: each written chunk reports the bytes now on
+    disk and checks the cancel flag, so a pull can show progress and stop between chunks
+    without owning the download loop. Everything else goes to the real file."""
+
+    def __init__(
+        self, fh: Any, on_size: Callable[[int], None] | None, cancel: threading.Event | None
+    ) -> None:
+        self._fh = fh
+        self._on_size = on_size
+        self._cancel = cancel
+
+    def write(self, data: bytes) -> int:
+        n = self._fh.write(data)
+        if self._on_size is not None:
+            self._on_size(self._fh.tell())
+        if self._cancel is not None and self._cancel.is_set():
+            raise PullCancelled()
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
 
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -812,7 +848,14 @@ def _is_transport_error(exc: BaseException) -> bool:
     return any(k in name for k in words)
 
 
-def _fetch(sel: Selection, f: RepoFile, final: Path, tok: str | None) -> int:
+def _fetch(
+    sel: Selection,
+    f: RepoFile,
+    final: Path,
+    tok: str | None,
+    on_size: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> int:
     """Download one file into its `.incomplete` file (resuming it) and verify it; return bytes got.
 
     The HEAD call and the streaming GET are huggingface_hub's own; we only own the file handle,
@@ -838,12 +881,14 @@ def _fetch(sel: Selection, f: RepoFile, final: Path, tok: str | None) -> int:
     if resume > f.size:
         part.unlink()
         resume = 0
+    if on_size is not None:
+        on_size(resume)
     for attempt in (1, 2):
         try:
             with part.open("ab", buffering=0) as fh:
                 http_get(
                     location,
-                    fh,
+                    _WatchedFile(fh, on_size, cancel),  # type: ignore[arg-type]
                     resume_size=resume,
                     headers=headers,
                     expected_size=f.size,
@@ -885,12 +930,16 @@ def pull(
     progress: bool = True,
     on_file: ProgressHook | None = None,
     free_bytes: Callable[[Path], int] = free_disk_bytes,
+    on_bytes: BytesHook | None = None,
+    cancel: threading.Event | None = None,
 ) -> PullResult:
     """Download a selection into the store, resuming, verifying and moving each file in.
 
     The manifest is written as incomplete before the first byte, updated as each verified file
     lands and marked complete last; every write is atomic, so the store never shows a half-pulled
     model as whole. A failed pull that leaves nothing to resume leaves nothing behind.
+    `on_bytes` reports progress as chunks land; setting `cancel` stops the pull at the next
+    chunk with `PullCancelled`, keeping what came as a resumable `.incomplete` file.
     """
     from huggingface_hub.utils import WeakFileLock
 
@@ -905,7 +954,7 @@ def pull(
         existed = entry.exists()
         entry.mkdir(parents=True, exist_ok=True)
         try:
-            return _pull_locked(sel, root, entry, progress, on_file, free_bytes)
+            return _pull_locked(sel, root, entry, progress, on_file, free_bytes, on_bytes, cancel)
         except BaseException:
             _cleanup_failed(entry, remove_dir=not existed)
             raise
@@ -918,6 +967,8 @@ def _pull_locked(
     progress: bool,
     on_file: ProgressHook | None,
     free_bytes: Callable[[Path], int],
+    on_bytes: BytesHook | None = None,
+    cancel: threading.Event | None = None,
 ) -> PullResult:
     from huggingface_hub.utils import (
         are_progress_bars_disabled,
@@ -967,12 +1018,19 @@ def _pull_locked(
     if not progress:
         disable_progress_bars()
     got = 0
+    landed = sum(f.size for f, m in zip(sel.files, manifest.files, strict=True) if m.verified)
     try:
         for n, (i, f, final) in enumerate(todo, 1):
+            if cancel is not None and cancel.is_set():
+                raise PullCancelled()
             if on_file is not None:
                 on_file(n, len(todo), f)
             final.unlink(missing_ok=True)
-            got += _fetch(sel, f, final, tok)
+            on_size = None
+            if on_bytes is not None:
+                on_size = functools.partial(_report, on_bytes, landed, sel.size)
+            got += _fetch(sel, f, final, tok, on_size, cancel)
+            landed += f.size
             manifest.files[i].verified = True
             store.write_manifest(entry, manifest)
     finally:
@@ -982,6 +1040,11 @@ def _pull_locked(
     manifest.downloaded_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     store.write_manifest(entry, manifest)
     return PullResult(store.entry_from_manifest(entry, manifest), got, resumed, reused)
+
+
+def _report(on_bytes: BytesHook, landed: int, total: int, present: int) -> None:
+    """One file's bytes on disk, as the selection's: the files already landed plus this one."""
+    on_bytes(landed + present, total)
 
 
 def _cleanup_failed(entry: Path, *, remove_dir: bool) -> None:

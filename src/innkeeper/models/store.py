@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -421,3 +422,42 @@ def resolve_model(ref: str | None, *, allow_paths: bool = True) -> Path:
     if "\x00" in ref or ref.startswith(("/", "~", ".")) or ".." in ref.split("/"):
         raise ModelNotFoundError(f"model not found: {ref!r} is not a file or a store name")
     return find_in_store(ref).path
+
+
+# --- removal ------------------------------------------------------------------------------------
+
+
+def remove_model(name: str, root: Path | None = None) -> StoreEntry:
+    """Delete one store model, named exactly as `list_models` names it; return what went.
+
+    A pulled variant loses its manifest first (so it stops being listed at once), then its
+    folder with every file and partial download; a loose GGUF loses its file (every shard).
+    Only listed entries can go, so a name never reaches outside the store, and the embedded
+    model, which is not in the store, cannot be deleted.
+    """
+    root = root if root is not None else models_dir()
+    if root.is_dir():
+        folders = (p for p in root.iterdir() if not p.name.startswith("."))
+        for repo_dir in sorted(p for p in folders if p.is_dir() and not p.is_symlink()):
+            for variant in sorted(
+                p for p in repo_dir.iterdir() if p.is_dir() and not p.is_symlink()
+            ):
+                manifest = read_manifest(variant)
+                if manifest is None:
+                    continue
+                entry = entry_from_manifest(variant, manifest)
+                if entry.name != name:
+                    continue
+                (variant / MANIFEST_NAME).unlink(missing_ok=True)
+                shutil.rmtree(variant, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    repo_dir.rmdir()  # only when no other variant of the repo is left
+                return entry
+    for entry in list_models(root):
+        if entry.repo is None and entry.name == name:
+            for file in entry.files:
+                target = root / file
+                if _inside(root, target) and target.is_file():
+                    target.unlink()
+            return entry
+    raise UnknownModelNameError(f"{name!r} is not a model in the store ({root})")

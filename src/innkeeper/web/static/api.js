@@ -3,7 +3,12 @@
 const KEY_NAME = "innkeeper.apiKey";
 
 export class AuthError extends Error {}
-export class ApiError extends Error {}
+export class ApiError extends Error {
+  constructor(message, status = 0) {
+    super(message);
+    this.status = status; // the HTTP status, so callers can tell "no such route" (404) apart
+  }
+}
 
 let askForKey = async () => null; // set by the page: shows the key dialog, resolves to a key or null
 
@@ -42,6 +47,7 @@ async function errorMessage(res) {
     const e = body.error ?? body.detail ?? body;
     if (typeof e === "string") return e;
     if (e && typeof e.message === "string") return e.message;
+    if (e && typeof e.msg === "string") return e.msg; // the /api family: {"detail": {"msg", "type"}}
     return JSON.stringify(e).slice(0, 300);
   } catch {
     return res.status + " " + res.statusText;
@@ -58,11 +64,14 @@ export async function request(path, { method = "GET", body, signal, ask = true }
       signal,
     });
     if (res.status !== 401) {
-      if (!res.ok) throw new ApiError(await errorMessage(res));
+      if (!res.ok) throw new ApiError(await errorMessage(res), res.status);
       return res;
     }
-    if (!ask || attempt >= 3) throw new AuthError(apiKey() ? "the API key was refused" : "this server needs an API key");
-    const key = await askForKey(attempt > 0 || apiKey() ? "That key was refused. Try again." : "");
+    // Load, unload, pull and delete want the server's --admin-key (which also opens the API).
+    const admin = /admin/i.test(await errorMessage(res));
+    if (!ask || attempt >= 3) throw new AuthError(admin ? "this needs the server's admin key" : apiKey() ? "the API key was refused" : "this server needs an API key");
+    const hint = admin ? "This needs the server's admin key (--admin-key)." : attempt > 0 || apiKey() ? "That key was refused. Try again." : "";
+    const key = await askForKey(hint);
     if (!key) throw new AuthError("this server needs an API key");
     setApiKey(key);
   }

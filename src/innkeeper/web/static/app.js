@@ -3,6 +3,7 @@
 
 import { ApiError, AuthError, getJson, onKeyNeeded, postJson, request, setApiKey, streamCompletion } from "./api.js";
 import { CardError, applyMacros, normalizeCard, readCardFile, toV2Card } from "./cards.js";
+import { initModels, refreshModels } from "./models.js";
 import { db, newId, settings } from "./store.js";
 
 const $ = (id) => document.getElementById(id);
@@ -1142,6 +1143,16 @@ async function loadStored() {
 
 async function main() {
   wire();
+  initModels({
+    toast,
+    formatBytes,
+    changed: async () => {
+      // a load or unload may change which model answers, and so its template and context
+      state.templatesLoaded = false;
+      if (await refreshStatus({ ask: false })) await loadTemplates();
+      schedulePreview();
+    },
+  });
   fillSamplers();
   renderConnect();
   await loadStored();
@@ -1150,11 +1161,13 @@ async function main() {
   if (await refreshStatus()) {
     await loadTemplates();
     schedulePreview();
+    refreshModels();
   }
   setInterval(() => {
     if (document.hidden || $("key-dialog").open) return;
     refreshStatus({ ask: false }).then((ok) => {
       if (ok && !state.templatesLoaded) loadTemplates().then(schedulePreview);
+      if (ok) refreshModels();
     });
   }, 5000);
   $("input").focus({ preventScroll: true });

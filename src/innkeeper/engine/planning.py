@@ -1,0 +1,115 @@
+"""The settings a model is loaded with: what was given, the memory plan's choices for the rest.
+
+`innkeeper serve` (server.py) and the model registry (api/registry.py) both load through
+these two functions, so a model loaded by name gets exactly the defaults `serve` would give it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from innkeeper.engine.backend import supports_gpu_offload
+from innkeeper.engine.config import EngineConfig
+from innkeeper.models.hardware import Hardware
+from innkeeper.models.memory import AutoSettings, auto_settings, memory_settings
+from innkeeper.models.safety import is_pickle_weights
+from innkeeper.models.spec import ModelFormatError
+
+log = logging.getLogger("innkeeper")
+
+GGUF_MAGIC = b"GGUF"
+
+
+class ModelFileError(ValueError):
+    """A file llama.cpp cannot or must not load; the message says why and what to do."""
+
+
+def model_id_for(path: Path) -> str:
+    """The name a model file is served under: its file name without `.gguf`."""
+    name = path.name
+    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+
+
+def checked_model_file(path: Path, allow_pickle: bool = False) -> Path:
+    """The GGUF file to load for `path` (a file, or a folder holding one model); refuses what
+    llama.cpp cannot or must not load with a ModelFileError that says why."""
+    if is_pickle_weights(path):
+        if not allow_pickle:
+            raise ModelFileError(
+                f"{path.name} holds PyTorch pickle weights, which can run arbitrary code when "
+                "loaded; innkeeper refuses them (see `innkeeper inspect` for a scan; pass "
+                "--allow-pickle only if you trust the file)"
+            )
+        raise ModelFileError(f"{path.name} is a PyTorch checkpoint: convert it to GGUF to serve it")
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        firsts = [p for p in ggufs if "-00001-of-" in p.name]
+        if len(ggufs) == 1 or len(firsts) == 1:
+            return checked_model_file((firsts or ggufs)[0], allow_pickle)
+        if not ggufs:
+            raise ModelFileError(
+                f"{path} holds no GGUF file: innkeeper serves GGUF models "
+                f"(see `innkeeper inspect {path}`)"
+            )
+        raise ModelFileError(f"{path} holds {len(ggufs)} GGUF files: name the one to serve")
+    if path.exists() and not path.is_file():  # a FIFO would block open() forever
+        raise ModelFileError(
+            f"{path} is not a regular file (a FIFO, device or socket): serve a GGUF file"
+        )
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ModelFileError(f"cannot read {path}: {exc.strerror}") from None
+    if magic != GGUF_MAGIC:
+        if path.suffix.lower() == ".safetensors":
+            raise ModelFileError(
+                f"{path.name} is a safetensors file: innkeeper serves GGUF models "
+                "(convert it, or pull a GGUF build)"
+            )
+        raise ModelFileError(
+            f"{path} is not a GGUF model file (it does not start with the GGUF magic bytes)"
+        )
+    return path
+
+
+def plan_settings(cfg: EngineConfig, hardware: Hardware | None = None) -> AutoSettings | None:
+    """Context size and GPU layers from the memory plan (`ctx_size`/`gpu_layers` given win).
+
+    A file that is not a readable model raises ModelFormatError; any other failure of the
+    plan is only logged (the plan is advice: it must never stop a loadable model).
+    """
+    try:
+        return auto_settings(
+            cfg.model_path, memory_settings(cfg), cfg.ctx_size, cfg.gpu_layers, hardware
+        )
+    except ModelFormatError:
+        raise
+    except Exception as exc:
+        log.warning("memory plan unavailable: %s", exc)
+        return None
+
+
+def planned_engine(cfg: EngineConfig, auto: AutoSettings | None) -> EngineConfig:
+    """The engine settings to load with: what the user gave, the plan's choices for the rest.
+
+    Several GPUs and no --tensor-split: the plan's per-GPU layer counts become the split, so
+    llama.cpp places layers exactly as `fit` and the plan did.
+    """
+    offload = supports_gpu_offload()
+    gpu_layers = cfg.gpu_layers
+    if gpu_layers is None:
+        gpu_layers = auto.gpu_layers if auto else (999 if offload else 0)
+    tensor_split = cfg.tensor_split
+    if auto is not None and tensor_split is None and cfg.split_mode != "none":
+        gpus = [d for d in auto.plan.devices if d.kind == "gpu"]
+        if len(gpus) > 1 and any(d.layers for d in gpus):
+            tensor_split = tuple(float(d.layers) for d in gpus)
+    return replace(
+        cfg,
+        ctx_size=cfg.ctx_size or (auto.ctx_size if auto else None),
+        gpu_layers=gpu_layers if offload else 0,
+        tensor_split=tensor_split,
+    )
