@@ -234,6 +234,28 @@ class Soak:
         ok = r.status_code == 200 if expect == "200" else 400 <= r.status_code < 500
         self.note("hostile", r.status_code, ok, f"{route} -> {r.text}")
 
+    def partial_failure(self, rng: random.Random) -> None:
+        """A prompt list whose last prompt is invalid: refused whole, nothing left running."""
+        good = [rng.randint(10, 1000) for _ in range(rng.randint(50, 400))]
+        bad = rng.choice([[-5], [10**9]])
+        r = httpx.post(
+            self.url + "/v1/completions",
+            json={"prompt": [good, good, bad], "max_tokens": 1},
+            timeout=60,
+        )
+        self.note("partial_failure", r.status_code, 400 <= r.status_code < 500, r.text)
+
+    def cross_origin_abort(self, rng: random.Random) -> None:
+        """A cross-site page's abort (a 'simple' POST, no preflight) is refused."""
+        route = rng.choice(["/api/extra/abort", "/v1/internal/stop-generation"])
+        r = httpx.post(
+            self.url + route,
+            content=b'{"genkey": ""}',
+            headers={"Origin": "http://evil.example", "Content-Type": "text/plain"},
+            timeout=60,
+        )
+        self.note("cross_origin_abort", r.status_code, r.status_code == 403, r.text)
+
     def oversized_prompt(self, rng: random.Random) -> None:
         words = rng.randint(2500, 6000)  # more tokens than the 2048-token context
         route, body = rng.choice(
@@ -265,6 +287,8 @@ class Soak:
             (3, lambda: self.bad_values(rng)),
             (2, lambda: self.oversized_prompt(rng)),
             (2, lambda: self.hostile(rng)),
+            (1, lambda: self.partial_failure(rng)),
+            (1, lambda: self.cross_origin_abort(rng)),
             (1, lambda: self.oversized_body(rng)),
         ]
         _, action = rng.choices(actions, weights=[w for w, _ in actions])[0]
@@ -317,9 +341,18 @@ def test_soak() -> None:
         rss1 = rss_mib(server)
         final = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 8, "seed": 3})
         final2 = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 8, "seed": 3})
+        in_flight = c.get("/api/innkeeper/status").json()["perf"]["requests_in_flight"]
         c.close()
 
-        bad_kinds = ("malformed", "bad_values", "hostile", "oversized_prompt", "oversized_body")
+        bad_kinds = (
+            "malformed",
+            "bad_values",
+            "hostile",
+            "partial_failure",
+            "cross_origin_abort",
+            "oversized_prompt",
+            "oversized_body",
+        )
         report = {
             "requests_sent": sum(soak.kinds.values()),
             "measured_phase_requests": sent,
@@ -332,6 +365,7 @@ def test_soak() -> None:
             "unexpected": soak.unexpected[:20],
             "slots_leaked": perf["busy_slots"],
             "queue_left": perf["queue"],
+            "runs_leaked": in_flight,
             "total_aborted": perf["total_aborted"],
             "rss_after_warmup_mib": round(rss0, 1),
             "rss_end_mib": round(rss1, 1),
@@ -345,6 +379,7 @@ def test_soak() -> None:
         assert report["5xx_seen"] == 0, report
         assert not soak.unexpected, report
         assert report["slots_leaked"] == 0 and report["queue_left"] == 0, report
+        assert report["runs_leaked"] == 0, report
         assert report["rss_growth_mib"] < RSS_BOUND_MIB, report
         assert final.status_code == 200 and final.json()["usage"]["completion_tokens"] >= 1
         assert final.json()["choices"][0]["text"] == final2.json()["choices"][0]["text"]
