@@ -244,6 +244,8 @@ class ScenarioConfig:
     chat_user_tokens: int = 40
     chat_reply_tokens: int = 48
     trim_exchanges: int = 3  # oldest user/assistant pairs dropped by the top-trim
+    revisit_turns: int = 3  # turns of the chat that is left and revisited
+    revisit_other_tokens: int = 1000  # the other conversation's prompt in between
     conc_levels: tuple[int, ...] = (1, 2, 4, 8)
     conc_per_client: int = 2
     conc_tokens: int = 128
@@ -475,6 +477,43 @@ async def scenario_concurrency(
     return ScenarioResult(metrics=metrics, requests=records, errors=errors)
 
 
+async def scenario_revisit(
+    client: httpx.AsyncClient, target: Target, gen: TextGen, cfg: ScenarioConfig, count: Counter
+) -> ScenarioResult:
+    """Return to an earlier chat after another conversation's long prompt.
+
+    A chat (system text + `revisit_turns` turns) gets one more turn right away: its TTFT is
+    the cost of the new tokens alone (`revisit_warm_s`). Then another user's cold
+    ~1000-token prompt runs (it takes the slot, or the window, from the chat), and the chat
+    comes back with a same-size turn: `revisit_overhead_s` = its TTFT - the warm turn's, what
+    returning costs beyond the new tokens (goal ≤ 0.1 s).
+    """
+    chat = Chat(f"{make_nonce(gen.rng)} {gen.words(cfg.chat_system_tokens)}")
+    steps: list[tuple[str, RequestResult]] = []
+    for i in range(cfg.revisit_turns + 1):
+        user = gen.words(cfg.chat_user_tokens)
+        r = await stream_completion(client, target, chat.prompt(user), cfg.chat_reply_tokens)
+        steps.append((f"turn{i + 1}", r))
+        chat.history.append((user, r.text.strip()))
+    warm = steps[-1][1]
+    other = await stream_completion(client, target, gen.cold(cfg.revisit_other_tokens), 8)
+    steps.append(("other", other))
+    back = await stream_completion(
+        client, target, chat.prompt(gen.words(cfg.chat_user_tokens)), cfg.chat_reply_tokens
+    )
+    steps.append(("revisit", back))
+    ok = warm.error is None and back.error is None
+    metrics = {
+        "revisit_warm_s": warm.ttft if warm.error is None else float("nan"),
+        "revisit_s": back.ttft if back.error is None else float("nan"),
+        "revisit_overhead_s": back.ttft - warm.ttft if ok else float("nan"),
+    }
+    if back.cached_tokens is not None:
+        metrics["revisit_cached_tokens"] = float(back.cached_tokens)
+    records = [{**r.brief(), "step": step} for step, r in steps]
+    return ScenarioResult(metrics=metrics, requests=records, errors=_errors([r for _, r in steps]))
+
+
 Scenario = Callable[
     [httpx.AsyncClient, Target, TextGen, ScenarioConfig, Counter], Awaitable[ScenarioResult]
 ]
@@ -483,6 +522,7 @@ SCENARIOS: dict[str, Scenario] = {
     "single": scenario_single,
     "prompt": scenario_prompt,
     "chat": scenario_chat,
+    "revisit": scenario_revisit,
     "concurrency": scenario_concurrency,
 }
 

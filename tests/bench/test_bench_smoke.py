@@ -157,3 +157,30 @@ def test_token_counting_prefers_usage() -> None:
 def test_gemma_sha_is_read_from_the_index_package() -> None:
     src = 'MODEL_NAME = "x"\nEXPECTED_SHA256 = "' + "ab" * 32 + '"\n'
     assert expected_sha256(src) == "ab" * 32
+
+
+def test_kv_bytes_are_read_from_llama_cpp_logs_and_compared(tmp_path: Path) -> None:
+    """Both servers' KV MiB come from llama.cpp's own lines (two caches for a SWA model)."""
+    from bench.servers import RunningServer, ServerSpec
+
+    log = tmp_path / "innkeeper.log"
+    log.write_text(
+        "llama_kv_cache: size =   24.00 MiB (  8192 cells,   3 layers,  4/1 seqs), K (f16): ...\n"
+        "llama_kv_cache: size =   37.50 MiB (  2560 cells,  15 layers,  4/1 seqs), K (f16): ...\n"
+    )
+    server = RunningServer(ServerSpec("innkeeper", "cand", [], 0), None, log)  # type: ignore[arg-type]
+    assert server.kv_mib() == 61.5
+    assert RunningServer(ServerSpec("x", "ref1", [], 0), None, tmp_path / "none").kv_mib() is None  # type: ignore[arg-type]
+    assert report.kv_check({"cand": 61.5, "ref4": 61.5, "ref1": 40.0})["verdict"] == "PASS"
+    assert report.kv_check({"cand": 144.0, "ref4": 61.5})["verdict"] == "FAIL"
+    assert report.kv_check({"cand": 61.5, "ref1": None})["verdict"] == "NO DATA"
+
+
+def test_revisit_is_a_scenario_with_its_goal() -> None:
+    assert "revisit" in loadgen.SCENARIOS
+    rounds = [{"ref": {"revisit_overhead_s": 0.05}, "cand": {"revisit_overhead_s": 0.08}}]
+    (result,) = [r for r in report.evaluate(rounds) if r["metric"] == "revisit_overhead_s"]
+    assert result["verdict"] == "PASS"
+    rounds[0]["cand"]["revisit_overhead_s"] = 0.5
+    (result,) = [r for r in report.evaluate(rounds) if r["metric"] == "revisit_overhead_s"]
+    assert result["verdict"] == "FAIL"

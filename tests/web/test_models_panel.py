@@ -12,14 +12,12 @@ import pytest
 from playwright.sync_api import expect
 
 from innkeeper.models import store
-from tests.engine import conftest as engine_fixtures
 from tests.helpers import ServerProcess, run_server
 from tests.models.fakehub import BIG_KIB, KIB, FakeHub, build_repos, make_gguf
 from tests.web.conftest import DESKTOP, PHONE, SHOTS
 from tests.web.test_page import send
 
 pytestmark = pytest.mark.browser
-gemma_path = engine_fixtures.gemma_path  # the bench's Gemma 3 270M, cached
 
 MIB = 1024 * 1024
 LOAD_TIMEOUT = 120_000  # ms: a model load on a shared 2-core machine

@@ -43,11 +43,107 @@ class BackendError(Exception):
     """llama.cpp refused something (a file it cannot load, a context it cannot create)."""
 
 
+SPLIT_MODES = {
+    "none": C.LLAMA_SPLIT_MODE_NONE,
+    "layer": C.LLAMA_SPLIT_MODE_LAYER,
+    "row": C.LLAMA_SPLIT_MODE_ROW,
+}
+
+
+def set_fields(struct: ctypes.Structure, **values: object) -> None:
+    """Assign fields of a llama.cpp ctypes struct, refusing names the struct does not have.
+
+    ctypes quietly accepts any attribute as a plain Python one, so a field the binding renamed
+    or removed (llama-cpp-python 0.3.36 replaced `use_mmap`/`use_mlock` by `load_mode`) would
+    become a silent no-op. Every struct write in innkeeper goes through here instead.
+    """
+    known = {name for name, *_ in type(struct)._fields_}
+    for name, value in values.items():
+        if name not in known:
+            raise BackendError(
+                f"llama.cpp's {type(struct).__name__} has no field {name!r}: this innkeeper "
+                "does not match the installed llama-cpp-python"
+            )
+        setattr(struct, name, value)
+
+
+def load_mode(use_mmap: bool, use_mlock: bool) -> int:
+    """llama_model_params.load_mode for the --no-mmap / --mlock pair.
+
+    The default stays llama.cpp's AUTO (map the file unless a device cannot use mappings).
+    """
+    if use_mlock:
+        return C.LLAMA_LOAD_MODE_MMAP_MLOCK if use_mmap else C.LLAMA_LOAD_MODE_MLOCK
+    return C.LLAMA_LOAD_MODE_AUTO if use_mmap else C.LLAMA_LOAD_MODE_NONE
+
+
+class TensorBuftOverride(ctypes.Structure):
+    """llama.h's llama_model_tensor_buft_override (the binding declares the field void*)."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def cpu_buffer_type() -> int:
+    """ggml_backend_cpu_buffer_type(): where llama-server's --cpu-moe puts expert tensors.
+
+    The binding does not expose ggml's backend API, so it is called from the ggml library that
+    llama-cpp-python ships (already loaded by libllama: dlopen returns the same handle).
+    llama.cpp compares an override's buffer type with this very pointer.
+    """
+    lib = ctypes.CDLL(str(Path(C.__file__).parent / "lib" / "libggml-base.so"))
+    fn = lib.ggml_backend_cpu_buffer_type
+    fn.argtypes, fn.restype = [], ctypes.c_void_p
+    buft = fn()
+    if not buft:
+        raise BackendError("llama.cpp has no CPU buffer type to keep tensors in RAM")
+    return int(buft)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """The knobs of one model load (`EngineConfig` maps its settings here, in engine.py)."""
+
+    gpu_layers: int = 0
+    use_mmap: bool = True
+    use_mlock: bool = False
+    main_gpu: int = 0
+    split_mode: str = "layer"
+    tensor_split: tuple[float, ...] | None = None
+    cpu_tensor_patterns: tuple[str, ...] = ()  # tensor-name regexes kept in RAM (MoE experts)
+
+
+def model_params_struct(params: ModelParams) -> tuple[C.llama_model_params, list[object]]:
+    """Fill llama_model_params; returns it with the ctypes buffers it points into (keep them)."""
+    mp = C.llama_model_default_params()
+    keep: list[object] = []
+    set_fields(
+        mp,
+        n_gpu_layers=params.gpu_layers,
+        load_mode=load_mode(params.use_mmap, params.use_mlock),
+        main_gpu=params.main_gpu,
+        split_mode=SPLIT_MODES[params.split_mode],
+    )
+    if params.tensor_split is not None:
+        n = int(C.llama_max_devices())
+        split = (ctypes.c_float * n)(*params.tensor_split[:n])
+        keep.append(split)
+        set_fields(mp, tensor_split=split)
+    if params.cpu_tensor_patterns:
+        buft = cpu_buffer_type()
+        overrides = (TensorBuftOverride * (len(params.cpu_tensor_patterns) + 1))()
+        for item, pattern in zip(overrides, params.cpu_tensor_patterns, strict=False):
+            set_fields(item, pattern=pattern.encode(), buft=buft)
+        keep.append(overrides)  # the last entry stays zeroed: the NULL terminator
+        set_fields(mp, tensor_buft_overrides=ctypes.cast(overrides, ctypes.c_void_p))
+    return mp, keep
+
+
 _init_lock = threading.Lock()
 _initialised = False
 _log_callback = None  # kept alive for as long as llama.cpp may call it
 _quiet = False
 _recent_errors: deque[str] = deque(maxlen=8)
+_mlock_failures = 0  # llama.cpp only warns when mlock fails; counted so --mlock can refuse
 
 
 def init_backend(quiet: bool = True) -> None:
@@ -64,9 +160,12 @@ def init_backend(quiet: bool = True) -> None:
 
         @C.llama_log_callback
         def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-            # ggml_log_level: 2 = WARN, 3 = ERROR, 5 = CONT
-            if level == 3:
+            # ggml_log_level (ggml.h): 2 = INFO, 3 = WARN, 4 = ERROR, 5 = CONT
+            global _mlock_failures
+            if level == 4:
                 _recent_errors.append(text.decode("utf-8", "replace").strip())
+            if b"failed to mlock" in text:  # a warning: llama-mmap.cpp's only signal of it
+                _mlock_failures += 1
             if not _quiet:
                 with contextlib.suppress(OSError):
                     os.write(2, text)
@@ -103,24 +202,24 @@ class Model:
     while the engine thread is decoding (token counts never wait behind a generation).
     """
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        gpu_layers: int = 0,
-        use_mmap: bool = True,
-        use_mlock: bool = False,
-    ) -> None:
+    def __init__(self, path: Path, params: ModelParams | None = None) -> None:
         init_backend()
         self.path = path
-        params = C.llama_model_default_params()
-        params.n_gpu_layers = gpu_layers
-        params.use_mmap = use_mmap
-        params.use_mlock = use_mlock
-        ptr = C.llama_model_load_from_file(str(path).encode(), params)
+        self.params = params or ModelParams()
+        mp, self._keep = model_params_struct(self.params)  # alive as long as the model
+        _recent_errors.clear()  # last_error() reports this load's lines only
+        mlock_failures = _mlock_failures
+        ptr = C.llama_model_load_from_file(str(path).encode(), mp)
         if not ptr:
             raise BackendError(
                 f"llama.cpp could not load {path}: {last_error() or 'not a valid GGUF model'}"
+            )
+        if _mlock_failures != mlock_failures:
+            C.llama_model_free(ptr)
+            raise BackendError(
+                "--mlock: could not lock the model in RAM: the locked-memory limit is too low. "
+                "Raise it (`ulimit -l unlimited`; for a systemd service LimitMEMLOCK=infinity) "
+                "or drop --mlock"
             )
         self.ptr = ptr
         self.vocab = C.llama_model_get_vocab(ptr)
@@ -235,6 +334,8 @@ class ContextParams:
     flash_attn: str = "auto"
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
+    swa_full: bool = False  # sliding-window layers keep the whole context (llama-server: off)
+    offload_kqv: bool = True  # False: the KV cache stays in RAM (--no-kv-offload)
 
 
 class Batch:
@@ -289,19 +390,27 @@ class Context:
         self.model = model
         self.params = params
         cp = C.llama_context_default_params()
-        cp.n_ctx = params.n_ctx
-        cp.n_batch = params.n_batch
-        cp.n_ubatch = min(params.n_ubatch, params.n_batch)
-        cp.n_seq_max = params.n_seq
         threads = params.threads or default_threads()
-        cp.n_threads = threads
-        cp.n_threads_batch = params.threads_batch or threads
-        cp.flash_attn_type = FLASH_ATTN[params.flash_attn]
-        cp.type_k = CACHE_TYPES[params.cache_type_k]
-        cp.type_v = CACHE_TYPES[params.cache_type_v]
-        # Every slot may use the whole context: cells are shared, not split per sequence.
-        cp.kv_unified = True
-        cp.no_perf = False
+        set_fields(
+            cp,
+            n_ctx=params.n_ctx,
+            n_batch=params.n_batch,
+            n_ubatch=min(params.n_ubatch, params.n_batch),
+            n_seq_max=params.n_seq,
+            n_threads=threads,
+            n_threads_batch=params.threads_batch or threads,
+            flash_attn_type=FLASH_ATTN[params.flash_attn],
+            type_k=CACHE_TYPES[params.cache_type_k],
+            type_v=CACHE_TYPES[params.cache_type_v],
+            offload_kqv=params.offload_kqv,
+            # Every slot may use the whole context: cells are shared, not split per sequence.
+            kv_unified=True,
+            no_perf=False,
+            # Sliding-window layers keep only their window (plus a ubatch) unless asked
+            # otherwise; the scheduler's context checkpoints keep prompt reuse working.
+            swa_full=params.swa_full,
+        )
+        _recent_errors.clear()
         ptr = C.llama_init_from_model(model.ptr, cp)
         if not ptr:
             raise BackendError(
@@ -314,10 +423,16 @@ class Context:
         self.threads = threads
         self.threads_batch = cp.n_threads_batch
         self.can_shift = bool(C.llama_memory_can_shift(self.mem))
+        mp = model.ptr
+        # How far back the memory can give a prompt its past: 0 = everything it ever held.
+        self.n_swa = 0 if params.swa_full else int(C.llama_model_n_swa(mp))
+        self.recurrent = bool(C.llama_model_is_recurrent(mp) or C.llama_model_is_hybrid(mp))
+        # Whether reuse may need context checkpoints: the memory forgets old positions.
+        self.partial_memory = self.n_swa > 0 or self.recurrent
 
     def decode(self, batch: Batch) -> int:
         """Run the model over the batch; 0 on success, 1 when the KV cache has no room."""
-        batch.raw.n_tokens = batch.n
+        set_fields(batch.raw, n_tokens=batch.n)
         return int(C.llama_decode(self.ptr, batch.raw))
 
     def logits(self, index: int) -> ctypes.Array[ctypes.c_float]:
@@ -335,18 +450,43 @@ class Context:
     def clear(self) -> None:
         C.llama_memory_clear(self.mem, True)
 
-    def seq_save(self, seq: int) -> tuple[ctypes.Array[ctypes.c_uint8], int] | None:
-        """Copy one sequence's KV state out to host memory (to free its cells)."""
-        size = int(C.llama_state_seq_get_size(self.ptr, seq))
+    def seq_pos_min(self, seq: int) -> int:
+        """The oldest position the memory still holds for `seq` (-1: none).
+
+        With sliding-window layers (swa_full off) or recurrent state, positions older than
+        this cannot be given back to a new prompt without a context checkpoint.
+        """
+        return int(C.llama_memory_seq_pos_min(self.mem, seq))
+
+    def seq_pos_max(self, seq: int) -> int:
+        return int(C.llama_memory_seq_pos_max(self.mem, seq))
+
+    def seq_save(
+        self, seq: int, *, partial: bool = False
+    ) -> tuple[ctypes.Array[ctypes.c_uint8], int] | None:
+        """Copy one sequence's state out to host memory.
+
+        Whole (parking: frees its cells), or `partial`: only what cannot be rolled back
+        (sliding-window layers, recurrent state), llama-server's context checkpoints.
+        """
+        flags = C.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if partial else 0
+        size = int(C.llama_state_seq_get_size_ext(self.ptr, seq, flags))
         if size <= 0:
             return None
         buf = (ctypes.c_uint8 * size)()
-        n = int(C.llama_state_seq_get_data(self.ptr, buf, size, seq))
+        n = int(C.llama_state_seq_get_data_ext(self.ptr, buf, size, seq, flags))
         return (buf, n) if n > 0 else None
 
-    def seq_restore(self, seq: int, data: ctypes.Array[ctypes.c_uint8], size: int) -> bool:
-        """Load a saved state into an empty sequence; False when the cache has no room."""
-        return int(C.llama_state_seq_set_data(self.ptr, data, size, seq)) > 0
+    def seq_restore(
+        self, seq: int, data: ctypes.Array[ctypes.c_uint8], size: int, *, partial: bool = False
+    ) -> bool:
+        """Load a saved state into a sequence; False when the cache has no room.
+
+        A whole state replaces the sequence; a `partial` one replaces only the sliding-window
+        / recurrent part, the full-attention cells stay as they are.
+        """
+        flags = C.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if partial else 0
+        return int(C.llama_state_seq_set_data_ext(self.ptr, data, size, seq, flags)) > 0
 
     def close(self) -> None:
         if self.ptr:
@@ -355,11 +495,17 @@ class Context:
 
 
 def last_error() -> str:
-    """The most telling recent llama.cpp error line (for one-line CLI errors)."""
-    for line in reversed(_recent_errors):
+    """The most telling llama.cpp error line since the last load began (one-line CLI errors).
+
+    llama.cpp logs the cause first (e.g. "gguf_init_from_reader: failed to read key-value
+    pairs") and then generic "failed to load model" lines; the cause is what a user can act on.
+    """
+    for line in _recent_errors:
         if "error loading model:" in line:
-            return line.split("error loading model:", 1)[1].strip()
-    return _recent_errors[-1] if _recent_errors else ""
+            detail = line.split("error loading model:", 1)[1].strip()
+            if "failed to load model" not in detail:
+                return detail
+    return _recent_errors[0] if _recent_errors else ""
 
 
 def default_threads() -> int:

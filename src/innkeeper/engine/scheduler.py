@@ -10,6 +10,12 @@ the free slot whose cache shares the longest prefix with its prompt; only the re
 evaluated. When SillyTavern trims old messages from the top of the prompt, the chunks that
 are still there are moved into place with `seq_rm`/`seq_add` (what llama-server calls
 `--cache-reuse`) instead of being evaluated again.
+
+Models whose memory forgets (sliding-window layers with swa_full off, recurrent state) keep
+only the last window of each sequence, so a prompt that diverges earlier cannot continue from
+the cache alone. As llama-server does, each slot keeps a few context checkpoints (the partial
+state, `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`) saved near the end of each prompt and after each
+reply; reuse restores the newest one at or before the shared prefix, else evaluates afresh.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass, field
 
 from innkeeper.engine.backend import Batch, Context, Model
 from innkeeper.engine.events import (
+    ErrorKind,
     FinishEvent,
     GenerationRequest,
     Timings,
@@ -41,6 +48,8 @@ log = logging.getLogger("innkeeper.engine")
 # so that other conversations keep their caches.
 SIMILARITY_THRESHOLD = 0.1
 MAX_BACKTRACKS = 64
+# A grammar-constrained sample slower than this ends its request (see _sample).
+GRAMMAR_STEP_LIMIT_S = 2.0
 
 
 class QueueFullError(Exception):
@@ -79,6 +88,7 @@ class _Active:
         "bans",
         "chain",
         "char_ends",
+        "checkpoint_at",
         "decoder",
         "emitted",
         "eos",
@@ -115,6 +125,7 @@ class _Active:
         self.t_first = 0.0
         self.backtracks = 0
         self.eos = False
+        self.checkpoint_at: list[int] = []  # cache lengths at which to save a checkpoint
         lowered = [s for s in req.stop if s] + [b.lower() for b in req.banned_strings if b]
         self.hold = max((len(s) for s in lowered), default=0)
 
@@ -132,14 +143,34 @@ class _Parked:
     data: object
     size: int
     last_used: float
+    checkpoints: list[_Checkpoint] = field(default_factory=list)
+
+    @property
+    def ram(self) -> int:
+        return self.size + sum(c.size for c in self.checkpoints)
+
+
+@dataclass
+class _Checkpoint:
+    """A slot's partial state (sliding-window cells / recurrent state) after `n_tokens` tokens.
+
+    Restored over the full-attention cells, which still hold every position, it lets the
+    sequence continue from `n_tokens` although the window has moved on since.
+    """
+
+    n_tokens: int
+    pos_min: int
+    data: object
+    size: int
 
 
 class _Slot:
-    __slots__ = ("active", "cache", "id", "last_used")
+    __slots__ = ("active", "cache", "checkpoints", "id", "last_used")
 
     def __init__(self, seq: int) -> None:
         self.id = seq
         self.cache: list[int] = []  # tokens whose K/V are in this sequence, positions 0..n-1
+        self.checkpoints: list[_Checkpoint] = []  # oldest first, n_tokens ascending
         self.active: _Active | None = None
         self.last_used = 0.0
 
@@ -164,11 +195,21 @@ class Scheduler:
         cache_reuse: int = 32,
         max_queue: int = 64,
         cache_ram: int = 2 * 2**30,
+        ctx_checkpoints: int = 32,
     ) -> None:
         self.model = model
         self.ctx = ctx
         self.slots = [_Slot(i) for i in range(n_slots)]
         self.cache_reuse = cache_reuse if ctx.can_shift else 0
+        self.trim_needs_shift = cache_reuse > 0 and not ctx.can_shift
+        # Checkpoints only where the memory forgets: a full-size cache reuses without them.
+        self.n_checkpoints = ctx_checkpoints if ctx.partial_memory else 0
+        if self.trim_needs_shift:
+            log.info(
+                "this model's cache cannot be shifted (sliding-window or recurrent layers): "
+                "a prompt trimmed at the top is evaluated again after the common prefix "
+                "(--swa-full allows shifting, at the cost of a full-size cache)"
+            )
         self.max_queue = max_queue
         self.cache_ram = cache_ram
         self.parked: list[_Parked] = []
@@ -240,7 +281,12 @@ class Scheduler:
                 log.exception("engine step failed")
                 for slot in self.slots:
                     if slot.active is not None:
-                        self._finish(slot.active, "error", error=f"engine error: {exc}")
+                        self._finish(
+                            slot.active,
+                            "error",
+                            error=f"engine error: {exc}",
+                            kind=ErrorKind.INTERNAL,
+                        )
         self._batch.free()
 
     def _admit(self) -> None:
@@ -260,11 +306,13 @@ class Scheduler:
             try:
                 self._start(slot, req, t_submit)
             except GrammarError as exc:
-                self._emit_finish_unstarted(req, "error", str(exc))
+                self._emit_finish_unstarted(req, "error", str(exc), ErrorKind.GRAMMAR)
             except Exception as exc:  # a request that cannot start fails alone
                 log.exception("request %d could not start", req.id)
                 slot.active = None
-                self._emit_finish_unstarted(req, "error", f"engine error: {exc}")
+                self._emit_finish_unstarted(
+                    req, "error", f"engine error: {exc}", ErrorKind.INTERNAL
+                )
 
     def _choose_slot(self, free: list[_Slot], prompt: list[int]) -> _Slot:
         """The free slot whose cache (live, or parked in RAM) shares most with the prompt."""
@@ -290,33 +338,101 @@ class Scheduler:
 
     def _park(self, slot: _Slot) -> None:
         tokens = list(slot.cache)
+        checkpoints = list(slot.checkpoints)
         saved = self.ctx.seq_save(slot.id) if len(tokens) >= 2 * max(self.cache_reuse, 16) else None
-        self.ctx.seq_rm(slot.id, -1, -1)
-        slot.cache.clear()
+        self._drop_cache(slot)
         if saved is None or saved[1] > self.cache_ram:
             return
         data, size = saved
         # A state that extends an older parked one replaces it.
         self.parked = [p for p in self.parked if common_prefix(p.tokens, tokens) < len(p.tokens)]
-        self.parked.append(_Parked(tokens, data, size, slot.last_used))
+        self.parked.append(_Parked(tokens, data, size, slot.last_used, checkpoints))
         self.parked.sort(key=lambda p: p.last_used)
-        while sum(p.size for p in self.parked) > self.cache_ram:
-            self.parked.pop(0)
+        self._fit_ram()
         log.info(
-            "slot %d: parked %d cached tokens in RAM (%.1f MiB)", slot.id, len(tokens), size / 2**20
+            "slot %d: parked %d cached tokens in RAM (%.1f MiB, %d checkpoints)",
+            slot.id,
+            len(tokens),
+            size / 2**20,
+            len(checkpoints),
         )
+
+    def _drop_cache(self, slot: _Slot) -> None:
+        """Forget a slot's sequence: its cells, its tokens and its checkpoints."""
+        self.ctx.seq_rm(slot.id, -1, -1)
+        slot.cache.clear()
+        slot.checkpoints.clear()
+
+    def ram_used(self) -> int:
+        """Host bytes held for --cache-ram: parked states and every slot's checkpoints."""
+        live = sum(c.size for s in self.slots for c in s.checkpoints)
+        return live + sum(p.ram for p in self.parked)
+
+    def _fit_ram(self) -> None:
+        """Keep parked states and checkpoints within --cache-ram: the least recently used
+        parked conversation goes first, then the oldest checkpoint of any slot."""
+        while self.ram_used() > self.cache_ram:
+            if self.parked:
+                self.parked.pop(0)
+                continue
+            slot = max(
+                (s for s in self.slots if s.checkpoints), key=lambda s: s.checkpoints[0].size
+            )
+            slot.checkpoints.pop(0)
+
+    def _save_checkpoint(self, slot: _Slot) -> None:
+        """Save the slot's partial state at its current length (llama-server's checkpoints)."""
+        n = len(slot.cache)
+        if n == 0 or (slot.checkpoints and slot.checkpoints[-1].n_tokens >= n):
+            return
+        pos_min = self.ctx.seq_pos_min(slot.id)
+        if pos_min < 0:
+            return
+        saved = self.ctx.seq_save(slot.id, partial=True)
+        if saved is None or saved[1] > self.cache_ram:
+            return
+        if self.ctx.n_swa:
+            # llama.cpp saves only the cells the window still sees: that is what comes back.
+            pos_min = max(pos_min, n - self.ctx.n_swa)
+        while len(slot.checkpoints) >= self.n_checkpoints:
+            slot.checkpoints.pop(0)
+        slot.checkpoints.append(_Checkpoint(n, pos_min, saved[0], saved[1]))
+        self._fit_ram()
+        log.debug(
+            "slot %d: checkpoint at %d tokens (pos_min %d, %.1f MiB, %d kept)",
+            slot.id,
+            n,
+            pos_min,
+            saved[1] / 2**20,
+            len(slot.checkpoints),
+        )
+
+    def _holds_past(self, pos_min: int, n_past: int) -> bool:
+        """Whether a memory whose oldest position is `pos_min` can continue after `n_past`
+        tokens: sliding-window layers need the last window before it, recurrent state must
+        stand exactly at it (its newest position is n_past - 1)."""
+        if pos_min < 0:
+            return n_past == 0
+        if self.ctx.n_swa > 0:
+            return pos_min <= max(0, n_past - self.ctx.n_swa)
+        return pos_min < n_past
 
     def _restore(self, slot: _Slot, parked: _Parked) -> None:
         if slot.cache:
             self._park(slot)
         self.parked.remove(parked)
-        self.ctx.seq_rm(slot.id, -1, -1)
+        self._drop_cache(slot)
         if self.ctx.seq_restore(slot.id, parked.data, parked.size):  # type: ignore[arg-type]
             slot.cache[:] = parked.tokens
+            slot.checkpoints[:] = parked.checkpoints
             log.info("slot %d: restored %d cached tokens from RAM", slot.id, len(parked.tokens))
         else:
-            self.ctx.seq_rm(slot.id, -1, -1)
-            slot.cache.clear()
+            log.warning(
+                "slot %d: no room to restore %d parked tokens: they are evaluated again",
+                slot.id,
+                len(parked.tokens),
+            )
+            self._drop_cache(slot)
 
     def _start(self, slot: _Slot, req: GenerationRequest, t_submit: float) -> None:
         p = req.params
@@ -326,9 +442,15 @@ class Scheduler:
         act = _Active(req, slot, chain, seed)
         act.t_submit = t_submit
         act.t_admit = time.monotonic()
-        n_past = self._reuse(slot, req.prompt)
+        n_past = self._reuse(slot, req.prompt, req.id)
         act.n_cached = n_past
         act.pending = req.prompt[n_past:]
+        if self.n_checkpoints:
+            # As llama-server: checkpoints a ubatch (+4) and 4 tokens before the prompt's end,
+            # so a regenerate or an edited last message finds one close to its prefix.
+            n = len(req.prompt)
+            ub = min(self.ctx.params.n_ubatch, self.ctx.params.n_batch)
+            act.checkpoint_at = sorted({p for p in (n - 4 - ub, n - 4) if p > n_past})
         slot.active = act
         log.info(
             "request %d on slot %d: %d prompt tokens, %d reused from cache, %d to evaluate",
@@ -339,20 +461,70 @@ class Scheduler:
             len(act.pending),
         )
 
-    def _reuse(self, slot: _Slot, prompt: list[int]) -> int:
+    def _reuse(self, slot: _Slot, prompt: list[int], req_id: int = 0) -> int:
         """Keep what the slot's cache can give this prompt; returns tokens kept."""
         cache = slot.cache
         n_past = common_prefix(cache, prompt)
         if self.cache_reuse and n_past < len(cache) and n_past < len(prompt):
             n_past = self._reuse_chunks(slot, prompt, n_past)
+        elif self.trim_needs_shift and _moved_later(cache, prompt, n_past):
+            log.info(
+                "request %d: the prompt leaves the cache after %d tokens and this model's "
+                "cache cannot be shifted: the other %d tokens are evaluated",
+                req_id,
+                n_past,
+                len(prompt) - n_past,
+            )
         if n_past >= len(prompt):
             n_past = len(prompt) - 1  # the last prompt token must be evaluated for its logits
+        if self.ctx.partial_memory and n_past > 0:
+            n_past = self._past_from_memory(slot, n_past, req_id)
+        # Checkpoints past the kept prefix describe another continuation.
+        slot.checkpoints[:] = [c for c in slot.checkpoints if c.n_tokens <= n_past]
         if not self.ctx.seq_rm(slot.id, n_past, -1):
-            # Some caches (recurrent, sliding-window) cannot drop a suffix: start over.
-            self.ctx.seq_rm(slot.id, -1, -1)
+            log.warning(
+                "request %d: the cache cannot drop its tail after %d tokens: "
+                "evaluating the whole prompt",
+                req_id,
+                n_past,
+            )
+            self._drop_cache(slot)
             n_past = 0
         del slot.cache[n_past:]
         return n_past
+
+    def _past_from_memory(self, slot: _Slot, n_past: int, req_id: int) -> int:
+        """How much of a shared prefix a forgetting memory can still continue from.
+
+        The memory holds positions from `seq_pos_min` on. When the prefix needs older ones,
+        the newest checkpoint at or before it is restored; without one, evaluate afresh.
+        """
+        if self._holds_past(self.ctx.seq_pos_min(slot.id), n_past):
+            return n_past
+        for ck in reversed(slot.checkpoints):
+            if ck.n_tokens > n_past or not self._holds_past(ck.pos_min, ck.n_tokens):
+                continue
+            if self.ctx.seq_restore(slot.id, ck.data, ck.size, partial=True):  # type: ignore[arg-type]
+                log.info(
+                    "request %d: restored the checkpoint at %d tokens on slot %d "
+                    "(the window had moved past the %d shared tokens)",
+                    req_id,
+                    ck.n_tokens,
+                    slot.id,
+                    n_past,
+                )
+                return ck.n_tokens
+            break
+        log.warning(
+            "request %d: slot %d no longer holds the positions before its %d shared tokens "
+            "(sliding-window or recurrent memory) and no checkpoint fits: evaluating the "
+            "whole prompt",
+            req_id,
+            slot.id,
+            n_past,
+        )
+        self._drop_cache(slot)
+        return 0
 
     def _reuse_chunks(self, slot: _Slot, prompt: list[int], n_past: int) -> int:
         """Shift cached chunks that reappear later in the prompt into their new positions.
@@ -420,9 +592,17 @@ class Scheduler:
         for act in sorted(active, key=lambda a: a.t_submit):
             if not act.pending or budget <= 0:
                 continue
-            chunk = act.pending[:budget]
-            done = len(chunk) == len(act.pending)
             slot = act.slot
+            limit = budget
+            if act.checkpoint_at:
+                if act.checkpoint_at[0] <= len(slot.cache):
+                    # Every token so far is decoded: the state is the prompt's first n tokens.
+                    self._save_checkpoint(slot)
+                    act.checkpoint_at = [p for p in act.checkpoint_at if p > len(slot.cache)]
+                if act.checkpoint_at:
+                    limit = min(limit, act.checkpoint_at[0] - len(slot.cache))
+            chunk = act.pending[:limit]
+            done = len(chunk) == len(act.pending)
             idx = batch.add_span(chunk, len(slot.cache), slot.id, done)
             slot.cache.extend(chunk)
             del act.pending[: len(chunk)]
@@ -445,12 +625,16 @@ class Scheduler:
             self.perf.total_prompt_seconds += dt
 
         for act, idx in to_sample:
-            if act.slot.active is act:
-                try:
-                    self._sample(act, idx)
-                except Exception as exc:  # one request's failure must not end the others
-                    log.exception("sampling failed for request %d", act.req.id)
-                    self._finish(act, "error", error=f"engine error: {exc}")
+            if act.slot.active is not act:
+                continue
+            if act.req.cancelled:  # cancelled while an earlier sample ran: skip its own
+                self._finish(act, "abort")
+                continue
+            try:
+                self._sample(act, idx)
+            except Exception as exc:  # one request's failure must not end the others
+                log.exception("sampling failed for request %d", act.req.id)
+                self._finish(act, "error", error=f"engine error: {exc}", kind=ErrorKind.SAMPLING)
 
     def _free_cells(self) -> int:
         return self.ctx.n_ctx - sum(len(s.cache) for s in self.slots)
@@ -468,9 +652,7 @@ class Scheduler:
             (s for s in self.slots if s.active is None and s.cache), key=lambda s: s.last_used
         )
         while self._free_cells() < need and idle:
-            slot = idle.pop(0)
-            self.ctx.seq_rm(slot.id, -1, -1)
-            slot.cache.clear()
+            self._drop_cache(idle.pop(0))
         for act in active:
             if act.next_token is not None and len(act.slot.cache) + 1 > self.ctx.n_ctx:
                 self._finish(act, "length")
@@ -484,9 +666,9 @@ class Scheduler:
         log.error("decode failed: %s", msg)
         for act in self._active():
             # The cache state of these sequences is unknown now: drop it.
-            self.ctx.seq_rm(act.slot.id, -1, -1)
-            act.slot.cache.clear()
-            self._finish(act, "error", error=msg)
+            self._drop_cache(act.slot)
+            kind = ErrorKind.CONTEXT_OVERFLOW if ret == 1 else ErrorKind.INTERNAL
+            self._finish(act, "error", error=msg, kind=kind)
 
     def _sample(self, act: _Active, idx: int) -> None:
         slot = act.slot
@@ -502,7 +684,23 @@ class Scheduler:
         if act.t_first == 0.0:
             act.t_first = time.monotonic()
         logprobs = self._logprobs(idx, act.req.n_logprobs) if act.req.n_logprobs else None
+        t0 = time.monotonic()
         tok = act.chain.sample(self.ctx.ptr, idx)
+        took = time.monotonic() - t0
+        if act.req.params.grammar and took > GRAMMAR_STEP_LIMIT_S:
+            # Static limits keep accepted grammars cheap; this ends one that slipped through
+            # after a single slow step instead of letting it hold every slot for minutes.
+            log.warning("request %d: one grammar step took %.1f s: ending it", act.req.id, took)
+            self._finish(
+                act,
+                "error",
+                error=f"the grammar is too costly to run (one token took {took:.1f} s)",
+                kind=ErrorKind.GRAMMAR,
+            )
+            return
+        if act.req.cancelled:
+            self._finish(act, "abort")
+            return
         if logprobs is not None:
             logprobs = logprobs(tok)
         self._on_token(act, tok, logprobs)
@@ -656,6 +854,7 @@ class Scheduler:
         *,
         stop_string: str | None = None,
         error: str | None = None,
+        kind: ErrorKind | None = None,
     ) -> None:
         slot = act.slot
         if slot.active is not act:
@@ -671,6 +870,9 @@ class Scheduler:
             queued_ms=(act.t_admit - act.t_submit) * 1000,
         )
         act.chain.free()
+        if self.n_checkpoints and reason in ("stop", "length") and not act.pending:
+            # The next turn of this chat continues from here.
+            self._save_checkpoint(slot)
         slot.active = None
         slot.last_used = now
         perf = self.perf
@@ -709,16 +911,37 @@ class Scheduler:
                 stop_string=stop_string,
                 error=error,
                 eos=act.eos,
+                error_kind=kind,
             ),
         )
 
     def _emit_finish_unstarted(
-        self, req: GenerationRequest, reason: str, error: str | None = None
+        self,
+        req: GenerationRequest,
+        reason: str,
+        error: str | None = None,
+        kind: ErrorKind | None = None,
     ) -> None:
         timings = Timings(len(req.prompt), 0, 0, 0.0, 0.0, 0.0)
         if reason == "abort":
             self.perf.total_aborted += 1
-        self._send(req, FinishEvent(reason=reason, text="", timings=timings, seed=-1, error=error))
+        self._send(
+            req,
+            FinishEvent(
+                reason=reason, text="", timings=timings, seed=-1, error=error, error_kind=kind
+            ),
+        )
+
+
+def _moved_later(cache: list[int], prompt: list[int], n_past: int, probe: int = 32) -> bool:
+    """Whether cached tokens after the common prefix reappear further on in the prompt (a
+    top-trim), which only shifting the cache could reuse."""
+    start = n_past + max(0, (len(cache) - n_past - probe) // 2)
+    chunk = cache[start : start + probe]
+    if len(chunk) < probe:
+        return False
+    needle = "," + ",".join(map(str, chunk)) + ","
+    return needle in "," + ",".join(map(str, prompt[n_past:])) + ","
 
 
 def _suffix_prefix(text: str, pattern: str) -> int:

@@ -7,10 +7,15 @@ The exact parts follow llama.cpp (the build in llama-cpp-python 0.3.36) line by 
 - KV cache (src/llama-context.cpp, llama-kv-cache*.cpp): n_ctx padded to 256; with several
   sequences and a non-unified cache each stream gets pad256(n_ctx / n_seq) cells; sliding-window
   layers get pad256(min(cells, n_swa * streams_sharing + n_ubatch)) cells unless `swa_full`
-  (llama-cpp-python's library default is swa_full=True, llama-server's is False: a parameter
-  here, default True, matching what `Llama(...)` creates); per-layer KV heads and head dims;
+  (llama-cpp-python's library default is swa_full=True; llama-server's and innkeeper's engine's
+  is False, so the default here is False too); per-layer KV heads and head dims;
   MLA models (`key_length_mla` present) cache K only; without flash attention V is stored
   transposed at the widest layer's width; q8_0 is 34 B per 32 values, q4_0 18 B per 32.
+- recurrent state (llama-memory-recurrent.cpp): each recurrent layer (Mamba, RWKV, LFM2
+  short-conv; the layers without KV heads of hybrids) holds n_embd_r + n_embd_s f32 values per
+  sequence, max(1, n_seq_max) sequences, whatever the context size.
+- context checkpoints (RAM, not llama.cpp): per slot up to --ctx-checkpoints copies of the part
+  of the memory that cannot be rolled back (the sliding-window cells, the recurrent state).
 - compute buffer: a closed form calibrated against llama.cpp's own no_alloc dry runs (see
   `compute_buffer_bytes`); the one approximate term, typically within a few MiB.
 - overhead: llama.cpp's output (logits) buffer, plus the runtime/driver cost it does not count
@@ -19,10 +24,11 @@ The exact parts follow llama.cpp (the build in llama-cpp-python 0.3.36) line by 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from innkeeper.engine.config import DEFAULT_CTX, FFN_EXPS_REGEX, EngineConfig
 from innkeeper.models.hardware import Hardware, detect_hardware, format_size
 from innkeeper.models.spec import ByteGroups, ModelSpec
 
@@ -77,6 +83,27 @@ def normalize_cache_type(name: str) -> str:
     return key
 
 
+FLASH_ATTN_MODES = ("auto", "on", "off")
+
+
+def flash_attn_enabled(mode: str, architecture: str = "") -> bool:
+    """Whether llama.cpp will run with flash attention for `--flash-attn MODE`, for planning.
+
+    llama.cpp (0c1e570, `llama_init_from_model` and `llama_context::resolve_fused_ops`) forces
+    it off for Grok, and resolves `auto` by building a graph with flash attention on and
+    keeping it unless some layer's attention op lands on another device than the layer
+    ("usually due to missing support"). Its CPU backend supports it for every model, and the
+    GPU backends for the head sizes of common models, so `auto` plans as on: `fit` and
+    `serve` then plan the same memory for the same flags.
+    """
+    m = mode.strip().lower()
+    if m not in FLASH_ATTN_MODES:
+        raise ValueError(f"--flash-attn takes on, off or auto, not {mode!r}")
+    if architecture.lower() == "grok":
+        return False
+    return m != "off"
+
+
 @dataclass(frozen=True)
 class MemorySettings:
     """Everything besides the model that changes what llama.cpp allocates."""
@@ -88,8 +115,21 @@ class MemorySettings:
     parallel: int = 1
     n_batch: int = 512
     n_ubatch: int = 512
-    swa_full: bool = True
+    swa_full: bool = False  # what serve allocates (llama-server's default); --swa-full: True
     kv_unified: bool = False
+    ctx_checkpoints: int = 32  # per slot, for sliding-window and recurrent models
+    # Where llama.cpp puts things on GPUs (serve's --main-gpu, --split-mode, --tensor-split,
+    # --no-kv-offload, --cpu-moe, --n-cpu-moe; see EngineConfig for what each means).
+    main_gpu: int = 0
+    split_mode: str = "layer"
+    tensor_split: tuple[float, ...] | None = None
+    kv_offload: bool = True
+    cpu_moe: bool = False
+    n_cpu_moe: int = 0
+
+    def experts_in_ram(self, il: int) -> bool:
+        """Whether layer `il`'s MoE expert tensors stay in RAM (--cpu-moe / --n-cpu-moe)."""
+        return self.cpu_moe or il < self.n_cpu_moe
 
     @property
     def type_v(self) -> str:
@@ -109,17 +149,11 @@ class MemorySettings:
             raise ValueError(f"parallel must be at least 1, got {self.parallel}")
         if self.n_ubatch < 1 or self.n_batch < 1:
             raise ValueError("batch sizes must be positive")
-        return MemorySettings(
-            self.ctx_size,
-            k,
-            v,
-            self.flash_attn,
-            self.parallel,
-            self.n_batch,
-            self.n_ubatch,
-            self.swa_full,
-            self.kv_unified,
-        )
+        if self.split_mode not in ("none", "layer", "row"):
+            raise ValueError(f"split mode must be none, layer or row, got {self.split_mode!r}")
+        if self.main_gpu < 0 or self.n_cpu_moe < 0:
+            raise ValueError("main GPU and --n-cpu-moe must not be negative")
+        return replace(self, cache_type_k=k, cache_type_v=v)
 
 
 @dataclass(frozen=True)
@@ -132,11 +166,13 @@ class KVPlan:
     swa_cells: int | None
     k_bytes: int
     v_bytes: int
-    layer_bytes: tuple[int, ...]
+    layer_bytes: tuple[int, ...]  # KV and recurrent state of each layer
+    state_bytes: int = 0  # recurrent state (Mamba/RWKV/short-conv layers), f32
+    checkpoint_bytes: int = 0  # one context checkpoint of one slot (0: none needed)
 
     @property
     def total(self) -> int:
-        return self.k_bytes + self.v_bytes
+        return self.k_bytes + self.v_bytes + self.state_bytes
 
 
 def plan_kv(spec: ModelSpec, s: MemorySettings) -> KVPlan:
@@ -179,7 +215,42 @@ def plan_kv(spec: ModelSpec, s: MemorySettings) -> KVPlan:
         k_total += k
         v_total += v
         per_layer.append(k + v)
-    return KVPlan(n_ctx, n_stream, per_stream, swa_cells, k_total, v_total, tuple(per_layer))
+    # Recurrent layers: one row of n_embd_r + n_embd_s f32 per sequence (at least one).
+    n_rs = max(1, s.parallel)
+    state_row = (spec.n_embd_r + spec.n_embd_s) * 4
+    state_total = ckpt = 0
+    for il in range(spec.n_layer):
+        if spec.is_recurrent(il):
+            per_layer[il] += state_row * n_rs
+            state_total += state_row * n_rs
+            ckpt += state_row
+    if swa_cells is not None and not s.swa_full:
+        # A slot's checkpoint holds the cells its window still sees: n_swa of them (llama.cpp
+        # writes no masked cell; 7.5 MiB per checkpoint measured on Gemma 3 270M).
+        seq_cells = min(swa_cells, spec.sliding_window or 0)
+        for il in kv_layers:
+            if spec.is_swa(il):
+                hk, hv = spec.head_dims(il)
+                kvh = spec.kv_heads(il)
+                row = kv_row_bytes(s.cache_type_k, hk * kvh)
+                row += 0 if spec.mla else kv_row_bytes(s.type_v, hv * kvh)
+                ckpt += row * seq_cells
+    return KVPlan(
+        n_ctx,
+        n_stream,
+        per_stream,
+        swa_cells,
+        k_total,
+        v_total,
+        tuple(per_layer),
+        state_total,
+        ckpt,
+    )
+
+
+def checkpoint_ram_bytes(kv: KVPlan, s: MemorySettings) -> int:
+    """RAM the context checkpoints can take: --ctx-checkpoints per slot, every slot."""
+    return kv.checkpoint_bytes * s.ctx_checkpoints * s.parallel
 
 
 def compute_buffer_bytes(spec: ModelSpec, s: MemorySettings, kv: KVPlan) -> int:
@@ -314,6 +385,9 @@ class MemoryPlan:
             "kv_streams": self.kv.n_stream,
             "k_bytes": self.kv.k_bytes,
             "v_bytes": self.kv.v_bytes,
+            "recurrent_state_bytes": self.kv.state_bytes,
+            "checkpoint_bytes": self.kv.checkpoint_bytes,
+            "checkpoints_ram_bytes": checkpoint_ram_bytes(self.kv, s),
             "exact_weights": self.exact_weights,
             "settings": {
                 "ctx_size": s.ctx_size,
@@ -338,18 +412,67 @@ class MemoryPlan:
         )
 
 
-def _split_layers(n: int, capacities: list[int]) -> list[int]:
-    """Split n layers over GPUs in proportion to their capacity (llama.cpp's default split)."""
-    total = sum(capacities)
-    if not capacities or total <= 0:
-        return [0] * len(capacities)
-    raw = [n * c / total for c in capacities]
-    counts = [math.floor(r) for r in raw]
-    for i in sorted(range(len(raw)), key=lambda i: raw[i] - counts[i], reverse=True):
-        if sum(counts) >= n:
-            break
-        counts[i] += 1
-    return counts
+_EXPS_RE = re.compile(FFN_EXPS_REGEX)
+_BLK_RE = re.compile(r"(?:^|\.)blk\.(\d+)\.")
+
+
+def expert_bytes(spec: ModelSpec, groups: ByteGroups) -> tuple[int, ...]:
+    """Bytes of MoE expert tensors per layer (what --cpu-moe keeps in RAM), in `groups`' scale.
+
+    The tensors are picked with llama.cpp's own --cpu-moe pattern; `groups` may be another
+    quantization of the model (scaled), so each layer's expert share of its bytes is applied.
+    """
+    raw = [0] * spec.n_layer
+    whole = [0] * spec.n_layer
+    for t in spec.tensors:
+        m = _BLK_RE.search(t.name)
+        if not m or int(m.group(1)) >= spec.n_layer:
+            continue
+        il = int(m.group(1))
+        whole[il] += t.n_bytes
+        if _EXPS_RE.search(t.name):
+            raw[il] += t.n_bytes
+    return tuple(
+        int(groups.layers[il] * raw[il] / whole[il]) if whole[il] else 0
+        for il in range(spec.n_layer)
+    )
+
+
+def _gpu_of_layers(n_offloaded: int, splits: list[float]) -> list[int]:
+    """Which GPU each offloaded layer goes to (output layer last), as llama.cpp assigns them.
+
+    llama-model.cpp: cumulative, normalised split points, and layer j of the `n_offloaded`
+    goes to the first device whose point is above j / n_offloaded (std::upper_bound).
+    """
+    total = sum(splits)
+    points: list[float] = []
+    acc = 0.0
+    for x in splits:
+        acc += x
+        points.append(acc / total)
+    out = []
+    for j in range(n_offloaded):
+        p = j / n_offloaded
+        out.append(next((g for g, point in enumerate(points) if point > p), len(points) - 1))
+    return out
+
+
+def gpu_splits(s: MemorySettings, hw: Hardware) -> list[tuple[int, float]]:
+    """The GPUs llama.cpp uses (index into hw.gpus) and each one's share before normalising.
+
+    --split-mode none uses --main-gpu alone; otherwise every GPU, in proportion to
+    --tensor-split when given (missing entries are 0) or to free memory, as llama.cpp does.
+    """
+    if s.split_mode == "none":
+        if s.main_gpu >= len(hw.gpus):
+            raise ValueError(f"--main-gpu {s.main_gpu}: this machine has {len(hw.gpus)} GPU(s)")
+        return [(s.main_gpu, 1.0)]
+    if s.tensor_split is not None:
+        shares = [*s.tensor_split, *([0.0] * len(hw.gpus))][: len(hw.gpus)]
+        if sum(shares) <= 0:
+            raise ValueError("--tensor-split gives no share to any GPU on this machine")
+        return list(enumerate(shares))
+    return [(i, float(g.free_bytes)) for i, g in enumerate(hw.gpus)]
 
 
 def _place(
@@ -362,53 +485,58 @@ def _place(
     hw: Hardware,
     ngl: int,
 ) -> tuple[DevicePlan, ...]:
-    """Per-device bytes when `ngl` layers (output layer first) are offloaded."""
+    """Per-device bytes when `ngl` layers (output layer first) are offloaded.
+
+    Follows llama.cpp's placement: layers from `n_layer + 1 - ngl` up, then the output layer,
+    are split over the GPUs (`gpu_splits`); the KV cache of a GPU layer sits with it unless
+    --no-kv-offload; MoE experts of the layers in --cpu-moe/--n-cpu-moe stay in RAM.
+    """
     n_layer = spec.n_layer
     gpus = list(hw.gpus)
     ngl = max(0, min(ngl, n_layer + 1)) if gpus else 0
     i_gpu_start = max(n_layer + 1 - ngl, 0)
-    gpu_layers_idx = [il for il in range(n_layer) if il >= i_gpu_start]
-    output_on_gpu = ngl >= 1
-    cpu_weights = (
-        groups.input
-        + groups.other
-        + sum(groups.layers[il] for il in range(n_layer) if il < i_gpu_start)
-    )
-    cpu_kv = sum(kv.layer_bytes[il] for il in range(n_layer) if il < i_gpu_start)
-    if not output_on_gpu:
+    experts = expert_bytes(spec, groups) if (s.cpu_moe or s.n_cpu_moe) else (0,) * n_layer
+    kept = [experts[il] if s.experts_in_ram(il) else 0 for il in range(n_layer)]
+    cpu_weights = groups.input + groups.other
+    cpu_kv = 0
+    for il in range(n_layer):
+        if il < i_gpu_start:
+            cpu_weights += groups.layers[il]
+            cpu_kv += kv.layer_bytes[il]
+        else:
+            cpu_weights += kept[il]
+            cpu_kv += 0 if s.kv_offload else kv.layer_bytes[il]
+    if ngl < 1:
         cpu_weights += groups.output
     devices: list[DevicePlan] = []
-    gpu_any = bool(gpus) and ngl > 0
-    if gpu_any:
-        caps = [g.free_bytes for g in gpus]
-        split = _split_layers(len(gpu_layers_idx) + (1 if output_on_gpu else 0), caps)
-        cursor = 0
-        order = [*gpu_layers_idx, n_layer]  # output layer goes to the last GPU, as llama.cpp
+    if gpus and ngl > 0:
+        used = gpu_splits(s, hw)
+        order = [*range(i_gpu_start, n_layer), n_layer]  # the output layer is placed last
+        where = _gpu_of_layers(len(order), [share for _, share in used])
+        output_gpu = used[where[-1]][0]
         for gi, g in enumerate(gpus):
-            mine = order[cursor : cursor + split[gi]]
-            cursor += split[gi]
-            w = sum(groups.layers[il] for il in mine if il < n_layer)
-            k = sum(kv.layer_bytes[il] for il in mine if il < n_layer)
-            has_output = n_layer in mine
-            if has_output:
+            mine = [il for il, w in zip(order, where, strict=True) if used[w][0] == gi]
+            w = sum(groups.layers[il] - kept[il] for il in mine if il < n_layer)
+            k = sum(kv.layer_bytes[il] for il in mine if il < n_layer) if s.kv_offload else 0
+            if gi == output_gpu:
                 w += groups.output + (groups.input if spec.tied_embeddings else 0)
-            used = bool(mine)
+            on = bool(mine)
             devices.append(
                 DevicePlan(
                     name=f"GPU {g.index}: {g.name}",
                     kind="gpu",
                     weights_bytes=w,
                     kv_cache_bytes=k,
-                    compute_bytes=compute if has_output or (used and gi == len(gpus) - 1) else 0,
-                    overhead_bytes=CUDA_CONTEXT_BYTES if used else 0,
+                    compute_bytes=compute if gi == output_gpu else 0,
+                    overhead_bytes=CUDA_CONTEXT_BYTES if on else 0,
                     capacity_bytes=g.free_bytes,
-                    margin_bytes=GPU_MARGIN_BYTES if used else 0,
+                    margin_bytes=GPU_MARGIN_BYTES if on else 0,
                     layers=len(mine),
                 )
             )
-    # Fully offloaded: the host keeps a small staging compute buffer; otherwise the CPU layers
-    # run the same graph on the host.
-    full = gpu_any and i_gpu_start == 0
+    # Fully offloaded: the host keeps a small staging compute buffer; otherwise (CPU layers,
+    # experts or attention over a host KV cache) the host runs part of the same graph.
+    full = bool(devices) and i_gpu_start == 0 and not any(kept) and s.kv_offload
     host_compute = (spec.n_embd * 4 * min(s.n_ubatch, s.n_batch) * 2) if full else compute
     ram = DevicePlan(
         name="RAM",
@@ -419,7 +547,7 @@ def _place(
         overhead_bytes=output_buf + RUNTIME_RAM_BYTES,
         capacity_bytes=hw.ram_available_bytes,
         margin_bytes=RAM_MARGIN_BYTES,
-        layers=n_layer - len(gpu_layers_idx),
+        layers=min(i_gpu_start, n_layer),
     )
     return (ram, *devices)
 
@@ -493,10 +621,24 @@ def plan_memory(
         notes.append(f"sliding-window layers keep {kv.swa_cells} cells (swa_full off)")
     if spec.mla:
         notes.append("MLA model: the KV cache holds the compressed latent K only")
-    if any(spec.kv_heads(i) == 0 for i in range(spec.n_layer)):
-        notes.append("recurrent layers' fixed state is not counted")
+    if kv.state_bytes:
+        notes.append(f"recurrent state {format_size(kv.state_bytes)} (in the KV figure)")
+    elif any(spec.kv_heads(i) == 0 for i in range(spec.n_layer)):
+        notes.append("layers without KV heads and no known recurrent state: none counted")
+    if kv.checkpoint_bytes and s.ctx_checkpoints:
+        notes.append(
+            f"context checkpoints: up to {s.ctx_checkpoints} x {format_size(kv.checkpoint_bytes)}"
+            f" per slot = {format_size(checkpoint_ram_bytes(kv, s))} of RAM (within --cache-ram)"
+        )
     if not exact:
         notes.append("weights estimated from the file size (no tensor table)")
+    if ngl and hw.gpus and (s.cpu_moe or s.n_cpu_moe):
+        kept = sum(b for il, b in enumerate(expert_bytes(spec, groups)) if s.experts_in_ram(il))
+        notes.append(f"MoE experts kept in RAM: {format_size(kept)}")
+    if ngl and hw.gpus and not s.kv_offload:
+        notes.append("KV cache kept in RAM (--no-kv-offload)")
+    if ngl and len(hw.gpus) > 1 and s.split_mode == "row":
+        notes.append("row split planned as a layer split: per-GPU shares are approximate")
     if s.ctx_size > spec.context_length > 0:
         notes.append(f"context {s.ctx_size} is beyond the trained {spec.context_length}")
     gpu_side = sum(d.total_bytes for d in devices[1:])
@@ -521,13 +663,11 @@ def plan_memory(
 def plan_for_files(
     spec: ModelSpec | None,
     file_bytes: int,
-    ctx_size: int,
-    cache_type: str,
-    flash_attn: bool,
+    settings: MemorySettings,
     hardware: Hardware | None,
-    parallel: int = 1,
+    gpu_layers: int | None = None,
 ) -> MemoryPlan:
-    """A plan for a model file known by its size, for `pull` choosing the largest quant that fits.
+    """A plan for a model file known by its size, for choosing the largest quant that fits.
 
     `spec` is any quantization of the same model (architecture numbers do not change between
     quantizations); the weights are the file size spread in that spec's proportions. Without a
@@ -539,10 +679,7 @@ def plan_for_files(
         spec = _shape_from_size(file_bytes)
     header = int(spec.extra.get("header_bytes") or 0) if spec.extra else 0
     weights = max(file_bytes - header, 0)
-    settings = MemorySettings(
-        ctx_size=ctx_size, cache_type_k=cache_type, flash_attn=flash_attn, parallel=parallel
-    )
-    return plan_memory(spec, settings, hardware, gpu_layers=None, weights_bytes=weights)
+    return plan_memory(spec, settings, hardware, gpu_layers=gpu_layers, weights_bytes=weights)
 
 
 def _shape_from_size(file_bytes: int) -> ModelSpec:
@@ -571,6 +708,32 @@ def _shape_from_size(file_bytes: int) -> ModelSpec:
 # ---- what the server calls -------------------------------------------------------------------
 
 
+def memory_settings(cfg: EngineConfig) -> MemorySettings:
+    """The memory plan's view of the engine settings: the one place they are mapped.
+
+    `serve` plans with it, and so does the hub's choice of a file (with EngineConfig's
+    defaults), so `pull`, `inspect` and `fit` pick what `serve` would run.
+    """
+    return MemorySettings(
+        ctx_size=cfg.ctx_size or DEFAULT_CTX,
+        cache_type_k=cfg.cache_type_k,
+        cache_type_v=cfg.cache_type_v,
+        flash_attn=flash_attn_enabled(cfg.flash_attn),
+        parallel=cfg.parallel,
+        n_batch=cfg.batch_size,
+        n_ubatch=cfg.ubatch_size,
+        kv_unified=True,  # the engine shares one cache among its slots
+        swa_full=cfg.swa_full,
+        ctx_checkpoints=cfg.ctx_checkpoints,
+        main_gpu=cfg.main_gpu,
+        split_mode=cfg.split_mode,
+        tensor_split=cfg.tensor_split,
+        kv_offload=cfg.kv_offload,
+        cpu_moe=cfg.cpu_moe,
+        n_cpu_moe=cfg.n_cpu_moe,
+    )
+
+
 @dataclass(frozen=True)
 class AutoSettings:
     """The context size and GPU layers the server should use, with the plan behind them."""
@@ -597,21 +760,16 @@ def default_ctx_candidates(trained: int, cap: int = DEFAULT_CTX_CAP) -> list[int
 
 def auto_settings(
     model_path: Path,
+    settings: MemorySettings,
     ctx_size: int | None,
-    cache_type: str,
-    flash_attn: bool,
     gpu_layers: int | None,
-    parallel: int,
     hardware: Hardware | None = None,
     *,
-    swa_full: bool = True,
-    n_batch: int = 512,
-    n_ubatch: int = 512,
     spec: ModelSpec | None = None,
-    kv_unified: bool = False,
 ) -> AutoSettings:
     """Pick the context size (when None) and GPU layers (when None) for serving `model_path`.
 
+    `settings` carries every other setting that changes memory (its ctx_size is replaced).
     Context: the largest candidate ≤ the trained context and ≤ 8192 that fits in VRAM, else the
     largest that fits at all (partly offloaded or in RAM), else the floor (2048, or the trained
     context if smaller) with a "would swap" plan the server can warn about.
@@ -622,17 +780,7 @@ def auto_settings(
     hw = hardware or detect_hardware()
 
     def make(ctx: int) -> MemoryPlan:
-        s = MemorySettings(
-            ctx_size=ctx,
-            cache_type_k=cache_type,
-            flash_attn=flash_attn,
-            parallel=parallel,
-            n_batch=n_batch,
-            n_ubatch=n_ubatch,
-            swa_full=swa_full,
-            kv_unified=kv_unified,
-        )
-        return plan_memory(spec, s, hw, gpu_layers=gpu_layers)
+        return plan_memory(spec, replace(settings, ctx_size=ctx), hw, gpu_layers=gpu_layers)
 
     if ctx_size is not None:
         plan = make(ctx_size)
