@@ -6,7 +6,7 @@ ARGS   ?=
 GPU    ?=
 PYTEST_ARGS ?=
 
-.PHONY: install dev serve test lint format bench
+.PHONY: install dev serve test lint format bench bench-switch
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,7 @@ format:
 ## bench: innkeeper against llama.cpp's llama-server, same model, same run
 bench: dev
 	$(BIN)/python -m bench.run $(ARGS)
+
+## bench-switch: switching models (unload A, load B, first token) against llama-server's router
+bench-switch: dev
+	$(BIN)/python -m bench.switch $(ARGS)

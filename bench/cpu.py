@@ -27,7 +27,9 @@ def _busy_and_steal() -> tuple[float, float, float]:
 
 
 def _proc_cpu(pid: int, children: bool) -> float:
-    """CPU seconds of a process, and of its live children if asked (0 when it is gone)."""
+    """CPU seconds of a process, and if asked of its children: the live ones and those that
+    ended and were reaped (a llama-server router starts and ends one child per model load, so
+    live children alone would lose an unloaded model's time). 0 when the process is gone."""
     try:
         proc = psutil.Process(pid)
         procs = [proc, *(proc.children(recursive=True) if children else [])]
@@ -38,6 +40,8 @@ def _proc_cpu(pid: int, children: bool) -> float:
         try:
             ct = p.cpu_times()
             total += ct.user + ct.system
+            if children:
+                total += ct.children_user + ct.children_system
         except psutil.Error:
             continue
     return total

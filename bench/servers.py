@@ -8,6 +8,7 @@ server behind on the shared machine.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -56,6 +57,13 @@ class RunningServer:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def kv_mib(self) -> float | None:
+        """KV cache MiB llama.cpp reported allocating (its `llama_kv_cache: size =` lines,
+        one per cache: a sliding-window model has two); None when the log has none."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        sizes = re.findall(r"llama_kv_cache: size =\s*([\d.]+) MiB", text)
+        return sum(float(x) for x in sizes) if sizes else None
 
     def log_tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -120,7 +128,56 @@ def innkeeper_spec(
         "--flash-attn", flash_attn,
     ]  # fmt: skip
     cmd += extra or []
-    return ServerSpec("innkeeper", "cand", cmd, port)
+    # llama.cpp's own log lines (KV cache sizes) go to the server log, as llama-server's do.
+    return ServerSpec("innkeeper", "cand", cmd, port, env={"INNKEEPER_LLAMA_LOG": "1"})
+
+
+def llama_router_spec(
+    binary: Path,
+    models_dir: Path,
+    *,
+    models_max: int,
+    parallel: int,
+    threads: int,
+    ctx_size: int,
+    flash_attn: str,
+    extra: list[str] | None = None,
+) -> ServerSpec:
+    """llama-server in router mode: every GGUF in `models_dir` by its file stem, loaded on
+    demand (each in a child llama-server that inherits these settings)."""
+    port = free_port()
+    cmd = [
+        str(binary), "--models-dir", str(models_dir), "--models-max", str(models_max),
+        "-t", str(threads), "-c", str(ctx_size), "-np", str(parallel), "-fa", flash_attn,
+        "--host", "127.0.0.1", "--port", str(port), "--no-webui",
+    ]  # fmt: skip
+    if parallel > 1:
+        cmd.append("-kvu")
+    cmd += extra or []
+    return ServerSpec(f"llama-server router --models-max {models_max}", "ref", cmd, port)
+
+
+def innkeeper_router_spec(
+    models_dir: Path,
+    *,
+    models_max: int,
+    parallel: int,
+    threads: int,
+    ctx_size: int,
+    flash_attn: str,
+    extra: list[str] | None = None,
+) -> ServerSpec:
+    """`innkeeper serve` with no model (the embedded default) plus every GGUF in `models_dir`,
+    switching by the request's `model` field."""
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "innkeeper", "serve", "--models-dir", str(models_dir),
+        "--models-max", str(models_max), "--host", "127.0.0.1", "--port", str(port),
+        "--threads", str(threads), "--ctx-size", str(ctx_size), "--parallel", str(parallel),
+        "--flash-attn", flash_attn,
+    ]  # fmt: skip
+    cmd += extra or []
+    return ServerSpec("innkeeper", "cand", cmd, port, env={"INNKEEPER_LLAMA_LOG": "1"})
 
 
 def start(spec: ServerSpec, log_dir: Path, timeout: float = 180.0) -> RunningServer:
