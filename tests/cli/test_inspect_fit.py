@@ -114,9 +114,9 @@ def test_fit_measure_agrees() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["fit", SMOL, "--cache-type", "q3"], "unknown KV cache type"),
+        (["fit", SMOL, "--cache-type", "q3"], "unknown cache type 'q3'"),
         (["fit", SMOL, "--cache-type", "q8_0", "--flash-attn", "off"], "needs flash attention"),
-        (["fit", SMOL, "--flash-attn", "maybe"], "on, off or auto"),
+        (["fit", SMOL, "--flash-attn", "maybe"], "must be one of auto, on, off"),
         (["fit", SMOL, "--vram", "lots"], "not a size"),
         (["inspect", "/no/such/file.gguf"], "neither a local file"),
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from innkeeper.models.memory import (
     MemorySettings,
     default_ctx_candidates,
     flash_attn_enabled,
+    memory_settings,
     plan_memory,
 )
 from innkeeper.models.spec import ModelFormatError, ModelSpec
@@ -112,10 +114,13 @@ def fit_command(
     cache_type: str = typer.Option(
         "f16",
         "--cache-type",
-        help="KV cache type: f16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, bf16, f32.",
+        "--cache-type-k",
+        "-ctk",
+        help="KV cache type (K, and V unless --cache-type-v): f16, q8_0, q4_0, q4_1, q5_0, "
+        "q5_1, iq4_nl, bf16, f32.",
     ),
     cache_type_v: str | None = typer.Option(
-        None, "--cache-type-v", help="V cache type, if different from K."
+        None, "--cache-type-v", "-ctv", help="V cache type, if different from K."
     ),
     flash_attn: str = typer.Option(
         _SERVE.flash_attn,
@@ -164,27 +169,19 @@ def fit_command(
     """
 
     def settings(ctx: int) -> MemorySettings:
-        return MemorySettings(
-            ctx_size=ctx,
-            cache_type_k=cache_type,
-            cache_type_v=cache_type_v,
-            flash_attn=fa_on,
-            parallel=parallel,
-            n_batch=max(_SERVE.batch_size, ubatch),
-            n_ubatch=ubatch,
-            swa_full=swa_full,
-            kv_unified=True,  # serve's engine shares one KV cache among its slots
-            main_gpu=gpu.main_gpu,
-            split_mode=gpu.split_mode,
-            tensor_split=gpu.tensor_split,
-            kv_offload=gpu.kv_offload,
-            cpu_moe=gpu.cpu_moe,
-            n_cpu_moe=gpu.n_cpu_moe,
-        )
+        # serve's own mapping from its settings, so the plan is what serve would allocate
+        return replace(memory_settings(replace(cfg, ctx_size=ctx)), flash_attn=fa_on)
 
     try:
-        gpu = EngineConfig(  # serve's GPU settings: parsed and checked by their declarations
+        cfg = EngineConfig(  # serve's settings: parsed and checked by their declarations
             model_path=Path(),
+            cache_type_k=cache_type,
+            cache_type_v=cache_type_v,
+            flash_attn=flash_attn,
+            parallel=parallel,
+            batch_size=max(_SERVE.batch_size, ubatch),
+            ubatch_size=ubatch,
+            swa_full=swa_full,
             main_gpu=main_gpu,
             split_mode=parse_text(_GPU["split_mode"], split_mode),
             tensor_split=parse_text(_GPU["tensor_split"], tensor_split),
@@ -194,9 +191,7 @@ def fit_command(
         ).validate()
         fa_on = flash_attn_enabled(flash_attn)
         hw = hardware_with_overrides(vram=vram, ram=ram)
-        MemorySettings(
-            1, cache_type, cache_type_v, fa_on, parallel, max(512, ubatch), ubatch
-        ).validate()
+        settings(DEFAULT_CTX).validate()
         # hub repos and folders of variants: the file `pull` would pick, planned with these flags
         machine = hub.Machine(hw, settings(ctx_size or DEFAULT_CTX), ctx_size, gpu_layers)
         ident = identify(target, machine)
