@@ -20,8 +20,6 @@ reply; reuse restores the newest one at or before the shared prefix, else evalua
 
 from __future__ import annotations
 
-import bisect
-import codecs
 import logging
 import math
 import threading
@@ -40,6 +38,7 @@ from innkeeper.engine.events import (
     TopLogprob,
 )
 from innkeeper.engine.sampling import GrammarError, SamplerChain
+from innkeeper.engine.textstream import Rollback, TextStream
 
 log = logging.getLogger("innkeeper.engine")
 
@@ -47,7 +46,6 @@ log = logging.getLogger("innkeeper.engine")
 # (llama-server's --slot-prompt-similarity); otherwise the least recently used slot is taken
 # so that other conversations keep their caches.
 SIMILARITY_THRESHOLD = 0.1
-MAX_BACKTRACKS = 64
 # A grammar-constrained sample slower than this ends its request (see _sample).
 GRAMMAR_STEP_LIMIT_S = 2.0
 
@@ -84,26 +82,20 @@ class _Active:
     """The per-request state while a request owns a slot."""
 
     __slots__ = (
-        "backtracks",
         "bans",
         "chain",
-        "char_ends",
         "checkpoint_at",
-        "decoder",
-        "emitted",
         "eos",
-        "generated",
-        "hold",
         "n_cached",
         "next_token",
         "pending",
         "req",
         "seed",
         "slot",
+        "stream",
         "t_admit",
         "t_first",
         "t_submit",
-        "text",
     )
 
     def __init__(self, req: GenerationRequest, slot: _Slot, chain: SamplerChain, seed: int) -> None:
@@ -112,22 +104,15 @@ class _Active:
         self.chain = chain
         self.seed = seed
         self.pending: list[int] = []
-        self.generated: list[int] = []
         self.next_token: int | None = None
-        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self.text = ""
-        self.emitted = 0
-        self.char_ends: list[int] = []
+        self.stream = TextStream(req.stop, req.banned_strings)  # generated tokens and text
         self.bans: dict[int, set[int]] = {}
         self.n_cached = 0
         self.t_submit = 0.0
         self.t_admit = 0.0
         self.t_first = 0.0
-        self.backtracks = 0
         self.eos = False
         self.checkpoint_at: list[int] = []  # cache lengths at which to save a checkpoint
-        lowered = [s for s in req.stop if s] + [b.lower() for b in req.banned_strings if b]
-        self.hold = max((len(s) for s in lowered), default=0)
 
 
 @dataclass
@@ -674,11 +659,12 @@ class Scheduler:
         slot = act.slot
         pos = len(slot.cache)
         banned = act.bans.get(pos)
-        if banned or (act.req.min_tokens and len(act.generated) < act.req.min_tokens):
+        n_generated = len(act.stream.tokens)
+        if banned or (act.req.min_tokens and n_generated < act.req.min_tokens):
             row = self.ctx.logits(idx)
             for tok in banned or ():
                 row[tok] = -math.inf
-            if act.req.min_tokens and len(act.generated) < act.req.min_tokens:
+            if act.req.min_tokens and n_generated < act.req.min_tokens:
                 for tok in self.model.eog_tokens:
                     row[tok] = -math.inf
         if act.t_first == 0.0:
@@ -729,95 +715,49 @@ class Scheduler:
 
     def _on_token(self, act: _Active, tok: int, logprob: TokenLogprob | None) -> None:
         req = act.req
+        stream = act.stream
         if self.model.is_eog(tok):
             act.eos = True
             self._flush(act)
             self._finish(act, "stop")
             return
-        act.generated.append(tok)
-        act.text += act.decoder.decode(self.model.piece(tok))
-        act.char_ends.append(len(act.text))
+        stream.push(tok, self.model.piece(tok))
         lps = (logprob,) if logprob is not None else ()
 
-        if req.banned_strings and self._backtrack_banned(act):
-            return
+        if req.banned_strings:
+            hit = stream.banned_hit()
+            if hit is not None:
+                self._roll_back(act, stream.roll_back(hit))
+                return
 
         if req.stop:
-            cut, which = self._find_stop(act)
-            if which is not None:
-                self._emit(act, act.text[act.emitted : cut], (tok,), lps)
-                act.text = act.text[:cut]
+            found = stream.find_stop()
+            if found is not None:
+                cut, which = found
+                self._emit(act, stream.cut_at(cut), (tok,), lps)
                 self._finish(act, "stop", stop_string=which)
                 return
-        if len(act.generated) >= req.max_tokens or len(act.slot.cache) + 1 >= self.ctx.n_ctx:
+        if len(stream.tokens) >= req.max_tokens or len(act.slot.cache) + 1 >= self.ctx.n_ctx:
             self._flush(act, (tok,), lps)
             self._finish(act, "length")
             return
-        end = len(act.text) - self._held(act) if act.hold else len(act.text)
-        if req.banned_strings and end < len(act.text):
-            # Hold whole tokens: a rollback must never take back text already sent.
-            i = bisect.bisect_right(act.char_ends, end)
-            end = act.char_ends[i - 1] if i > 0 else 0
-            end = max(end, act.emitted)
-        self._emit(act, act.text[act.emitted : end], (tok,), lps)
+        self._emit(act, stream.ready(), (tok,), lps)
         act.next_token = tok
 
-    def _find_stop(self, act: _Active) -> tuple[int, str | None]:
-        start = max(0, act.emitted)
-        best: tuple[int, str | None] = (len(act.text), None)
-        for s in act.req.stop:
-            if not s:
-                continue
-            i = act.text.find(s, start)
-            if i >= 0 and i < best[0]:
-                best = (i, s)
-        return best
-
-    def _held(self, act: _Active) -> int:
-        """How many trailing characters could still become a stop or banned string."""
-        tail = act.text[-act.hold :] if act.hold else ""
-        low = tail.lower()
-        held = 0
-        for s in act.req.stop:
-            held = max(held, _suffix_prefix(tail, s))
-        for b in act.req.banned_strings:
-            held = max(held, _suffix_prefix(low, b.lower()))
-        return min(held, len(act.text) - act.emitted)
-
-    def _backtrack_banned(self, act: _Active) -> bool:
-        """If a banned string appeared, roll the sequence back to where it started.
-
-        The token that began it is banned at that position and the position is sampled
-        again (KoboldCpp's phrase-ban backtracking). Returns True when it rolled back.
-        """
-        low = act.text.lower()
-        hit = -1
-        for b in act.req.banned_strings:
-            if not b:
-                continue
-            i = low.find(b.lower(), act.emitted)
-            if i >= 0 and (hit < 0 or i < hit):
-                hit = i
-        if hit < 0:
-            return False
-        if act.backtracks >= MAX_BACKTRACKS:
-            act.text = act.text[:hit]
+    def _roll_back(self, act: _Active, rollback: Rollback | None) -> None:
+        """Act on a banned string: ban the token that began it at its position and sample
+        that position again (KoboldCpp's phrase-ban backtracking), or, once the stream gave
+        up rolling back (`None`), end the request where the string starts."""
+        if rollback is None:
             self._flush(act)
             self._finish(act, "stop")
-            return True
-        act.backtracks += 1
-        # First generated token whose text reaches past `hit`.
-        k = next(i for i, end in enumerate(act.char_ends) if end > hit)
+            return
         slot = act.slot
         n_prompt = len(act.req.prompt)
-        pos = n_prompt + k
-        act.bans.setdefault(pos, set()).add(act.generated[k])
-        keep_gen = act.generated[:k]
-        act.generated = keep_gen
-        del act.char_ends[k:]
-        act.text = act.text[: act.char_ends[-1]] if act.char_ends else ""
-        act.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        # Re-evaluate the token before `pos` so its logits are available again.
+        k = rollback.index
+        act.bans.setdefault(n_prompt + k, set()).add(rollback.token)
+        keep_gen = act.stream.tokens
+        # Re-evaluate the token before the banned position so its logits are available again.
         keep = n_prompt + k - 1
         self.ctx.seq_rm(slot.id, keep, -1)
         del slot.cache[keep:]
@@ -828,17 +768,15 @@ class Scheduler:
         act.chain.accept_prompt(act.req.prompt)
         for t in keep_gen:
             act.chain.accept(t)
-        return True
 
     def _emit(self, act: _Active, text: str, tokens: tuple[int, ...], lps: tuple) -> None:
+        """Send text the stream has handed out (and counted as sent) with its tokens."""
         if not text and not tokens:
             return
-        act.emitted += len(text)
         self._send(act.req, TokenEvent(text=text, tokens=tokens, logprobs=lps))
 
     def _flush(self, act: _Active, tokens: tuple[int, ...] = (), lps: tuple = ()) -> None:
-        act.text += act.decoder.decode(b"", final=True)
-        self._emit(act, act.text[act.emitted :], tokens, lps)
+        self._emit(act, act.stream.flush(), tokens, lps)
 
     def _send(self, req: GenerationRequest, event: TokenEvent | FinishEvent) -> None:
         try:
@@ -864,7 +802,7 @@ class Scheduler:
         timings = Timings(
             prompt_tokens=len(act.req.prompt),
             cached_tokens=act.n_cached,
-            completion_tokens=len(act.generated) + (1 if act.eos else 0),
+            completion_tokens=len(act.stream.tokens) + (1 if act.eos else 0),
             prompt_ms=(t_first - act.t_admit) * 1000,
             predicted_ms=(now - t_first) * 1000,
             queued_ms=(act.t_admit - act.t_submit) * 1000,
@@ -905,7 +843,7 @@ class Scheduler:
             act.req,
             FinishEvent(
                 reason=reason,
-                text=act.text,
+                text=act.stream.text,
                 timings=timings,
                 seed=act.seed,
                 stop_string=stop_string,
@@ -942,11 +880,3 @@ def _moved_later(cache: list[int], prompt: list[int], n_past: int, probe: int = 
         return False
     needle = "," + ",".join(map(str, chunk)) + ","
     return needle in "," + ",".join(map(str, prompt[n_past:])) + ","
-
-
-def _suffix_prefix(text: str, pattern: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `pattern`."""
-    for n in range(min(len(text), len(pattern) - 1), 0, -1):
-        if text.endswith(pattern[:n]):
-            return n
-    return 0
