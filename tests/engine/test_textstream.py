@@ -185,6 +185,18 @@ def test_banned_phrase_rolls_back_to_the_token_that_began_it() -> None:
     assert feed(stream, [b"a go", b"od word"]) == ["a go", "od word"]
 
 
+def test_banned_phrase_after_a_character_that_lengthens_when_lowered() -> None:
+    # "İ".lower() is two characters: matching on str.lower() put the hit one place late
+    # and rolled back from the wrong token (or failed to find one at all).
+    stream = TextStream(banned=["bad"])
+    feed(stream, ["İİİ ".encode(), b"ok "])
+    stream.push(2, b"BAD")
+    hit = stream.banned_hit()
+    assert hit == 7
+    assert stream.roll_back(hit) == Rollback(index=2, token=2)
+    assert stream.text == "İİİ ok "
+
+
 def test_banned_phrase_at_a_token_boundary_bans_that_token() -> None:
     stream = TextStream(banned=["foo"])
     feed(stream, [b"x", b"y "])

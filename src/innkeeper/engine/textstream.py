@@ -33,6 +33,18 @@ def _new_decoder() -> codecs.IncrementalDecoder:
     return codecs.getincrementaldecoder("utf-8")("replace")
 
 
+def fold_case(text: str) -> str:
+    """Lower-case, one character for one, so positions in the result are positions in `text`.
+
+    `str.lower()` can lengthen a string ("İ" becomes "i" + a combining dot), which would shift
+    every later match and roll back the wrong token; such characters are kept as they are.
+    """
+    low = text.lower()
+    if len(low) == len(text):
+        return low
+    return "".join(c if len(lc := c.lower()) != 1 else lc for c in text)
+
+
 class TextStream:
     """Decoded text, what of it was sent, and the stop/ban decisions for one request."""
 
@@ -57,8 +69,7 @@ class TextStream:
         self.tokens: list[int] = []  # generated tokens, one per entry of `char_ends`
         self.char_ends: list[int] = []  # len(text) after each token
         self.backtracks = 0
-        # Banned phrases match case-insensitively, so their lowered length counts.
-        lengths = [len(s) for s in self.stop if s] + [len(b.lower()) for b in self.banned if b]
+        lengths = [len(s) for s in self.stop if s] + [len(b) for b in self.banned if b]
         self.hold = max(lengths, default=0)
 
     def push(self, token: int, piece: bytes) -> None:
@@ -99,12 +110,12 @@ class TextStream:
     def held(self) -> int:
         """How many trailing characters could still become a stop or banned string."""
         tail = self.text[-self.hold :] if self.hold else ""
-        low = tail.lower()
+        low = fold_case(tail)
         held = 0
         for s in self.stop:
             held = max(held, suffix_prefix(tail, s))
         for b in self.banned:
-            held = max(held, suffix_prefix(low, b.lower()))
+            held = max(held, suffix_prefix(low, fold_case(b)))
         return min(held, len(self.text) - self.emitted)
 
     def ready(self) -> str:
@@ -120,12 +131,12 @@ class TextStream:
 
     def banned_hit(self) -> int | None:
         """Where the earliest banned phrase starts in the unsent text (any case), or None."""
-        low = self.text.lower()
+        low = fold_case(self.text)
         hit = -1
         for b in self.banned:
             if not b:
                 continue
-            i = low.find(b.lower(), self.emitted)
+            i = low.find(fold_case(b), self.emitted)
             if i >= 0 and (hit < 0 or i < hit):
                 hit = i
         return hit if hit >= 0 else None
