@@ -468,6 +468,21 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def run_meta(binary: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """What a result file says about the run: when, where, which builds, which arguments."""
+    return {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{_cpu_name()}, {psutil.cpu_count()} CPUs, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "llama_server": str(binary),
+        "llama_server_version": server_version(binary),
+        "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
+        "innkeeper_version": _innkeeper_version(),
+        "git_commit": _git_commit(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -477,20 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {
-        "meta": {
-            "date": dt.datetime.now().isoformat(timespec="seconds"),
-            "machine": f"{_cpu_name()}, {psutil.cpu_count()} CPUs, "
-            f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-            "llama_server": str(binary),
-            "llama_server_version": server_version(binary),
-            "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
-            "innkeeper_version": _innkeeper_version(),
-            "git_commit": _git_commit(),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        },
-        "models": {},
-    }
+    result: dict[str, Any] = {"meta": run_meta(binary, args), "models": {}}
     _log(f"llama-server: {binary} ({result['meta']['llama_server_version']}); out: {args.out}")
     start = time.monotonic()
     for i, model in enumerate(models):

@@ -32,25 +32,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from bench import cpu, loadgen, report, servers
 from bench.llama_server import (
-    LLAMA_CPP_PYTHON_VERSION,
     LlamaServerError,
     find_llama_server,
-    server_version,
 )
 from bench.models import BenchModel, ModelError, resolve
 from bench.run import (
     REPO,
-    _cpu_name,
-    _git_commit,
-    _innkeeper_version,
     _json_safe,
     _log,
     build_rounds,
     contamination,
+    run_meta,
 )
 
 REF_NAME = "llama-server router"
@@ -470,17 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": f"{_cpu_name()}, {psutil.cpu_count()} CPUs, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-        "llama_server": str(binary),
-        "llama_server_version": server_version(binary),
-        "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
-        "innkeeper_version": _innkeeper_version(),
-        "git_commit": _git_commit(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-    }
+    meta = run_meta(binary, args)
     _log(f"llama-server: {binary} ({meta['llama_server_version']}); out: {args.out}")
     with tempfile.TemporaryDirectory(prefix="innkeeper-switch-") as work:
         try:
