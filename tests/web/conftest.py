@@ -6,6 +6,7 @@ Playwright's own browser download cannot work offline, so the tests use the syst
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -64,3 +65,18 @@ def browser() -> Iterator[Any]:
 def web_server() -> Iterator[ServerProcess]:
     with run_server("--parallel", "2", "--ctx-size", "2048", name="web") as srv:
         yield srv
+
+
+@contextlib.contextmanager
+def open_page(browser: Any, url: str, ready: str) -> Iterator[Any]:
+    """A fresh browser profile (empty storage) on `url`, once `ready` matches; the test fails
+    if the page threw a JavaScript error meanwhile."""
+    context = browser.new_context(viewport=DESKTOP)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    pg.goto(url)
+    pg.wait_for_selector(ready)
+    yield pg
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"

@@ -14,7 +14,7 @@ from playwright.sync_api import expect
 from innkeeper.models import store
 from tests.helpers import ServerProcess, run_server
 from tests.models.fakehub import BIG_KIB, KIB, FakeHub, build_repos, make_gguf
-from tests.web.conftest import DESKTOP, PHONE, SHOTS
+from tests.web.conftest import DESKTOP, PHONE, SHOTS, open_page
 from tests.web.test_page import send
 
 pytestmark = pytest.mark.browser
@@ -65,15 +65,10 @@ def models_server(
 
 @pytest.fixture()
 def page(browser: Any, models_server: ServerProcess) -> Iterator[Any]:
-    context = browser.new_context(viewport=DESKTOP)
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda exc: errors.append(str(exc)))
-    pg.goto(models_server.url + "/")
-    pg.wait_for_selector("#models-panel:not([hidden]) .model-item")
-    yield pg
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    with open_page(
+        browser, models_server.url + "/", "#models-panel:not([hidden]) .model-item"
+    ) as pg:
+        yield pg
 
 
 @pytest.fixture(autouse=True)

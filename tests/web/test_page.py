@@ -16,7 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 from playwright.sync_api import expect
 
 from tests.helpers import ServerProcess, run_server
-from tests.web.conftest import DESKTOP, PHONE, SHOTS
+from tests.web.conftest import DESKTOP, PHONE, SHOTS, open_page
 
 pytestmark = pytest.mark.browser
 
@@ -26,15 +26,8 @@ REPLY_TIMEOUT = 30_000  # ms; the machine is shared, so be generous
 @pytest.fixture()
 def page(browser: Any, web_server: ServerProcess) -> Iterator[Any]:
     """A fresh browser profile (empty storage) with the page loaded and the server status shown."""
-    context = browser.new_context(viewport=DESKTOP)
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda exc: errors.append(str(exc)))
-    pg.goto(web_server.url + "/")
-    pg.wait_for_selector("#st-model:has-text('SmolLM2')")
-    yield pg
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    with open_page(browser, web_server.url + "/", "#st-model:has-text('SmolLM2')") as pg:
+        yield pg
 
 
 def shot(pg: Any, name: str, phone: bool = False) -> Path:
