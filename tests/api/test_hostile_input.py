@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from innkeeper.api.service import finish_error
+from innkeeper.api.errors import finish_error
 from innkeeper.engine.events import ErrorKind, FinishEvent, Timings
 from tests.api.test_errors import kobold_error, openai_error
 from tests.helpers import ServerProcess, run_server

@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from innkeeper.api.admin import admin_refusal
-from innkeeper.api.registry import parse_keep_alive, parse_load_settings
 from innkeeper.models.store import default_model_path
+from innkeeper.serving.load_settings import parse_keep_alive, parse_load_settings
 from tests.helpers import ServerProcess, run_server
 
 SMOL = default_model_path().name.removesuffix(".gguf")

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from innkeeper.api.errors import ApiError
-from innkeeper.api.registry import ModelRegistry, find_in_models_dirs
+from innkeeper.api.errors import from_serving
 from innkeeper.config import EngineConfig, ServerConfig
 from innkeeper.models.store import default_model_path
+from innkeeper.serving.catalog import find_in_models_dirs
+from innkeeper.serving.errors import ModelNotFound
+from innkeeper.serving.registry import ModelRegistry
 
 SMOL = default_model_path()
 
@@ -74,9 +76,9 @@ def test_the_alias_and_the_file_name_of_the_default_resolve(
     "name", ["../models/Mistral-7B.Q4_K_M", "/etc/passwd", "Llama-3-8B/whatever.Q5_K_M", "x"]
 )
 def test_paths_and_unknown_names_are_404_listing_models(registry: ModelRegistry, name: str) -> None:
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ModelNotFound) as err:
         registry.resolve(name)
-    assert err.value.status == 404 and "Mistral-7B.Q4_K_M" in err.value.message
+    assert from_serving(err.value).status == 404 and "Mistral-7B.Q4_K_M" in err.value.message
 
 
 def test_refresh_picks_up_new_files_and_keeps_state(registry: ModelRegistry, folder: Path) -> None:

@@ -93,7 +93,7 @@ def test_unreachable_hub_fails_fast_with_pulls_message(tmp_path: Path) -> None:
 
 
 def served_name() -> str:
-    from innkeeper.server import model_id_for
+    from innkeeper.engine.planning import model_id_for
 
     return model_id_for(SMOL)
 
@@ -134,7 +134,7 @@ def test_fit_exits_2_when_the_model_does_not_fit() -> None:
 
 def test_fit_with_no_flags_plans_what_serve_plans() -> None:
     from innkeeper.engine.config import EngineConfig
-    from innkeeper.server import plan_settings
+    from innkeeper.engine.planning import plan_settings
 
     fit = json.loads(innkeeper("fit", str(SMOL), "--json").stdout)
     auto = plan_settings(EngineConfig(model_path=SMOL))  # serve's defaults, serve's planner

@@ -20,12 +20,12 @@ from innkeeper.cli.doctor import (
     HardwareFacts,
     find_problems,
 )
+from innkeeper.cli.server import banner_warnings
 from innkeeper.engine.backend import Model, ModelInfo
 from innkeeper.models.gguf_meta import read_gguf_spec
 from innkeeper.models.hardware import GPU, hardware_with_overrides
 from innkeeper.models.memory import MemoryPlan, MemorySettings, plan_memory
 from innkeeper.models.store import default_model_path
-from innkeeper.server import banner_warnings
 
 GIB = 1024**3
 CPU_INFO = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | OPENMP = 1 | REPACK = 1 |"

@@ -28,15 +28,15 @@ from tests.helpers import REPO, free_port, run_server
 
 def config(*args: str) -> ServerConfig:
     """The ServerConfig `innkeeper serve ARGS` would run with (typer's parsing, then ours)."""
-    import innkeeper.server
+    import innkeeper.cli.server
 
     captured: list[ServerConfig] = []
-    real = innkeeper.server.run_server
-    innkeeper.server.run_server = lambda cfg, **_: captured.append(cfg)  # type: ignore[assignment]
+    real = innkeeper.cli.server.run_server
+    innkeeper.cli.server.run_server = lambda cfg, **_: captured.append(cfg)  # type: ignore[assignment]
     try:
         result = CliRunner().invoke(app, ["serve", *args])
     finally:
-        innkeeper.server.run_server = real
+        innkeeper.cli.server.run_server = real
     assert result.exit_code == 0, result.output
     return captured[0]
 
@@ -209,9 +209,9 @@ def test_libllama_loads_before_numpy(probe: tuple[dict[str, str], Path]) -> None
 
 def test_serve_splits_several_gpus_as_the_plan(tmp_path: Path) -> None:
     """`fit --vram 24GiB,12GiB` plans 22+11 layers; serve passes that split to llama.cpp."""
+    from innkeeper.engine.planning import planned_engine
     from innkeeper.models.hardware import GPU, Hardware
-    from innkeeper.models.memory import auto_settings
-    from innkeeper.server import memory_settings, planned_engine
+    from innkeeper.models.memory import auto_settings, memory_settings
     from tests.models.gguf_factory import LLAMA3_8B, write_shape
 
     GIB = 1024**3

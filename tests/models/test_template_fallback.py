@@ -79,7 +79,7 @@ def test_phi3_builtin_renders_its_format() -> None:
 
 
 def test_embedded_model_resolves_by_its_served_name() -> None:
-    from innkeeper.server import model_id_for
+    from innkeeper.engine.planning import model_id_for
 
     path = store.default_model_path()
     assert store.embedded_model_name() == model_id_for(path)

@@ -27,7 +27,6 @@ from innkeeper.api import (
 from innkeeper.api.errors import family, install_handlers
 from innkeeper.api.limits import BodyLimitMiddleware
 from innkeeper.api.params import TOKEN_BANS_SYNTAX
-from innkeeper.api.registry import ModelRegistry
 from innkeeper.api.security import (
     LOOPBACK_ORIGIN_REGEX,
     ApiKeyMiddleware,
@@ -36,6 +35,7 @@ from innkeeper.api.security import (
 from innkeeper.api.state import ModelLeaseMiddleware
 from innkeeper.config import ServerConfig
 from innkeeper.engine.templates import BUILTIN_FORMATS
+from innkeeper.serving.registry import ModelRegistry
 
 STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 

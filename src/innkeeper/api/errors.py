@@ -15,6 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from innkeeper.engine.events import ErrorKind, FinishEvent
+from innkeeper.serving import errors as serving
+
 log = logging.getLogger("innkeeper.api")
 
 
@@ -33,6 +36,56 @@ class ApiError(Exception):
         self.message = message
         self.type = type_
         self.headers = headers
+
+
+# The one table from the runtime's refusals to HTTP: (status, error type). Looked up along
+# the exception's class hierarchy, so a new subclass inherits its parent's row.
+SERVING_STATUS: dict[type[serving.ServingError], tuple[int, str]] = {
+    serving.ServingError: (500, "server_error"),
+    serving.ParamError: (400, "invalid_request_error"),
+    serving.ClientGone: (400, "invalid_request_error"),
+    serving.ModelNotFound: (404, "not_found_error"),
+    serving.NotFound: (404, "not_found"),
+    serving.ModelNotLoaded: (409, "model_not_loaded"),
+    serving.AdminRequired: (403, "permission_error"),
+    serving.ModelBusy: (503, "service_unavailable"),
+    serving.BadLoadRequest: (400, "invalid_request_error"),
+    serving.InsufficientMemory: (409, "insufficient_memory"),
+    serving.LoadFailed: (500, "load_error"),
+    serving.Conflict: (409, "invalid_request_error"),
+    serving.TooManyJobs: (429, "rate_limit_error"),
+    serving.StoreFailed: (500, "server_error"),
+}
+
+# How each kind of engine failure reaches the client: (HTTP status, error type).
+ERROR_KINDS: dict[ErrorKind, tuple[int, str]] = {
+    ErrorKind.GRAMMAR: (400, "invalid_request_error"),
+    ErrorKind.CONTEXT_OVERFLOW: (503, "service_unavailable"),
+    ErrorKind.TIMEOUT: (504, "timeout_error"),
+    ErrorKind.SAMPLING: (500, "server_error"),
+    ErrorKind.INTERNAL: (500, "server_error"),
+}
+
+
+def from_serving(exc: serving.ServingError) -> ApiError:
+    """A runtime refusal as an HTTP error (the family's shape is applied when it is sent)."""
+    status, type_ = next(SERVING_STATUS[cls] for cls in type(exc).__mro__ if cls in SERVING_STATUS)
+    headers = None
+    if exc.retry_after is not None:
+        headers = {"Retry-After": f"{exc.retry_after:g}"}
+    return ApiError(status, exc.message, type_, headers=headers)
+
+
+def finish_error(ev: FinishEvent) -> ApiError:
+    """The error response for a request the engine ended with reason "error"."""
+    status, type_ = ERROR_KINDS[ev.error_kind or ErrorKind.INTERNAL]
+    return ApiError(status, ev.error or "generation failed", type_)
+
+
+def check_finish(ev: FinishEvent) -> None:
+    """An engine-side failure of one request becomes that request's error response."""
+    if ev.reason == "error":
+        raise finish_error(ev)
 
 
 def family(path: str) -> str:
@@ -81,6 +134,11 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(request.url.path, exc.status, exc.message, exc.type, exc.headers)
+
+    @app.exception_handler(serving.ServingError)
+    async def _serving_error(request: Request, exc: serving.ServingError) -> JSONResponse:
+        err = from_serving(exc)
+        return error_response(request.url.path, err.status, err.message, err.type, err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -14,13 +14,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from innkeeper import __version__
-from innkeeper.api.errors import ApiError
+from innkeeper.api.errors import ApiError, check_finish, finish_error
 from innkeeper.api.offload import OffLoopBodyRoute
 from innkeeper.api.params import JsonBody, ParamError, SamplerFields, normalise
-from innkeeper.api.service import Service, check_finish, finish_error
 from innkeeper.api.state import registry_of, use_model
 from innkeeper.api.streaming import sse, sse_response
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent
+from innkeeper.serving.service import Service
 
 router = APIRouter(tags=["KoboldAI / KoboldCpp"], route_class=OffLoopBodyRoute)
 
@@ -214,8 +214,9 @@ async def perf(request: Request, model: str | None = None) -> dict[str, Any]:
     service = entry.service
     if service is None:
         return {"model": entry.id, "status": entry.status, "idle": 1, "queue": 0, "total_gens": 0}
-    p = service.perf
-    idle = service.busy_slots == 0 and service.queued == 0
+    stats = service.stats()
+    p = stats.perf
+    idle = stats.busy_slots == 0 and stats.queued == 0
     now = time.time()
     return {
         "model": entry.id,
@@ -227,7 +228,7 @@ async def perf(request: Request, model: str | None = None) -> dict[str, Any]:
         "last_seed": p.last_seed,
         "total_gens": p.total_requests,
         "stop_reason": p.last_stop_reason,
-        "queue": service.queued,
+        "queue": stats.queued,
         "idle": 1 if idle else 0,
         "uptime": round(now - p.started, 1),
         "idletime": round(now - p.idle_since, 1) if idle else 0.0,
@@ -235,8 +236,8 @@ async def perf(request: Request, model: str | None = None) -> dict[str, Any]:
         "hordeexitcounter": 0,
         "quiet": False,
         "last_tokens_per_second": round(p.last_tokens_per_second, 2),
-        "busy_slots": service.busy_slots,
-        "total_slots": service.slots_total,
+        "busy_slots": stats.busy_slots,
+        "total_slots": stats.slots,
         "total_prompt_tokens": p.total_prompt_tokens,
         "total_cached_tokens": p.total_cached_tokens,
         "total_generated_tokens": p.total_generated_tokens,

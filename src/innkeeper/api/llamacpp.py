@@ -46,7 +46,7 @@ async def props(request: Request, model: str | None = None) -> dict[str, Any]:
             "params": {"n_predict": service.default_max_tokens or -1},
         },
         "n_ctx": service.n_ctx,
-        "total_slots": service.slots_total,
+        "total_slots": service.stats().slots,
         "model_path": str(info.path),
         "model_alias": service.model_id,
         "chat_template": service.template.source or "",

@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from innkeeper.api.registry import ModelRegistry
 from innkeeper.api.state import registry_of
+from innkeeper.serving.registry import ModelRegistry
 
 router = APIRouter(tags=["innkeeper"])
 
@@ -53,17 +53,20 @@ class EngineCollector:
         for name, (doc, read) in counters.items():
             counter = CounterMetricFamily(f"innkeeper_{name}", doc, labels=["model"])
             for s in services:
-                counter.add_metric([s.model_id], read(s.perf))
+                counter.add_metric([s.model_id], read(s.stats().perf))
             yield counter
         gauges = {
-            "slots_busy": ("slots generating now", lambda s: s.busy_slots),
-            "slots_total": ("generation slots", lambda s: s.slots_total),
-            "queue_length": ("requests waiting for a slot", lambda s: s.queued),
-            "kv_cells_used": ("KV cache cells holding tokens", lambda s: sum(s.slot_cells())),
+            "slots_busy": ("slots generating now", lambda s: s.stats().busy_slots),
+            "slots_total": ("generation slots", lambda s: s.stats().slots),
+            "queue_length": ("requests waiting for a slot", lambda s: s.stats().queued),
+            "kv_cells_used": (
+                "KV cache cells holding tokens",
+                lambda s: sum(s.stats().slot_cells),
+            ),
             "kv_cells_total": ("KV cache cells (the context size)", lambda s: s.n_ctx),
             "last_tokens_per_second": (
                 "decode speed of the last request",
-                lambda s: s.perf.last_tokens_per_second,
+                lambda s: s.stats().perf.last_tokens_per_second,
             ),
         }
         for name, (doc, read) in gauges.items():

@@ -15,15 +15,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from pydantic import Field
 
-from innkeeper.api.errors import ApiError
+from innkeeper.api.errors import ApiError, check_finish, finish_error
 from innkeeper.api.offload import OffLoopBodyRoute
 from innkeeper.api.params import Generation, JsonBody, ParamError, SamplerFields, normalise
-from innkeeper.api.registry import KEEP_ALIVE_PATTERN, ModelEntry, ModelRegistry
-from innkeeper.api.service import RunningGeneration, Service, check_finish, finish_error
 from innkeeper.api.state import registry_of, use_model
 from innkeeper.api.streaming import sse, sse_runs_response
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent, TokenLogprob
 from innkeeper.engine.templates import TemplateRenderError, message_text, template_by_name
+from innkeeper.serving.catalog import ModelEntry
+from innkeeper.serving.generation import RunningGeneration
+from innkeeper.serving.load_settings import KEEP_ALIVE_PATTERN
+from innkeeper.serving.registry import ModelRegistry
+from innkeeper.serving.service import Service
 
 router = APIRouter(tags=["OpenAI"], route_class=OffLoopBodyRoute)
 

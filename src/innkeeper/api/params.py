@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -22,6 +21,8 @@ from innkeeper.engine.sampling import (
     TGW_SAMPLER_NAMES,
     SamplingParams,
 )
+from innkeeper.serving.errors import ParamError
+from innkeeper.serving.generation import Generation
 
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 NonNeg = Annotated[float, Field(ge=0.0)]
@@ -43,10 +44,6 @@ LENGTH_ALIASES = (
 # custom_token_bans as text: "1,2,3" or "[1, 2, 3]"; `{id}` is a token id's pattern
 TOKEN_BANS_SYNTAX = r"[ \t]*\[?[ \t]*({id}([ \t]*,[ \t]*{id})*)?[ \t]*,?[ \t]*\]?[ \t]*"
 DECIMAL = "(0|[1-9][0-9]*)"
-
-
-class ParamError(ValueError):
-    """A parameter value that is well-typed but makes no sense (reported as a 4xx)."""
 
 
 def _integral_floats_to_ints(value: Any) -> Any:
@@ -139,21 +136,6 @@ class SamplerFields(JsonBody):
     max_length: int | None = Field(None, description="KoboldAI: tokens to generate")
     truncation_length: Annotated[int, Field(ge=0)] | None = None
     max_context_length: Annotated[int, Field(ge=0)] | None = None
-
-
-@dataclass
-class Generation:
-    """A normalised generation request, before tokenisation."""
-
-    params: SamplingParams
-    max_tokens: int | None  # None: until the context is full
-    stop: list[str] = field(default_factory=list)
-    banned_strings: list[str] = field(default_factory=list)
-    truncate_to: int | None = None  # keep the prompt within this many tokens (left-trim)
-    longest: tuple[str, int] | None = None  # the largest length asked, under any spelling
-    min_tokens: int = 0
-    n_probs: int = 0
-    unsupported: list[str] = field(default_factory=list)
 
 
 def _first(*values: Any) -> Any:

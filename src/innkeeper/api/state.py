@@ -13,9 +13,8 @@ from typing import Any
 from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from innkeeper.api.errors import ApiError
-from innkeeper.api.registry import ModelRegistry
-from innkeeper.api.service import Service
+from innkeeper.serving.registry import ModelRegistry
+from innkeeper.serving.service import Service
 
 LEASES = "innkeeper.leases"
 
@@ -39,19 +38,6 @@ async def use_model(request: Request, name: str | None = None, keep_alive: Any =
         leases.append(service)
     request.state.service = service
     return service
-
-
-def service_of(request: Request) -> Service:
-    """The service `use_model` chose for this request, else the loaded default."""
-    chosen = getattr(request.state, "service", None)
-    if chosen is not None:
-        return chosen
-    default = registry_of(request).default
-    if default.service is None:
-        raise ApiError(
-            409, f"model {default.id!r} is not loaded", "model_not_loaded"
-        )  # pragma: no cover - routes call use_model first
-    return default.service
 
 
 class ModelLeaseMiddleware:

@@ -8,8 +8,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from innkeeper import __version__
-from innkeeper.api.registry import ModelEntry, ModelRegistry
 from innkeeper.api.state import registry_of
+from innkeeper.serving.catalog import ModelEntry
+from innkeeper.serving.registry import ModelRegistry
 
 router = APIRouter(tags=["innkeeper"])
 
@@ -52,14 +53,15 @@ def _model_status(registry: ModelRegistry, e: ModelEntry) -> dict[str, Any]:
         context_trained=info.n_ctx_train,
     )
     settings = service.settings
-    perf = service.perf
+    stats = service.stats()
+    perf = stats.perf
     out.update(
-        context={"size": service.n_ctx, "used_by_slots": service.slot_cells()},
+        context={"size": service.n_ctx, "used_by_slots": list(stats.slot_cells)},
         settings={
             "threads": settings["threads"],
             "threads_batch": settings["threads_batch"],
             "gpu_layers": settings["gpu_layers"],
-            "parallel": service.slots_total,
+            "parallel": stats.slots,
             "flash_attn": settings["flash_attn"],
             "cache_type_k": settings["cache_type_k"],
             "cache_type_v": settings["cache_type_v"],
@@ -73,8 +75,8 @@ def _model_status(registry: ModelRegistry, e: ModelEntry) -> dict[str, Any]:
             "last_tokens_per_second": round(perf.last_tokens_per_second, 2),
             "last_prompt_seconds": round(perf.last_prompt_seconds, 3),
             "total_requests": perf.total_requests,
-            "busy_slots": service.busy_slots,
-            "queued": service.queued,
+            "busy_slots": stats.busy_slots,
+            "queued": stats.queued,
             "requests_in_flight": service.in_flight,
             "uptime_seconds": round(time.time() - perf.started, 1),
         },

@@ -10,8 +10,9 @@ from typing import Any
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from innkeeper.api.service import RunningGeneration, Service
 from innkeeper.engine.events import Event, FinishEvent
+from innkeeper.serving.generation import RunningGeneration
+from innkeeper.serving.service import Service
 
 PING = b": ping\n\n"
 DONE = b"data: [DONE]\n\n"

@@ -156,14 +156,14 @@ def build_config(model_path: Path, values: dict[str, Any]) -> ServerConfig:
 
 def serve(**values: Any) -> None:
     """Serve a GGUF model to SillyTavern, OpenAI and KoboldAI clients."""
-    from innkeeper.server import run_server
+    from innkeeper.cli.server import run_server
 
     verbose = bool(values.pop("verbose", False))
     ref = values.pop("model", None)
     try:
         model_path = resolve_model(ref)
     except ModelNotFoundError as exc:
-        from innkeeper.api.registry import find_in_models_dirs
+        from innkeeper.serving.catalog import find_in_models_dirs
 
         found = find_in_models_dirs(ref, values.get("models_dirs") or []) if ref else None
         if found is None:

@@ -43,6 +43,11 @@ class BackendError(Exception):
     """llama.cpp refused something (a file it cannot load, a context it cannot create)."""
 
 
+class ModelLoadError(BackendError):
+    """llama.cpp refused the model file itself (an unknown architecture, a corrupt tensor):
+    the file's problem, not the server's."""
+
+
 SPLIT_MODES = {
     "none": C.LLAMA_SPLIT_MODE_NONE,
     "layer": C.LLAMA_SPLIT_MODE_LAYER,
@@ -211,7 +216,7 @@ class Model:
         mlock_failures = _mlock_failures
         ptr = C.llama_model_load_from_file(str(path).encode(), mp)
         if not ptr:
-            raise BackendError(
+            raise ModelLoadError(
                 f"llama.cpp could not load {path}: {last_error() or 'not a valid GGUF model'}"
             )
         if _mlock_failures != mlock_failures:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 from innkeeper.engine.backend import (
     Context,
@@ -14,7 +15,7 @@ from innkeeper.engine.backend import (
 )
 from innkeeper.engine.config import DEFAULT_CTX, EngineConfig
 from innkeeper.engine.events import GenerationRequest
-from innkeeper.engine.scheduler import Scheduler
+from innkeeper.engine.scheduler import Perf, Scheduler
 from innkeeper.engine.templates import ChatTemplate, resolve_template
 from innkeeper.engine.tokenizer import Tokenizer
 
@@ -49,6 +50,19 @@ def context_params(config: EngineConfig, n_ctx_train: int) -> ContextParams:
         offload_kqv=config.kv_offload,
         swa_full=config.swa_full,
     )
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the layers above may read about a running engine, in one snapshot."""
+
+    slots: int
+    busy_slots: int
+    queued: int
+    slot_cells: tuple[int, ...]
+    threads: int
+    threads_batch: int
+    perf: Perf
 
 
 class Engine:
@@ -97,6 +111,21 @@ class Engine:
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.model.detokenize(tokens)
+
+    def stats(self) -> EngineStats:
+        sched = self.scheduler
+        return EngineStats(
+            slots=len(sched.slots),
+            busy_slots=sched.busy_slots,
+            queued=sched.queued,
+            slot_cells=tuple(len(s.cache) for s in sched.slots),
+            threads=self.ctx.threads,
+            threads_batch=self.ctx.threads_batch,
+            perf=sched.perf,
+        )
+
+    def cancel_all(self) -> int:
+        return self.scheduler.cancel_all()
 
     def submit(self, request: GenerationRequest) -> None:
         self.scheduler.submit(request)

@@ -1,6 +1,6 @@
 """The settings a model is loaded with: what was given, the memory plan's choices for the rest.
 
-`innkeeper serve` (server.py) and the model registry (api/registry.py) both load through
+`innkeeper serve` (cli/server.py) and the model registry (serving/registry.py) both load through
 these two functions, so a model loaded by name gets exactly the defaults `serve` would give it.
 """
 

@@ -14,8 +14,6 @@ from rich.console import Console
 from rich.table import Table
 
 from innkeeper.api.app import create_app
-from innkeeper.api.registry import ModelRegistry
-from innkeeper.api.service import Service
 from innkeeper.cli.app import fail
 from innkeeper.cli.doctor import (
     GPU_UNUSED_CODES,
@@ -27,30 +25,15 @@ from innkeeper.cli.doctor import (
 from innkeeper.config import ServerConfig
 from innkeeper.engine.backend import BackendError, ModelInfo
 from innkeeper.engine.engine import Engine
-from innkeeper.engine.planning import (  # re-exported: tests and tools import them from here
-    ModelFileError,
-    checked_model_file,
-    model_id_for,
-    plan_settings,
-    planned_engine,
-)
+from innkeeper.engine.planning import ModelFileError, checked_model_file
 from innkeeper.engine.templates import TemplateRenderError
 from innkeeper.models.hardware import format_size
-from innkeeper.models.memory import MemoryPlan, memory_settings
+from innkeeper.models.memory import MemoryPlan
 from innkeeper.models.spec import ModelFormatError, format_params
+from innkeeper.serving.registry import ModelRegistry
+from innkeeper.serving.service import Service
 
 log = logging.getLogger("innkeeper")
-
-__all__ = [
-    "GracefulServer",
-    "banner_warnings",
-    "check_model_file",
-    "memory_settings",
-    "model_id_for",
-    "plan_settings",
-    "planned_engine",
-    "run_server",
-]
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -211,6 +194,7 @@ def print_banner(
     plan: MemoryPlan | None = None,
 ) -> None:
     info = engine.info
+    stats = engine.stats()
     host = config.host
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown if ':' not in shown else f'[{shown}]'}:{config.port}"
@@ -229,8 +213,8 @@ def print_banner(
     )
     table.add_row(
         "compute",
-        f"{engine.ctx.threads} threads ({engine.ctx.threads_batch} for prompts), "
-        f"GPU layers {engine.config.gpu_layers}, {len(engine.scheduler.slots)} parallel slots",
+        f"{stats.threads} threads ({stats.threads_batch} for prompts), "
+        f"GPU layers {engine.config.gpu_layers}, {stats.slots} parallel slots",
     )
     template_given = engine.config.chat_template is not None
     no_template = not info.chat_template and not template_given

@@ -1,46 +1,35 @@
-"""The bridge between HTTP handlers (asyncio) and the engine thread.
+"""One loaded model as requests use it: the bridge between asyncio and the engine thread.
 
-Route modules call `Service.start()` with token ids and a normalised `Generation`; they get
-a `RunningGeneration` whose events they await. Nothing here knows a route family's shape.
+Route modules call `Service.start()` with token ids and a normalised `Generation`; they get a
+`RunningGeneration` whose events they await. Tokenising, templates and grammar checks run on
+worker threads, never on the event loop. Nothing here knows HTTP: a client that may hang up is
+anything with an ASGI `receive()` (`Disconnectable`), and refusals are typed `ServingError`s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
-import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from starlette.requests import Request
-
-from innkeeper.api.errors import ApiError
-from innkeeper.api.params import Generation, ParamError
 from innkeeper.engine.backend import ModelInfo
-from innkeeper.engine.engine import Engine
-from innkeeper.engine.events import (
-    ErrorKind,
-    Event,
-    FinishEvent,
-    GenerationRequest,
-    TokenEvent,
-    TokenLogprob,
-)
+from innkeeper.engine.engine import Engine, EngineStats
+from innkeeper.engine.events import Event, FinishEvent, GenerationRequest
 from innkeeper.engine.sampling import GrammarError, check_grammar
-from innkeeper.engine.scheduler import Perf, QueueFullError
+from innkeeper.engine.scheduler import QueueFullError
 from innkeeper.engine.templates import ChatTemplate
 from innkeeper.engine.tokenizer import TokenizeCancelled, TooManyTokens
+from innkeeper.serving.errors import ClientGone, ModelBusy, ParamError
+from innkeeper.serving.generation import Generation, RunningGeneration
 
-log = logging.getLogger("innkeeper.api")
+log = logging.getLogger("innkeeper.serving")
 
-TIMEOUT_ERROR = "the request took longer than the server's --request-timeout"
 FINISHED_GENKEYS = 64  # finished genkey runs whose text /api/extra/generate/check still knows
 # Threads that tokenise, render templates and compile grammars for requests, so that the
 # event loop never does work proportional to a request body (a 30 MB /tokenize, a 40k-message
@@ -54,72 +43,10 @@ GRAMMARS_REMEMBERED = 64  # grammars already checked: a chat resending one is no
 T = TypeVar("T")
 
 
-@dataclass
-class RunningGeneration:
-    """One request in flight: its events arrive on an asyncio queue."""
+class Disconnectable(Protocol):
+    """A client connection that reports its end: an ASGI request's `receive`."""
 
-    request: GenerationRequest
-    queue: asyncio.Queue[Event]
-    genkey: str | None = None
-    created: float = field(default_factory=time.time)
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
-    parts: list[str] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish: FinishEvent | None = None
-    deadline: float | None = None  # time.monotonic() after which the request is cancelled
-    timeout: float | None = None
-    timed_out: bool = False
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-    def cancel(self) -> None:
-        self.request.cancel()
-
-    async def events(self, ping_every: float | None = None) -> AsyncIterator[Event | None]:
-        """Yield events until the finish event; None when `ping_every` passes with none.
-
-        Past the deadline the generation is cancelled and its finish event becomes an
-        error that names the timeout, so every route family reports it its own way.
-        """
-        while True:
-            wait = ping_every or None
-            if self.deadline is not None and not self.timed_out:
-                left = self.deadline - time.monotonic()
-                if left <= 0:
-                    log.info("request %d timed out: cancelling it", self.request.id)
-                    self.timed_out = True
-                    self.cancel()
-                    continue
-                wait = min(wait, left) if wait else left
-            if wait:
-                try:
-                    ev = await asyncio.wait_for(self.queue.get(), wait)
-                except asyncio.TimeoutError:
-                    if not self.timed_out and self.deadline and time.monotonic() >= self.deadline:
-                        continue
-                    yield None
-                    continue
-            else:
-                ev = await self.queue.get()
-            if isinstance(ev, TokenEvent):
-                if ev.text:
-                    self.parts.append(ev.text)
-                if ev.logprobs:
-                    self.logprobs.extend(ev.logprobs)
-            else:
-                if self.timed_out and ev.reason == "abort":
-                    ev = dataclasses.replace(
-                        ev,
-                        reason="error",
-                        error=f"{TIMEOUT_ERROR} ({self.timeout:g} s)",
-                        error_kind=ErrorKind.TIMEOUT,
-                    )
-                self.finish = ev
-            yield ev
-            if isinstance(ev, FinishEvent):
-                return
+    async def receive(self) -> Mapping[str, Any]: ...
 
 
 class Service:
@@ -181,6 +108,7 @@ class Service:
     def settings(self) -> dict[str, Any]:
         """The settings the model was loaded with (the registry's and the page's names)."""
         cfg = self.engine.config
+        stats = self.engine.stats()
         return {
             "ctx_size": self.n_ctx,
             "gpu_layers": cfg.gpu_layers,
@@ -188,42 +116,28 @@ class Service:
             "cache_type_v": cfg.cache_type_v,
             "flash_attn": cfg.flash_attn,
             "parallel": cfg.parallel,
-            "threads": self.engine.ctx.threads,
-            "threads_batch": self.engine.ctx.threads_batch,
+            "threads": stats.threads,
+            "threads_batch": stats.threads_batch,
         }
 
-    @property
-    def perf(self) -> Perf:
-        """The engine's counters (read-only for routes)."""
-        return self.engine.scheduler.perf
-
-    @property
-    def slots_total(self) -> int:
-        return len(self.engine.scheduler.slots)
-
-    @property
-    def busy_slots(self) -> int:
-        return self.engine.scheduler.busy_slots
-
-    @property
-    def queued(self) -> int:
-        return self.engine.scheduler.queued
-
-    def slot_cells(self) -> list[int]:
-        """Tokens held in each slot's KV cache."""
-        return [len(s.cache) for s in self.engine.scheduler.slots]
+    def stats(self) -> EngineStats:
+        """The engine's slots, queue and counters, read in one go (routes, banner, metrics)."""
+        return self.engine.stats()
 
     @property
     def busy(self) -> bool:
         """Anything running, queued or about to start: an unload must wait."""
-        return bool(self.users or self.running or self.busy_slots or self.queued)
+        if self.users or self.running:
+            return True
+        stats = self.engine.stats()
+        return bool(stats.busy_slots or stats.queued)
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
 
     def cancel_all(self) -> int:
         """Cancel every running and queued generation (shutdown); returns how many."""
-        return self.engine.scheduler.cancel_all()
+        return self.engine.cancel_all()
 
     def close(self) -> None:
         """Free the model (any thread); requests still holding it get a 503 on start."""
@@ -231,7 +145,7 @@ class Service:
         self.engine.close()
 
     async def off_loop(
-        self, work: Callable[[threading.Event], T], request: Request | None = None
+        self, work: Callable[[threading.Event], T], request: Disconnectable | None = None
     ) -> T:
         """Run `work(cancel)` on the service's worker threads instead of the event loop.
 
@@ -247,7 +161,7 @@ class Service:
                 if not future.done():
                     cancel.set()
                     future.add_done_callback(_retrieve)  # its outcome no longer matters
-                    raise ApiError(400, "the client went away")
+                    raise ClientGone("the client went away")
             return await future
         except asyncio.CancelledError:
             cancel.set()
@@ -294,14 +208,14 @@ class Service:
                 f"{limit} ({COUNT_LIMIT_CONTEXTS} times its context) in one request"
             ) from exc
         except TokenizeCancelled as exc:
-            raise ApiError(400, "the client went away") from exc
+            raise ClientGone("the client went away") from exc
 
     async def tokenize(
         self,
         text: str,
         add_special: bool = True,
         *,
-        request: Request | None = None,
+        request: Disconnectable | None = None,
         limit: int | None = None,
     ) -> list[int]:
         """Text to ids off the event loop, stopping early past `limit` (default: the count
@@ -318,7 +232,7 @@ class Service:
             raise ParamError(f"token ids outside the vocabulary: {bad[:5]}")
         return self.engine.detokenize(tokens)
 
-    async def detokenize(self, tokens: list[int], request: Request | None = None) -> str:
+    async def detokenize(self, tokens: list[int], request: Disconnectable | None = None) -> str:
         return await self.off_loop(lambda _cancel: self.detokenize_now(tokens), request)
 
     def check_grammar_now(self, grammar: str | None) -> None:
@@ -425,11 +339,9 @@ class Service:
         )
         running = RunningGeneration(request=req, queue=queue, genkey=genkey)
         if self.closed:
-            raise ApiError(
-                503,
+            raise ModelBusy(
                 f"model {self.model_id!r} was just unloaded; send the request again",
-                "service_unavailable",
-                headers={"Retry-After": "1"},
+                retry_after=1,
             )
         self.touch()
         if self.request_timeout:
@@ -438,11 +350,8 @@ class Service:
         try:
             self.engine.submit(req)
         except QueueFullError as exc:
-            raise ApiError(
-                503,
-                f"the server is busy ({exc}); try again shortly",
-                "service_unavailable",
-                headers={"Retry-After": "2"},
+            raise ModelBusy(
+                f"the server is busy ({exc}); try again shortly", retry_after=2
             ) from exc
         self.running[running.id] = running
         return running
@@ -501,7 +410,7 @@ class Service:
         only = next(iter(self.running.values()))
         return only.text if len(self.running) == 1 and not only.genkey else ""
 
-    async def collect(self, request: Request, running: RunningGeneration) -> FinishEvent:
+    async def collect(self, request: Disconnectable, running: RunningGeneration) -> FinishEvent:
         """Wait for a non-streaming generation; a client that hangs up cancels it."""
 
         async def drain() -> FinishEvent:
@@ -534,30 +443,8 @@ def _retrieve(future: asyncio.Future[object]) -> None:
         future.exception()
 
 
-async def _wait_disconnect(request: Request) -> None:
+async def _wait_disconnect(request: Disconnectable) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-# How each kind of engine failure reaches the client: (HTTP status, error type).
-ERROR_KINDS: dict[ErrorKind, tuple[int, str]] = {
-    ErrorKind.GRAMMAR: (400, "invalid_request_error"),
-    ErrorKind.CONTEXT_OVERFLOW: (503, "service_unavailable"),
-    ErrorKind.TIMEOUT: (504, "timeout_error"),
-    ErrorKind.SAMPLING: (500, "server_error"),
-    ErrorKind.INTERNAL: (500, "server_error"),
-}
-
-
-def finish_error(ev: FinishEvent) -> ApiError:
-    """The error response for a request the engine ended with reason "error"."""
-    status, type_ = ERROR_KINDS[ev.error_kind or ErrorKind.INTERNAL]
-    return ApiError(status, ev.error or "generation failed", type_)
-
-
-def check_finish(ev: FinishEvent) -> None:
-    """An engine-side failure of one request becomes that request's error response."""
-    if ev.reason == "error":
-        raise finish_error(ev)

@@ -1,0 +1,228 @@
+"""Background pulls into the model store, and deleting store models, for the runtime.
+
+A pull runs `innkeeper pull`'s own code (`hub.list_repo`, `hub.select`, `hub.pull`: resumable,
+sha256-verified, manifest written atomically last) in a worker thread, so the event loop never
+downloads or hashes. A client polls the job for progress and may cancel it: the download stops
+at the next chunk and keeps its `.incomplete` file, so pulling the same ref again resumes it.
+At most `MAX_RUNNING_PULLS` run at once; more are refused (TooManyJobs) rather than each
+getting a thread. A finished pull re-scans the registry, so the new model is listed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from innkeeper.models import hub, store
+from innkeeper.models.hardware import Hardware
+from innkeeper.models.spec import ModelFormatError
+from innkeeper.serving.catalog import ModelState, same_file
+from innkeeper.serving.errors import (
+    BadLoadRequest,
+    Conflict,
+    NotFound,
+    StoreFailed,
+    TooManyJobs,
+)
+from innkeeper.serving.registry import ModelRegistry
+
+log = logging.getLogger("innkeeper.serving.store")
+
+MAX_RUNNING_PULLS = 4
+"""Pulls downloading at once; a fifth is refused until one ends (each holds a thread and a
+share of the network)."""
+KEEP_FINISHED = 32
+"""Finished jobs remembered for the page to read their outcome; older ones are forgotten."""
+
+
+@dataclass
+class PullJob:
+    """One pull as the page sees it; the worker thread updates it, the routes read it."""
+
+    id: str
+    ref: str
+    key: str
+    state: str = "running"  # running | done | failed | cancelled
+    bytes_done: int = 0
+    bytes_total: int = 0
+    file: str | None = None
+    error: str | None = None
+    model: str | None = None
+    finished_at: float | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job": self.id,
+            "ref": self.ref,
+            "state": self.state,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "file": self.file,
+            "error": self.error,
+            "model": self.model,
+        }
+
+
+def ref_key(ref: hub.HubRef) -> str:
+    """What makes two refs the same pull: repo, quant and file, compared without case."""
+    parts = (ref.repo_id, ref.quant or "", ref.filename or "", ref.revision or "")
+    return "|".join(p.lower() for p in parts)
+
+
+class PullJobs:
+    """The server's pull jobs: at most one per ref at a time, each in its own daemon thread
+    (a multi-GB download must not hold up the server's shutdown)."""
+
+    def __init__(
+        self,
+        root: Path,
+        hardware: Hardware,
+        on_pulled: Callable[[], None],
+    ) -> None:
+        self.root = root
+        self.hardware = hardware  # the server's (with --ram/--vram): the quant choice fits it
+        self.on_pulled = on_pulled
+        self.jobs: dict[str, PullJob] = {}
+        self.lock = threading.Lock()
+
+    def start(self, text: str) -> tuple[PullJob, bool]:
+        """A new job for `text`, or the running one for the same ref (then False)."""
+        try:
+            parsed = hub.parse_ref(text)
+        except hub.HubRefError as exc:
+            raise BadLoadRequest(str(exc)) from None
+        key = ref_key(parsed)
+        with self.lock:
+            running = [j for j in self.jobs.values() if j.state == "running"]
+            for job in running:
+                if job.key == key:
+                    return job, False
+            if len(running) >= MAX_RUNNING_PULLS:
+                raise TooManyJobs(
+                    f"{len(running)} pulls are running, the most this server runs at once: "
+                    "wait for one to finish, or cancel one",
+                    retry_after=10,
+                )
+            job = PullJob(id=secrets.token_hex(6), ref=text.strip(), key=key)
+            self.jobs[job.id] = job
+            self._forget_old()
+        threading.Thread(
+            target=self._run, args=(job, parsed), name=f"pull-{job.id}", daemon=True
+        ).start()
+        return job, True
+
+    def get(self, job_id: str) -> PullJob:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no pull job {job_id!r} (finished jobs are kept a while)")
+        return job
+
+    def running_for(self, model: str) -> PullJob | None:
+        """A running job that will produce (or is re-pulling) the store model `model`."""
+        return next(
+            (j for j in self.jobs.values() if j.state == "running" and j.model == model), None
+        )
+
+    def _forget_old(self) -> None:
+        done = [j for j in self.jobs.values() if j.state != "running"]
+        done.sort(key=lambda j: j.finished_at or 0)
+        for job in done[: max(0, len(done) - KEEP_FINISHED)]:
+            del self.jobs[job.id]
+
+    def _run(self, job: PullJob, ref: hub.HubRef) -> None:
+        """The worker: the same steps as `innkeeper pull`, reporting into the job."""
+        try:
+            listing = hub.list_repo(ref.repo_id, ref.revision)
+            machine = hub.Machine.for_serve(self.hardware)
+            sel = hub.select(listing, quant=ref.quant, filename=ref.filename, machine=machine)
+            if sel.format != "gguf":
+                raise hub.HubError(
+                    f"{sel.repo_id} has no GGUF files ({sel.format} weights): innkeeper serves"
+                    " GGUF models; pull a GGUF repo, or this one with `innkeeper pull` to inspect"
+                )
+            job.bytes_total = sel.size
+            job.model = store.store_name(sel.repo_id, sel.variant, sel.format)
+
+            def on_file(n: int, total: int, f: hub.RepoFile) -> None:
+                job.file = f.path
+
+            def on_bytes(done: int, total: int) -> None:
+                job.bytes_done, job.bytes_total = done, total
+
+            result = hub.pull(
+                sel,
+                self.root,
+                progress=False,
+                on_file=on_file,
+                on_bytes=on_bytes,
+                cancel=job.cancel,
+            )
+            job.model = result.entry.name
+            job.bytes_done = job.bytes_total
+            try:
+                self.on_pulled()
+            except Exception:  # the model is in the store even if the listing lags
+                log.exception("refreshing the model list after pulling %s failed", job.ref)
+            self._finish(job, "done")
+        except hub.PullCancelled:
+            self._finish(job, "cancelled")
+        except (hub.HubError, ModelFormatError, ValueError) as exc:
+            self._finish(job, "failed", str(exc))
+        except OSError as exc:
+            self._finish(job, "failed", f"could not write to the store {self.root}: {exc}")
+        except Exception as exc:  # a bug must still end the job, not leave it "running"
+            log.exception("pull of %s failed", job.ref)
+            self._finish(job, "failed", f"internal error: {exc}")
+
+    def _finish(self, job: PullJob, state: str, error: str | None = None) -> None:
+        job.error = error
+        job.finished_at = time.monotonic()
+        job.state = state
+        if state == "failed":
+            log.warning("pull of %s failed: %s", job.ref, error)
+        else:
+            log.info("pull of %s %s", job.ref, state)
+
+
+async def delete_model(registry: ModelRegistry, jobs: PullJobs, name: str, root: Path) -> None:
+    """Delete a pulled model, or what a cancelled pull left, from the store (unloading it
+    first); never the embedded model or a file of a `--models-dir`, which the user put there,
+    nor the model serve was started with. Holds the registry's lock throughout, so a load of
+    the same model cannot start from a file that is being deleted."""
+    async with registry.lock:
+        entries = registry.entries()
+        entry = next((e for e in entries if e.store_name == name), None)
+        if entry is None:
+            other = next((e for e in entries if e.id == name), None)
+            if other is not None:
+                where = "the embedded model" if other.source == "embedded" else "not in the store"
+                raise BadLoadRequest(
+                    f"{name!r} is {where}: only models pulled into the store can be deleted"
+                )
+            # A cancelled or failed pull is not listed, but its partial download takes disk.
+            listed = await asyncio.to_thread(store.list_models, root)
+            if not any(e.name == name and e.repo is not None for e in listed):
+                raise NotFound(f"no model {name!r} in the store")
+        elif same_file(entry.path, registry.default_path):
+            raise Conflict(f"{name!r} is the model the server was started with: it stays")
+        pulling = jobs.running_for(name)
+        if pulling is not None:
+            raise Conflict(f"{name!r} is being pulled (job {pulling.id}): cancel it first")
+        if entry is not None and entry.state is not ModelState.UNLOADED:
+            await registry.unload_locked(entry, "deleted")
+        try:
+            await asyncio.to_thread(store.remove_model, name, root)
+        except store.ModelNotFoundError as exc:
+            raise NotFound(str(exc)) from None
+        except OSError as exc:
+            raise StoreFailed(f"could not delete {name!r}: {exc}") from None
+        finally:
+            registry.refresh()
