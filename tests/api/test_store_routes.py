@@ -7,6 +7,7 @@ hub so progress and a cancel mid-download can be watched.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,3 +236,33 @@ def test_pull_and_delete_need_the_admin_key(hub: FakeHub, tmp_path: Path) -> Non
             timeout=10,
         )
         assert ok.status_code == 200, ok.text
+
+
+def test_delete_during_a_load_is_never_a_500_and_the_server_keeps_serving(
+    server: ServerProcess, store_dir: Path
+) -> None:
+    final, _ = wait_job(server, pull(server, "fake/SmolLM2-135M-Instruct-GGUF"))
+    assert final["state"] == "done", final
+    name = final["model"]
+    [model_id] = [i for i, m in listed(server).items() if m.get("store_name") == name]
+    outcome: dict[str, httpx.Response] = {}
+
+    def load() -> None:
+        outcome["load"] = httpx.post(
+            f"{server.url}/api/innkeeper/models/load", json={"model": model_id}, timeout=120
+        )
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    time.sleep(0.03)
+    deleted = httpx.delete(f"{server.url}/api/innkeeper/models/{name}", timeout=120)
+    loader.join(120)
+    assert deleted.status_code == 200, deleted.text
+    # The delete waited for the load (one lock for both), then unloaded what it loaded; or
+    # it went first and the load found no such model. Either way: no 5xx.
+    assert outcome["load"].status_code in (200, 404), outcome["load"].text
+    assert model_id not in listed(server)
+    r = httpx.post(
+        f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60
+    )
+    assert r.status_code == 200, r.text

@@ -13,6 +13,7 @@ from fastapi import Request
 
 from innkeeper.api.errors import ApiError
 from innkeeper.api.security import key_matches
+from innkeeper.serving.policy import Caller
 
 # Marks an admin route in the OpenAPI document (routes pass it as `openapi_extra`): clients
 # and fuzzers can tell the operations that change what the server has loaded.
@@ -51,6 +52,16 @@ def admin_refusal(
         "loading, unloading, pulling and deleting models are refused on a server reachable "
         "from other machines unless it has an admin key: restart it with --admin-key KEY"
     )
+
+
+def caller_of(request: Request) -> Caller:
+    """Who the request is, for the admin rule the runtime enforces (serving/policy.py): an
+    admin when the admin routes would accept it."""
+    config = request.app.state.config
+    refusal = admin_refusal(
+        config.admin_keys, config.loopback, presented_admin_keys(request.headers.items())
+    )
+    return Caller(admin=refusal is None)
 
 
 async def require_admin(request: Request) -> None:

@@ -9,10 +9,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from innkeeper import __version__
+from innkeeper.api.admin import caller_of
 from innkeeper.api.errors import ApiError
 from innkeeper.api.offload import OffLoopBodyRoute
 from innkeeper.api.params import JsonBody, ParamError
-from innkeeper.api.state import use_model
+from innkeeper.api.state import registry_of, use_model
 
 router = APIRouter(tags=["llama.cpp"], route_class=OffLoopBodyRoute)
 
@@ -36,26 +37,39 @@ async def health() -> dict[str, str]:
 
 @router.get("/props")
 async def props(request: Request, model: str | None = None) -> dict[str, Any]:
-    """The default model's properties, or those of the model `?model=` names."""
-    service = await use_model(request, model)
-    info = service.info
-    settings = service.settings
+    """The default model's properties, or those of the model `?model=` names. A status read:
+    it never loads a model (a page's `<img src=…/props?model=x>` must not swap models); one
+    that is not loaded reports what a load would give it."""
+    registry = registry_of(request)
+    entry = registry.entry_for(model)
+    service = entry.service if entry.ready else None
+    if service is None:
+        settings = await registry.off_loop(lambda: registry.settings_of(entry))
+        n_ctx = int(settings["ctx_size"] or 0)
+        path, model_id, slots = entry.path, entry.id, settings["parallel"]
+        template: dict[str, Any] = {}
+    else:
+        settings = service.settings
+        n_ctx, path, model_id = service.n_ctx, service.info.path, service.model_id
+        slots = service.stats().slots
+        template = {
+            "chat_template": service.template.source or "",
+            "chat_template_name": service.template.name,
+            "bos_token": service.info.bos_token,
+            "eos_token": service.info.eos_token,
+            "n_threads": settings["threads"],
+        }
+    max_tokens = request.app.state.config.default_max_tokens
     return {
-        "default_generation_settings": {
-            "n_ctx": service.n_ctx,
-            "params": {"n_predict": service.default_max_tokens or -1},
-        },
-        "n_ctx": service.n_ctx,
-        "total_slots": service.stats().slots,
-        "model_path": str(info.path),
-        "model_alias": service.model_id,
-        "chat_template": service.template.source or "",
-        "chat_template_name": service.template.name,
-        "bos_token": info.bos_token,
-        "eos_token": info.eos_token,
+        "default_generation_settings": {"n_ctx": n_ctx, "params": {"n_predict": max_tokens or -1}},
+        "n_ctx": n_ctx,
+        "total_slots": slots,
+        "model_path": str(path) if caller_of(request).admin else path.name,
+        "model_alias": model_id,
+        "status": entry.status,
+        **template,
         "build_info": f"innkeeper {__version__}",
         "modalities": {"vision": False, "audio": False},
-        "n_threads": settings["threads"],
         "n_gpu_layers": settings["gpu_layers"],
         "flash_attn": settings["flash_attn"],
         "cache_type_k": settings["cache_type_k"],

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import ConfigDict, Field
 
-from innkeeper.api.admin import ADMIN_OPENAPI, require_admin
+from innkeeper.api.admin import ADMIN_OPENAPI, caller_of, require_admin
 from innkeeper.api.params import JsonBody
 from innkeeper.api.state import registry_of
 from innkeeper.engine.config import CACHE_TYPE_NAMES
@@ -109,7 +109,9 @@ class InnkeeperLoadBody(JsonBody):
 async def tgw_load(request: Request, body: TgwLoadBody) -> PlainTextResponse:
     """Load a model and make it the one requests without a model go to."""
     raw = {**(body.args or {})}
-    await registry_of(request).load(body.model_name, raw, make_default=True, strict=False)
+    await registry_of(request).load(
+        body.model_name, raw, caller=caller_of(request), make_default=True, strict=False
+    )
     return PlainTextResponse(OK, media_type="application/json")
 
 
@@ -121,7 +123,7 @@ async def tgw_load(request: Request, body: TgwLoadBody) -> PlainTextResponse:
 )
 async def tgw_unload(request: Request) -> PlainTextResponse:
     """Unload the current default model (it stays the default: the next request loads it)."""
-    await registry_of(request).unload(None)
+    await registry_of(request).unload(None, caller=caller_of(request))
     return PlainTextResponse(OK, media_type="application/json")
 
 
@@ -129,6 +131,8 @@ async def tgw_unload(request: Request) -> PlainTextResponse:
 @router.get("/models", tags=["llama.cpp"])
 async def llama_models(request: Request) -> dict[str, Any]:
     registry = registry_of(request)
+    await registry.rescan()
+    caller = caller_of(request)
     rows = await registry.off_loop(
         lambda: [
             {
@@ -137,7 +141,7 @@ async def llama_models(request: Request) -> dict[str, Any]:
                 "owned_by": "innkeeper",
                 "status": {"value": e.status, **({"failed": True} if e.error else {})},
                 "args": registry.settings_of(e),
-                "error": e.error,
+                "error": registry.shown(e.error, caller),
                 "default": e.id == registry.default_id,
             }
             for e in registry.entries()
@@ -149,13 +153,13 @@ async def llama_models(request: Request) -> dict[str, Any]:
 @router.post("/models/load", tags=["llama.cpp"], dependencies=admin, openapi_extra=ADMIN_OPENAPI)
 async def llama_load(request: Request, body: LlamaLoadBody) -> dict[str, Any]:
     settings = LoadSettings.model_validate(body.model_dump(exclude={"model"})).given()
-    await registry_of(request).load(body.model, settings)
+    await registry_of(request).load(body.model, settings, caller=caller_of(request))
     return {"success": True}
 
 
 @router.post("/models/unload", tags=["llama.cpp"], dependencies=admin, openapi_extra=ADMIN_OPENAPI)
 async def llama_unload(request: Request, body: ModelBody) -> dict[str, Any]:
-    await registry_of(request).unload(body.model)
+    await registry_of(request).unload(body.model, caller=caller_of(request))
     return {"success": True}
 
 
@@ -164,7 +168,11 @@ async def llama_unload(request: Request, body: ModelBody) -> dict[str, Any]:
 async def innkeeper_models(request: Request) -> dict[str, Any]:
     """Every available model with its status, plan on this machine and load settings."""
     registry = registry_of(request)
-    models = await registry.off_loop(lambda: [registry.entry_json(e) for e in registry.entries()])
+    await registry.rescan()
+    caller = caller_of(request)
+    models = await registry.off_loop(
+        lambda: [registry.entry_json(e, caller) for e in registry.entries()]
+    )
     return {"default": registry.default_id, "models": models, "memory": registry.memory_json()}
 
 
@@ -178,7 +186,7 @@ async def innkeeper_load(request: Request, body: InnkeeperLoadBody) -> dict[str,
     """Load (blocks until loaded) and make it the default; 4xx with the reason otherwise."""
     registry = registry_of(request)
     settings = body.settings.given() if body.settings is not None else None
-    await registry.load(body.model, settings, make_default=True)
+    await registry.load(body.model, settings, caller=caller_of(request), make_default=True)
     return {"success": True, "model": registry.resolve(body.model).id}
 
 
@@ -189,6 +197,5 @@ async def innkeeper_load(request: Request, body: InnkeeperLoadBody) -> dict[str,
     openapi_extra=ADMIN_OPENAPI,
 )
 async def innkeeper_unload(request: Request, body: ModelBody) -> dict[str, Any]:
-    registry = registry_of(request)
-    await registry.unload(body.model)
-    return {"success": True, "model": registry.resolve(body.model).id}
+    entry = await registry_of(request).unload(body.model, caller=caller_of(request))
+    return {"success": True, "model": entry.id}

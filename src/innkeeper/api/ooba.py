@@ -112,9 +112,10 @@ async def chat_prompt(request: Request, body: ChatBody) -> dict[str, Any]:
 @router.get("/v1/internal/templates")
 async def templates(request: Request) -> dict[str, Any]:
     """The instruct formats the server can render (the web page lists them)."""
-    current = (await use_model(request)).template
+    service = registry_of(request).default.service  # a status read: never loads a model
+    current = service.template if service is not None else None
     return {
-        "model": current.name,
-        "has_model_template": current.source is not None,
+        "model": current.name if current is not None else None,
+        "has_model_template": current is not None and current.source is not None,
         "builtin": [{"name": f.name, "label": f.label} for f in BUILTIN_FORMATS.values()],
     }

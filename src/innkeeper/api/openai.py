@@ -275,6 +275,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     KoboldCpp type shows data[0] as the connected model). Always 200 with a `data` list:
     SillyTavern hangs on anything else."""
     registry = registry_of(request)
+    await registry.rescan()
     return {"object": "list", "data": [_model_card(registry, e) for e in registry.entries()]}
 
 

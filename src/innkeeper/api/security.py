@@ -208,6 +208,18 @@ class HostGuardMiddleware:
             self.any_host or name in self.names or is_loopback(name)
         )  # no DNS answer can point these elsewhere
 
+    def blind_cross_site(self, scope: Scope) -> bool:
+        """A browser request from another site that carries no Origin (`<img src>`, a no-cors
+        fetch): browsers mark it `Sec-Fetch-Site: cross-site`. Refused where the Origin check
+        applies, except top-level navigations by GET (a link to the page) and with
+        `--cors-origin *`."""
+        if header(scope, b"sec-fetch-site") != "cross-site" or "*" in self.origins.configured:
+            return False
+        if not (self.check_origin or scope.get("path") in ABORT_PATHS):
+            return False
+        navigation = header(scope, b"sec-fetch-mode") == "navigate"
+        return not (navigation and scope.get("method") in ("GET", "HEAD"))
+
     def hint(self, origin: str) -> None:
         """One log line that names the fix; rate-limited so refused pages cannot flood it."""
         now = time.monotonic()
@@ -240,6 +252,16 @@ class HostGuardMiddleware:
             )
             return
         origin = header(scope, b"origin")
+        if origin is None and self.blind_cross_site(scope):
+            await send_error(
+                scope,
+                send,
+                403,
+                "a request from another site's page without an Origin (an image or a no-cors "
+                "fetch) is refused: such requests can never be told apart from an attack",
+                "permission_error",
+            )
+            return
         if origin is not None:
             # Host names the origin the browser addressed; trusted once the Host check ran
             addressed = (

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from innkeeper.api.admin import caller_of
 from innkeeper.serving.registry import ModelRegistry
 from innkeeper.serving.service import Service
 
@@ -29,7 +30,7 @@ async def use_model(request: Request, name: str | None = None, keep_alive: Any =
     chosen = getattr(request.state, "service", None)
     if chosen is not None and (not name or registry_of(request).resolve(name).service is chosen):
         return chosen
-    service = await registry_of(request).service_for(name, keep_alive)
+    service = await registry_of(request).service_for(name, keep_alive, caller=caller_of(request))
     service.users += 1
     leases = request.scope.get(LEASES)
     if leases is None:  # not behind the middleware (an app without it): release at once

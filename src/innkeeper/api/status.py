@@ -8,8 +8,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from innkeeper import __version__
+from innkeeper.api.admin import caller_of
 from innkeeper.api.state import registry_of
 from innkeeper.serving.catalog import ModelEntry
+from innkeeper.serving.policy import Caller
 from innkeeper.serving.registry import ModelRegistry
 
 router = APIRouter(tags=["innkeeper"])
@@ -24,19 +26,19 @@ FILE_TYPES = {
 }  # fmt: skip
 
 
-def _model_status(registry: ModelRegistry, e: ModelEntry) -> dict[str, Any]:
+def _model_status(registry: ModelRegistry, e: ModelEntry, caller: Caller) -> dict[str, Any]:
     """One model's part of the status: what it is, how it runs, its counters."""
     service = e.service
     out: dict[str, Any] = {
         "model": {
             "id": e.id,
-            "path": str(e.path),
+            "path": str(e.path) if caller.admin else e.path.name,
             "format": "GGUF",
             "quantization": e.quantization,
             "size_bytes": e.size_bytes,
             "status": e.status,
             "is_default": e.id == registry.default_id,
-            "error": e.error,
+            "error": registry.shown(e.error, caller),
         },
         "settings": registry.settings_of(e),
         "memory_plan": e.loaded_plan.to_json() if e.loaded_plan is not None else None,
@@ -90,11 +92,12 @@ async def status(request: Request, model: str | None = None) -> dict[str, Any]:
     summed over the loaded models. Asking never loads a model."""
     registry = registry_of(request)
     chosen = registry.resolve(model)
+    caller = caller_of(request)
     return {
         "version": __version__,
-        **_model_status(registry, chosen),
+        **_model_status(registry, chosen, caller),
         "default": registry.default_id,
-        "models": [_model_status(registry, e) for e in registry.loaded()],
+        "models": [_model_status(registry, e, caller) for e in registry.loaded()],
         "memory": registry.memory_json(),
         "auth_required": bool(request.app.state.config.api_keys),
     }

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any
 
 from innkeeper.engine.config import EngineConfig
 from innkeeper.serving.errors import BadLoadRequest, ParamError
+from innkeeper.serving.policy import check_keep_alive
 from innkeeper.settings import ConfigError, parse_text, settings_of
 
 log = logging.getLogger("innkeeper.registry")
@@ -39,7 +41,7 @@ def parse_keep_alive(value: Any) -> float | None:
     if isinstance(value, bool):
         raise ParamError(f"keep_alive must be seconds or a duration like 5m (got {value!r})")
     if isinstance(value, (int, float)):
-        return float(value)
+        return check_keep_alive(float(value))
     m = _DURATION.fullmatch(str(value))
     if not m:
         raise ParamError(f"keep_alive must be seconds or a duration like 5m (got {value!r})")
@@ -75,6 +77,10 @@ def parse_load_settings(raw: dict[str, Any] | None, *, strict: bool = True) -> d
         out[name] = value
     for name, value in list(out.items()):
         spec = specs[name]
+        if isinstance(value, (list, dict)) or (isinstance(value, bool) and name != "flash_attn"):
+            raise BadLoadRequest(f"{name}: expected a number or text, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadLoadRequest(f"{name}: {value} is not a number")
         try:
             if name == "flash_attn" and isinstance(value, bool):
                 value = "on" if value else "off"

@@ -39,6 +39,7 @@ from innkeeper.models.spec import ModelFormatError
 from innkeeper.serving import residency
 from innkeeper.serving.catalog import ModelEntry, ModelState, merge, scan
 from innkeeper.serving.errors import (
+    AdminRequired,
     BadLoadRequest,
     LoadFailed,
     ModelBusy,
@@ -47,6 +48,7 @@ from innkeeper.serving.errors import (
     ServingError,
 )
 from innkeeper.serving.load_settings import LOAD_SETTINGS, parse_keep_alive, parse_load_settings
+from innkeeper.serving.policy import Caller, keep_alive_allowed, redact_paths
 from innkeeper.serving.service import OFF_LOOP_THREADS, Service
 from innkeeper.settings import ConfigError
 
@@ -58,6 +60,7 @@ LOAD_WAIT_SECONDS = 120.0  # a request for a loading model waits this long befor
 UNLOAD_DRAIN_SECONDS = 30.0  # an unload waits this long for running requests, then cancels
 CANCEL_GRACE_SECONDS = 10.0  # after cancelling, how long requests get to hand the model back
 IDLE_CHECK_SECONDS = 0.5
+RESCAN_SECONDS = 2.0  # listings re-scan the folders at most this often (files copied in later)
 # What a file or its settings can be wrong with: the client's problem (400), checked before
 # anything is evicted, and again by llama.cpp itself (ModelLoadError) after.
 BAD_MODEL_ERRORS = (ModelFileError, ModelFormatError, ConfigError, ModelLoadError)
@@ -86,21 +89,37 @@ class ModelRegistry:
         self._lock: asyncio.Lock | None = None
         self._idle_task: asyncio.Task[None] | None = None
         self._service_factory = service_factory
+        self._scanned = 0.0
         self.refresh()
 
     # ---- the list ------------------------------------------------------------------------
     def refresh(self) -> None:
         """Re-scan the embedded model, the store and every --models-dir. Loaded and loading
         models stay; vanished unloaded ones leave the list."""
-        found, default = scan(
+        self._merge(*self._scan())
+
+    def _scan(self) -> tuple[list[ModelEntry], ModelEntry]:
+        return scan(
             self.config.models_dirs,
             self.default_path,
             self.config.engine.chat_template,
             self.config.model_alias,
         )
+
+    def _merge(self, found: list[ModelEntry], default: ModelEntry) -> None:
+        self._scanned = time.monotonic()
         self.entries_by_id = merge(found, self.entries_by_id)
         if not self.default_id or self.default_id not in self.entries_by_id:
             self.default_id = default.id
+
+    async def rescan(self) -> None:
+        """Pick up models copied into a folder since the last scan (listing routes call this;
+        at most once every RESCAN_SECONDS, the disk work off the event loop)."""
+        if time.monotonic() - self._scanned < RESCAN_SECONDS:
+            return
+        self._scanned = time.monotonic()
+        found, default = await self.off_loop(self._scan)
+        self._merge(found, default)
 
     def entries(self) -> list[ModelEntry]:
         """Every model, the default first."""
@@ -108,7 +127,13 @@ class ModelRegistry:
         out.sort(key=lambda e: e.id != self.default_id)
         return out
 
-    def entry_json(self, e: ModelEntry) -> dict[str, Any]:
+    def shown(self, text: str | None, caller: Caller) -> str | None:
+        """`text` as this caller may see it: host paths only for admins."""
+        if text is None or caller.admin:
+            return text
+        return redact_paths(text, [e.path for e in self.entries_by_id.values()])
+
+    def entry_json(self, e: ModelEntry, caller: Caller) -> dict[str, Any]:
         """An entry as the page and the llama-server/innkeeper routes show it."""
         plan = e.loaded_plan
         if plan is None:
@@ -117,7 +142,7 @@ class ModelRegistry:
         return {
             "id": e.id,
             "source": e.source,
-            "path": str(e.path),
+            "path": str(e.path) if caller.admin else e.path.name,
             "format": "GGUF",
             "quantization": e.quantization,
             "size_bytes": e.size_bytes,
@@ -125,7 +150,7 @@ class ModelRegistry:
             "is_default": e.id == self.default_id,
             "plan": plan.to_json() if plan is not None else None,
             "settings": self.settings_of(e),
-            "error": e.error,
+            "error": self.shown(e.error, caller),
             "store_name": e.store_name,
             "load_seconds": None if e.load_seconds is None else round(e.load_seconds, 3),
         }
@@ -153,6 +178,12 @@ class ModelRegistry:
                 return e
         shown = ", ".join(self.entries_by_id)
         raise ModelNotFound(f"model {name!r} is not available; available models: {shown}")
+
+    def entry_for(self, name: str | None) -> ModelEntry:
+        """The entry a request naming `name` is served by. With one model to choose from, a
+        client's `model` ("gpt-4o", whatever its settings hold) picks nothing; a name never
+        opens a file."""
+        return self.resolve(None if len(self.entries_by_id) == 1 else name)
 
     @property
     def default(self) -> ModelEntry:
@@ -234,11 +265,13 @@ class ModelRegistry:
         name: str | None,
         settings: dict[str, Any] | None = None,
         *,
+        caller: Caller,
         make_default: bool = False,
         strict: bool = True,
     ) -> Service:
         """Load a model (an admin action, or autoload); with `make_default`, route requests
         that name no model to it once it is loaded. Raises a ServingError with the reason."""
+        self._require_admin(caller, "load")
         e = self.resolve(name)
         overrides = None
         if settings is not None:
@@ -325,8 +358,16 @@ class ModelRegistry:
         self._loaded(e, service, plan, 0.0)
 
     # ---- unloading -----------------------------------------------------------------------
-    async def unload(self, name: str | None) -> ModelEntry:
+    @staticmethod
+    def _require_admin(caller: Caller, action: str) -> None:
+        if not caller.admin:
+            raise AdminRequired(
+                f"only an admin may {action} models on this server: send the --admin-key"
+            )
+
+    async def unload(self, name: str | None, *, caller: Caller) -> ModelEntry:
         """Unload a model (None: the default); it stays listed, and stays the default."""
+        self._require_admin(caller, "unload")
         e = self.resolve(name)
         async with self.lock:
             if e.service is not None:
@@ -363,17 +404,19 @@ class ModelRegistry:
         log.info("unloaded %s (%s)", e.id, why)
 
     # ---- routing requests ----------------------------------------------------------------
-    async def service_for(self, name: str | None, keep_alive: Any = None) -> Service:
+    async def service_for(
+        self, name: str | None, keep_alive: Any = None, *, caller: Caller
+    ) -> Service:
         """The loaded service for a request naming `name` (None: the default): waits for a
-        loading model, autoloads an unloaded one (ModelNotLoaded with --no-autoload)."""
+        loading model, autoloads an unloaded one if the caller may (ModelNotLoaded if not,
+        or with --no-autoload). A keep_alive the caller may not set is ignored."""
         ka = parse_keep_alive(keep_alive)
-        if name and len(self.entries_by_id) == 1:
-            # One model to choose from: a client's `model` ("gpt-4o", whatever its settings
-            # hold) picks nothing, as before the registry; a name never opens a file.
-            name = None
+        if ka is not None and not keep_alive_allowed(caller, ka, self.config.idle_unload):
+            log.info("ignoring keep_alive %g s from a client without the admin key", ka)
+            ka = None
         deadline = time.monotonic() + LOAD_WAIT_SECONDS
         while True:
-            e = self.resolve(name)
+            e = self.entry_for(name)
             if e.ready:
                 break
             left = deadline - time.monotonic()
@@ -386,15 +429,22 @@ class ModelRegistry:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wait_idle_lock(), left)
                 if was_loading and e.state is ModelState.FAILED:
-                    raise LoadFailed(f"model {e.id!r} failed to load: {e.error}")
+                    raise LoadFailed(
+                        f"model {e.id!r} failed to load: {self.shown(e.error, caller)}"
+                    )
                 continue
+            if not caller.admin:
+                raise ModelNotLoaded(
+                    f"model {e.id!r} is not loaded, and on this server only an admin may load "
+                    "models: ask the admin to load it (with the --admin-key)"
+                )
             if not self.config.autoload:
                 raise ModelNotLoaded(
                     f"model {e.id!r} is not loaded and this server does not load models on "
                     "demand (--no-autoload): load it first with POST /models/load "
                     f'{{"model": "{e.id}"}} (or /v1/internal/model/load, or the page)'
                 )
-            await asyncio.wait_for(asyncio.shield(self.load(e.id)), left)
+            await asyncio.wait_for(asyncio.shield(self.load(e.id, caller=caller)), left)
         assert e.service is not None
         if ka is not None:
             e.keep_alive = ka
