@@ -4,6 +4,11 @@ Why not `hf_hub_download`: since huggingface_hub 1.x it downloads into a process
 file and deletes it on failure, so an interrupted multi-GB pull starts again from zero. We keep
 our own `.incomplete` file beside the final place and hand `http_get` its size as `resume_size`
 (a Range request), then hash the finished file against the hub's LFS sha256 before moving it in.
+
+Never in place: a file's final name only ever appears by `os.replace` of a complete, verified
+download, and a file being replaced (a new revision, a damaged copy) is unlinked first, never
+opened for writing or truncated. A server that mmapped the old file keeps reading its inode;
+writing into it would kill that server with SIGBUS at its next token.
 """
 
 from __future__ import annotations
@@ -279,7 +284,7 @@ def _pull_locked(
                 raise PullCancelled()
             if on_file is not None:
                 on_file(n, len(todo), f)
-            final.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)  # a loaded copy keeps its inode; frees its disk if not
             on_size = None
             if on_bytes is not None:
                 on_size = functools.partial(_report, on_bytes, landed, sel.size)
