@@ -31,9 +31,8 @@ def _pull(repo_id: str, root: Path, **kw: str) -> hub.PullResult:
 
 
 def _store_files(root: Path) -> list[str]:
-    """Files in the store, leaving out the lock files that serialize concurrent pulls."""
-    files = (p.relative_to(root) for p in root.rglob("*") if p.is_file())
-    return sorted(str(p) for p in files if p.parts[0] != ".locks")
+    """Every file in the store, the lock files that serialize pulls included."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
 def test_pull_verifies_and_lands_in_store(fake_hub: FakeHub, tmp_path: Path) -> None:
@@ -167,3 +166,11 @@ def test_repull_replaces_a_loaded_file_by_rename_never_in_place(
         assert os.stat(final).st_ino != before.st_ino
     assert result.entry.complete and final.read_bytes() == new
     assert (result.resumed_from_bytes, result.downloaded_bytes) == (len(new) // 2, len(new) // 2)
+
+
+def test_pull_then_delete_leaves_nothing_behind(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """Deleting a pulled model removes its lock file too (no empty `.locks/*.lock` left)."""
+    pulled = _pull(TINY, tmp_path, quant="Q8_0").entry
+    assert _store_files(tmp_path) != [] and list((tmp_path / store.LOCKS_DIR).glob("*.lock"))
+    store.remove_model(pulled.name, tmp_path)
+    assert _store_files(tmp_path) == []

@@ -206,9 +206,8 @@ def pull(
     entry = store.entry_dir(root, sel.repo_id, sel.variant)
     for f in sel.files:
         store.safe_relative_path(f.path)
-    locks = root / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    lock = locks / f"{entry.parent.name}__{entry.name}.lock"
+    lock = store.lock_path(root, entry)
+    lock.parent.mkdir(parents=True, exist_ok=True)
     with WeakFileLock(lock):
         existed = entry.exists()
         entry.mkdir(parents=True, exist_ok=True)
@@ -216,6 +215,8 @@ def pull(
             return _pull_locked(sel, root, entry, progress, on_file, free_bytes, on_bytes, cancel)
         except BaseException:
             _cleanup_failed(entry, remove_dir=not existed)
+            if not entry.exists():  # nothing left to guard; removed while held, as a delete does
+                lock.unlink(missing_ok=True)
             raise
 
 
