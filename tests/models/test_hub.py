@@ -1,14 +1,12 @@
-"""hub.py against a local stand-in of the hub, driven by the real huggingface_hub client."""
+"""The hub package against a local stand-in of the hub, driven by the real huggingface_hub client."""
 
 from __future__ import annotations
 
-import shutil
-from collections import namedtuple
 from pathlib import Path
 
 import pytest
 
-from innkeeper.models import hub, store
+from innkeeper.models import hub
 from innkeeper.models.filenames import filename_hints, missing_shards, quant_label
 from innkeeper.models.hardware import Hardware
 from tests.models import fakehub
@@ -127,7 +125,8 @@ def test_auto_picks_largest_that_fits_and_skips_mmproj(fake_hub: FakeHub) -> Non
     assert sel.variant == "Q6_K"
     # these fake GGUFs have no attention shape in their header: the plan estimates it
     assert "largest that fits" in sel.reason and "estimated" in sel.reason
-    assert [v.label for v in sel.variants] == ["Q2_K", "Q4_K_M", "Q6_K", "Q8_0", "F16"]
+    variants = hub.gguf_variants(listing.files)  # smallest first, the projector left out
+    assert [v.label for v in variants] == ["Q2_K", "Q4_K_M", "Q6_K", "Q8_0", "F16"]
     roomy = hub.Machine.for_serve(Hardware(64 * GIB, 64 * GIB))
     assert hub.select(listing, machine=roomy).variant == "F16"  # the least quantized
 
@@ -203,127 +202,6 @@ def test_unreachable_hub_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(hub.HubError, match=r"network error talking to http://127\.0\.0\.1"):
         hub.list_repo(TINY)
-
-
-# --- downloading -------------------------------------------------------------------------------
-
-
-def _pull(repo_id: str, root: Path, **kw: str) -> hub.PullResult:
-    return hub.pull(hub.select(hub.list_repo(repo_id), **kw), root, progress=False)
-
-
-def _store_files(root: Path) -> list[str]:
-    """Files in the store, leaving out the lock files that serialize concurrent pulls."""
-    files = (p.relative_to(root) for p in root.rglob("*") if p.is_file())
-    return sorted(str(p) for p in files if p.parts[0] != ".locks")
-
-
-def test_pull_verifies_and_lands_in_store(fake_hub: FakeHub, tmp_path: Path) -> None:
-    result = _pull(TINY, tmp_path, quant="Q8_0")
-    src = fake_hub.repos[TINY].files["Tiny-Q8_0.gguf"]
-    assert result.entry.complete and result.entry.name == "Tiny:Q8_0"
-    assert result.downloaded_bytes == src.size
-    assert result.entry.path.read_bytes() == src.read(0, src.size)
-    manifest = store.read_manifest(result.entry.path.parent)
-    assert manifest is not None and manifest.complete
-    assert manifest.revision == fake_hub.repos[TINY].commit
-    assert manifest.files[0].sha256 == src.sha256 and manifest.files[0].verified
-    # a second pull finds everything in place and fetches nothing
-    fake_hub.reset_counters()
-    again = _pull(TINY, tmp_path, quant="Q8_0")
-    assert (again.downloaded_bytes, again.reused_files) == (0, 1)
-    assert sum(fake_hub.bytes_served.values()) == 0
-
-
-def test_split_pull_resolves_to_first_shard(fake_hub: FakeHub, tmp_path: Path) -> None:
-    result = _pull("fake/Split-GGUF", tmp_path, quant="Q4_K_M")
-    assert result.entry.path.name == "Split-Q4_K_M-00001-of-00002.gguf"
-    assert (result.entry.path.parent / "Split-Q4_K_M-00002-of-00002.gguf").is_file()
-    found = store.find_in_store("Split:q4_k_m", tmp_path)
-    assert found.path == result.entry.path
-
-
-def test_interrupted_download_resumes_with_only_the_remaining_bytes(
-    fake_hub: FakeHub, tmp_path: Path
-) -> None:
-    key = fake_hub.key("fake/Big-GGUF", "Big-Q8_0.gguf")
-    size = fake_hub.repos["fake/Big-GGUF"].files["Big-Q8_0.gguf"].size
-    cut = 15 * 1024 * 1024
-    fake_hub.cuts[key] = cut
-    fake_hub.outage_after_cut.add(key)  # the network stays down: the client's retries fail too
-    with pytest.raises(hub.HubError, match=r"interrupted \(.* of 24\.0 MiB kept\).*to resume"):
-        _pull("fake/Big-GGUF", tmp_path)
-    partial = list(tmp_path.rglob("*.incomplete"))
-    assert len(partial) == 1
-    kept = partial[0].stat().st_size
-    assert 0 < kept <= cut  # the client writes in 10 MB chunks: what it wrote is kept
-    assert not list(tmp_path.rglob("Big-Q8_0.gguf"))  # nothing that looks complete
-    assert [e.complete for e in store.list_models(tmp_path)] == [False]
-
-    fake_hub.reset_faults()
-    fake_hub.reset_counters()
-    result = _pull("fake/Big-GGUF", tmp_path)
-    assert result.entry.complete
-    assert fake_hub.range_starts[key] == [kept]
-    assert fake_hub.bytes_served[key] == size - kept
-    assert (result.resumed_from_bytes, result.downloaded_bytes) == (kept, size - kept)
-    assert not list(tmp_path.rglob("*.incomplete"))
-
-
-def test_bad_partial_is_thrown_away_and_fetched_afresh(fake_hub: FakeHub, tmp_path: Path) -> None:
-    sel = hub.select(hub.list_repo(TINY), quant="Q2_K")
-    final = store.entry_dir(tmp_path, TINY, "Q2_K") / "Tiny-Q2_K.gguf"
-    final.parent.mkdir(parents=True)
-    store.partial_path(final, sel.files[0].sha256 or "").write_bytes(b"garbage" * 100)
-    result = hub.pull(sel, tmp_path, progress=False)
-    assert result.entry.complete
-    key = fake_hub.key(TINY, "Tiny-Q2_K.gguf")
-    assert fake_hub.range_starts[key] == [700, 0]
-
-
-def test_corrupted_download_is_deleted_with_a_clear_error(
-    fake_hub: FakeHub, tmp_path: Path
-) -> None:
-    fake_hub.corrupt.add(fake_hub.key(TINY, "Tiny-Q4_K_M.gguf"))
-    with pytest.raises(hub.IntegrityError, match=r"sha256 does not match.*deleted"):
-        _pull(TINY, tmp_path, quant="Q4_K_M")
-    assert _store_files(tmp_path) == []
-    assert store.list_models(tmp_path) == []
-
-
-def test_shard_listed_but_missing_on_the_hub(fake_hub: FakeHub, tmp_path: Path) -> None:
-    repo = fake_hub.repos["fake/Split-GGUF"]
-    repo.vanished.add("Q4_K_M/Split-Q4_K_M-00002-of-00002.gguf")
-    with pytest.raises(hub.MissingShardError, match="missing"):
-        _pull("fake/Split-GGUF", tmp_path, quant="Q4_K_M")
-    assert [e.complete for e in store.list_models(tmp_path)] == [False]
-    with pytest.raises(store.ModelNotFoundError, match="incomplete"):
-        store.find_in_store("Split:Q4_K_M", tmp_path)
-
-
-def test_gated_repo_needs_a_token_with_access(
-    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    repo = "fake/Gated-GGUF"
-    with pytest.raises(hub.HubAccessError, match=r"gated repo.*set HF_TOKEN"):
-        _pull(repo, tmp_path)
-    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
-    with pytest.raises(hub.HubAccessError, match=r"gated repo.*has no access"):
-        _pull(repo, tmp_path)
-    assert _store_files(tmp_path) == []
-    monkeypatch.setenv("HF_TOKEN", fake_hub.good_token)
-    assert _pull(repo, tmp_path).entry.complete
-
-
-def test_not_enough_disk_space_stops_before_downloading(
-    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
-    with pytest.raises(hub.DiskSpaceError, match=r"needs 512\.3 KiB, 4\.0 KiB free"):
-        _pull(TINY, tmp_path, quant="Q8_0")
-    assert sum(fake_hub.bytes_served.values()) == 0
-    assert _store_files(tmp_path) == []
 
 
 def test_stand_in_speaks_tree_and_resolve_to_the_real_client(

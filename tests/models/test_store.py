@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -184,3 +187,78 @@ def test_repo_folder_rejects_unsafe_ids() -> None:
     for bad in ("../x", "owner/..", "/abs", "a/b/c", "owner/"):
         with pytest.raises(ValueError):
             store.repo_folder(bad)
+
+
+def _lock_of(root: Path, entry: Path) -> Path:
+    """The lock file `pull` leaves for a variant (it creates it on its first pull)."""
+    lock = store.lock_path(root, entry)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    return lock
+
+
+def test_delete_removes_the_models_lock_file(root: Path) -> None:
+    entry = _add(root, "fake/Gone-GGUF", "Q8_0", {"gone.Q8_0.gguf": b"GGUF"})
+    other = _add(root, "fake/Kept-GGUF", "Q8_0", {"kept.Q8_0.gguf": b"GGUF"})
+    lock, kept = _lock_of(root, entry), _lock_of(root, other)
+    assert store.remove_model("Gone:Q8_0", root).name == "Gone:Q8_0"
+    assert not entry.exists() and not lock.exists()
+    assert kept.exists()  # another model's lock is not this delete's to take
+
+
+def test_delete_leaves_a_lock_another_process_holds(root: Path) -> None:
+    """A pull of this very variant in another process holds its lock: the model goes as before,
+    but the lock file stays, since removing a held lock would let a second pull take a new one."""
+    entry = _add(root, "fake/Busy-GGUF", "Q8_0", {"busy.Q8_0.gguf": b"GGUF"})
+    lock = _lock_of(root, entry)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from filelock import FileLock; held = FileLock(sys.argv[1]);"
+            " held.acquire(); print('held', flush=True); sys.stdin.read()",
+            str(lock),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        store.remove_model("Busy:Q8_0", root)
+        assert not entry.exists() and lock.exists()
+    finally:
+        holder.communicate("", timeout=30)
+
+
+def test_a_pull_waiting_on_a_removed_lock_file_locks_a_fresh_one(root: Path) -> None:
+    """What makes removing a lock file while holding it safe (the delete does so): a pull that
+    opened the file before it went, and waited, gets the lock only on the file now at its path,
+    never on the removed inode, which a later pull could not see."""
+    from filelock import FileLock, Timeout
+    from huggingface_hub.utils import WeakFileLock
+
+    lock = _lock_of(root, store.entry_dir(root, "fake/Race-GGUF", "Q8_0"))
+    deleting = FileLock(lock, timeout=0)
+    deleting.acquire()
+    later_pull_must_wait: list[bool] = []
+
+    def pull() -> None:
+        with WeakFileLock(lock):
+            later = FileLock(lock, timeout=0)
+            try:
+                later.acquire()
+            except Timeout:
+                later_pull_must_wait.append(True)
+            else:
+                later.release()
+                later_pull_must_wait.append(False)
+
+    waiter = threading.Thread(target=pull)
+    waiter.start()
+    waiter.join(0.3)  # it has opened the lock file and waits
+    assert waiter.is_alive()
+    lock.unlink()
+    deleting.release()
+    waiter.join(30)
+    assert later_pull_must_wait == [True]

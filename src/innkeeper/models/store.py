@@ -8,6 +8,8 @@ Layout of the store (`models_dir()`):
         .innkeeper.json                   the manifest: repo, commit, files with sha256 and size
         <file>.<hash>.incomplete          a download in progress (never looks like a model file)
       some-model.gguf                     a file the user dropped in by hand
+      .locks/<owner>__<repo>__<variant>.lock
+                                          taken by a pull of that variant (and its deletion)
 
 A variant is complete only when its manifest says so and every file it lists is present at its
 size: files are moved in after their hash is verified and the manifest is written atomically
@@ -23,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -32,6 +35,7 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 MANIFEST_NAME = ".innkeeper.json"
 PARTIAL_SUFFIX = ".incomplete"
+LOCKS_DIR = ".locks"
 MANIFEST_VERSION = 1
 
 _SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -221,6 +225,11 @@ def partial_path(final: Path, tag: str) -> Path:
     """Where a file downloads before it is verified: beside its final place, on the same disk."""
     safe_tag = re.sub(r"[^A-Za-z0-9]", "", tag)[:16] or "x"
     return final.with_name(f"{final.name}.{safe_tag}{PARTIAL_SUFFIX}")
+
+
+def lock_path(root: Path, entry: Path) -> Path:
+    """The lock file of one variant folder: pulls into it, and its deletion, take turns on it."""
+    return root / LOCKS_DIR / f"{entry.parent.name}__{entry.name}.lock"
 
 
 # --- listing ------------------------------------------------------------------------------------
@@ -448,10 +457,11 @@ def remove_model(name: str, root: Path | None = None) -> StoreEntry:
                 entry = entry_from_manifest(variant, manifest)
                 if entry.name != name:
                     continue
-                (variant / MANIFEST_NAME).unlink(missing_ok=True)
-                shutil.rmtree(variant, ignore_errors=True)
-                with contextlib.suppress(OSError):
-                    repo_dir.rmdir()  # only when no other variant of the repo is left
+                with _deleting(lock_path(root, variant)):
+                    (variant / MANIFEST_NAME).unlink(missing_ok=True)
+                    shutil.rmtree(variant, ignore_errors=True)
+                    with contextlib.suppress(OSError):
+                        repo_dir.rmdir()  # only when no other variant of the repo is left
                 return entry
     for entry in list_models(root):
         if entry.repo is None and entry.name == name:
@@ -461,3 +471,31 @@ def remove_model(name: str, root: Path | None = None) -> StoreEntry:
                     target.unlink()
             return entry
     raise UnknownModelNameError(f"{name!r} is not a model in the store ({root})")
+
+
+@contextlib.contextmanager
+def _deleting(lock: Path) -> Iterator[None]:
+    """Delete a variant holding its pull lock, then remove the lock file too, so a deleted model
+    leaves no empty `.locks/*.lock` behind.
+
+    Removing a lock file is safe only while holding it: a pull that opened the file before it
+    went finds it unlinked once it gets the lock (filelock checks `st_nlink`) and locks a fresh
+    one. When another process holds it (a pull of this very variant), the model is deleted as
+    before and the lock file stays: it is that pull's.
+    """
+    from filelock import FileLock, Timeout  # huggingface_hub's own lock library
+
+    if not lock.exists():  # nothing to remove; a hand-made entry was never pulled
+        yield
+        return
+    held = FileLock(lock, timeout=0)
+    try:
+        held.acquire()
+    except (Timeout, NotImplementedError, OSError):  # busy, or a filesystem without flock
+        yield
+        return
+    try:
+        yield
+        lock.unlink(missing_ok=True)
+    finally:
+        held.release()
