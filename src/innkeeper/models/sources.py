@@ -3,7 +3,7 @@
 Headers (GGUF metadata, safetensors JSON) sit at the start of multi-gigabyte files; reading them
 through one small interface lets the same parser inspect a local file or a hub repo without
 downloading the weights. This module holds the interface and the local side only; the hub's
-source (`hub.HubSource`, HTTP range requests) lives with the rest of the hub code, on the hub's
+source (`hub.client.HubSource`, HTTP range requests) lives with the rest of the hub code, on the hub's
 session, error messages and timeout.
 """
 
