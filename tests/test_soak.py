@@ -25,6 +25,7 @@ MAX_REQUESTS = 400
 MAX_SECONDS = 40.0
 RSS_BOUND_MIB = 64  # RSS growth allowed from after warm-up to the end
 MAX_BODY = 256 * 1024
+ADMIN_KEY = "soak-admin"
 
 PROMPTS = [
     "Hi",
@@ -256,6 +257,71 @@ class Soak:
         )
         self.note("cross_origin_abort", r.status_code, r.status_code == 403, r.text)
 
+    # ---- the admin rule ----------------------------------------------------------------------
+    def load_abuse(self, rng: random.Random) -> None:
+        """An admin's load with settings of the wrong JSON type: a 400, never a crash."""
+        args = rng.choice(
+            [
+                {"n_ctx": True},
+                {"parallel": False},
+                {"n_ctx": [1]},
+                {"ctx_size": {"a": 1}},
+                {"parallel": [1, 2]},
+                {"n_gpu_layers": {"x": 1}},
+                {"cache_type": 8},
+            ]
+        )
+        r = httpx.post(
+            self.url + "/v1/internal/model/load",
+            json={"model_name": "", "args": args},
+            headers={"X-Admin-Key": ADMIN_KEY},
+            timeout=60,
+        )
+        self.note("load_abuse", r.status_code, r.status_code == 400, r.text)
+
+    def keep_alive_abuse(self, rng: random.Random) -> None:
+        """keep_alive that would unload the model, from a client without the admin key: the
+        request is served and the model stays (checked at the end by the engine's uptime)."""
+        ka = rng.choice([0, "0s", "1ms", 0.001, -0.0])
+        r = httpx.post(
+            self.url + "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 2,
+                "keep_alive": ka,
+            },
+            timeout=60,
+        )
+        self.note("keep_alive_abuse", r.status_code, r.status_code == 200, r.text)
+
+    def cross_site_get(self, rng: random.Random) -> None:
+        """`<img src=…/props?model=x>` on another site: refused before any route runs."""
+        path = rng.choice(["/props?model=x", "/v1/models", "/api/extra/perf"])
+        r = httpx.get(
+            self.url + path,
+            headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"},
+            timeout=60,
+        )
+        self.note("cross_site_get", r.status_code, r.status_code == 403, r.text)
+
+    def delete_during_load(self, rng: random.Random) -> None:
+        """An admin reload of the default while a delete of it races in: the delete is a 4xx
+        (the model serve started with stays), the load succeeds."""
+        admin = {"X-Admin-Key": ADMIN_KEY}
+        with ThreadPoolExecutor(2) as pool:
+            load = pool.submit(
+                httpx.post,
+                self.url + "/api/innkeeper/models/load",
+                json={"model": ""},
+                headers=admin,
+                timeout=60,
+            )
+            time.sleep(rng.uniform(0, 0.05))
+            deleted = httpx.delete(self.url + "/api/innkeeper/models/x", headers=admin, timeout=60)
+            loaded = load.result()
+        self.note("delete_during_load", deleted.status_code, 400 <= deleted.status_code < 500)
+        self.note("delete_during_load", loaded.status_code, loaded.status_code < 500, loaded.text)
+
     def oversized_prompt(self, rng: random.Random) -> None:
         words = rng.randint(2500, 6000)  # more tokens than the 2048-token context
         route, body = rng.choice(
@@ -290,6 +356,10 @@ class Soak:
             (1, lambda: self.partial_failure(rng)),
             (1, lambda: self.cross_origin_abort(rng)),
             (1, lambda: self.oversized_body(rng)),
+            (1, lambda: self.load_abuse(rng)),
+            (1, lambda: self.keep_alive_abuse(rng)),
+            (1, lambda: self.cross_site_get(rng)),
+            (1, lambda: self.delete_during_load(rng)),
         ]
         _, action = rng.choices(actions, weights=[w for w, _ in actions])[0]
         try:
@@ -314,9 +384,12 @@ def test_soak() -> None:
         "64",
         "--max-body",
         str(MAX_BODY),
+        "--admin-key",
+        ADMIN_KEY,
         name="soak",
     ) as srv:
         server = psutil.Process(srv.proc.pid)
+        t_start = time.monotonic()
         soak = Soak(srv)
         with ThreadPoolExecutor(WORKERS) as pool:  # warm-up: every kind once or more
             list(pool.map(soak.job, range(24)))
@@ -338,6 +411,7 @@ def test_soak() -> None:
         elapsed = time.monotonic() - t0
 
         perf = wait_idle(c)
+        never_unloaded = perf["uptime"] >= time.monotonic() - t_start - 1
         rss1 = rss_mib(server)
         final = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 8, "seed": 3})
         final2 = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 8, "seed": 3})
@@ -352,6 +426,8 @@ def test_soak() -> None:
             "cross_origin_abort",
             "oversized_prompt",
             "oversized_body",
+            "load_abuse",
+            "cross_site_get",
         )
         report = {
             "requests_sent": sum(soak.kinds.values()),
@@ -371,6 +447,7 @@ def test_soak() -> None:
             "rss_end_mib": round(rss1, 1),
             "rss_growth_mib": round(rss1 - rss0, 1),
             "rss_bound_mib": RSS_BOUND_MIB,
+            "never_unloaded": never_unloaded,
         }
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "soak.json").write_text(json.dumps(report, indent=2))
@@ -380,6 +457,7 @@ def test_soak() -> None:
         assert not soak.unexpected, report
         assert report["slots_leaked"] == 0 and report["queue_left"] == 0, report
         assert report["runs_leaked"] == 0, report
+        assert never_unloaded, report  # no keep_alive without the admin key unloaded it
         assert report["rss_growth_mib"] < RSS_BOUND_MIB, report
         assert final.status_code == 200 and final.json()["usage"]["completion_tokens"] >= 1
         assert final.json()["choices"][0]["text"] == final2.json()["choices"][0]["text"]
