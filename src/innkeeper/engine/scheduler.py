@@ -231,10 +231,6 @@ class Scheduler:
             self._cond.notify()
         return n
 
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify()
-
     @property
     def queued(self) -> int:
         return len(self._queue)
