@@ -7,7 +7,7 @@ import time
 
 from innkeeper.engine.engine import Engine
 from innkeeper.engine.events import TokenEvent
-from tests.engine.conftest import Runner
+from tests.engine.conftest import Runner, flush
 
 SYSTEM = (
     "You are Seraphina, the guardian of an enchanted forest. You speak gently and describe "
@@ -35,14 +35,6 @@ def message(i: int) -> str:
 
 def chat(first: int, last: int, tail: str = "\nUser: What should I do next?\nSeraphina:") -> str:
     return SYSTEM + "".join(message(i) for i in range(first, last)) + tail
-
-
-def flush(engine: Engine) -> None:
-    """Forget every slot's cache so a test starts cold."""
-    sched = engine.scheduler
-    for slot in sched.slots:
-        engine.ctx.seq_rm(slot.id, -1, -1)
-        slot.cache.clear()
 
 
 def cold_run(cold: Runner, prompt: list[int], max_tokens: int, **kw):
@@ -232,12 +224,11 @@ def test_idle_conversations_are_parked_in_ram_and_restored(
     """Switching between two chats: the idle one leaves the shared cache while the other
     decodes (so it costs the active one nothing) and comes back without re-evaluation."""
     flush(engine)
-    engine.scheduler.parked.clear()
     a = engine.tokenize(chat(0, 8))
     b = engine.tokenize("A completely different conversation about cooking pasta. " * 20)
     runner.run(a, 8)
     runner.run(b, 8)
-    assert any(p.tokens[:50] == a[:50] for p in engine.scheduler.parked)
+    assert any(p.tokens[:50] == a[:50] for p in engine.scheduler.stash.parked)
     live = sum(len(s.cache) for s in engine.scheduler.slots)
     assert live <= len(b) + 8  # only the active conversation occupies the cache
     _, fin, got = runner.run(a, 16, n_logprobs=5)
