@@ -139,18 +139,19 @@ def test_concurrent_requests_match_sequential(runner: Runner, engine: Engine) ->
         assert done.wait(120)
     batched = [events[-1].text for _, _, events in jobs]
     assert batched == sequential
-    assert engine.scheduler.perf.decode_steps > 0
+    assert engine.stats().perf.decode_steps > 0
 
 
 def test_more_requests_than_slots_queue_fairly(runner: Runner, engine: Engine) -> None:
-    n = len(engine.scheduler.slots) + 2
+    n = engine.stats().slots + 2
     jobs = [
         runner.submit(engine.tokenize(f"Queue test {i}:"), 8, ignore_eos=True) for i in range(n)
     ]
     for _, done, _ in jobs:
         assert done.wait(120)
     assert all(events[-1].reason == "length" for _, _, events in jobs)
-    assert engine.scheduler.busy_slots == 0 and engine.scheduler.queued == 0
+    stats = engine.stats()
+    assert stats.busy_slots == 0 and stats.queued == 0
 
 
 def test_cancel_stops_within_a_step(runner: Runner, engine: Engine) -> None:
@@ -164,7 +165,35 @@ def test_cancel_stops_within_a_step(runner: Runner, engine: Engine) -> None:
     assert done.wait(5)
     assert time.monotonic() - t0 < 1.0
     assert events[-1].reason == "abort"
-    assert engine.scheduler.busy_slots == 0
+    assert engine.stats().busy_slots == 0
+
+
+def test_stats_show_a_running_request_and_cancel_all_ends_it(
+    runner: Runner, engine: Engine
+) -> None:
+    flush(engine)
+    before = engine.stats()
+    assert (before.slots, before.busy_slots, before.queued) == (4, 0, 0)
+    assert before.slot_cells == (0, 0, 0, 0)
+    assert (before.threads, before.threads_batch) == (1, 1)  # conftest's --threads 1
+    prompt = engine.tokenize("A long tale:")
+    _, done, events = runner.submit(prompt, 2000, ignore_eos=True)
+    deadline = time.monotonic() + 30
+    while not any(isinstance(e, TokenEvent) for e in events):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    during = engine.stats()
+    assert during.busy_slots == 1 and during.queued == 0
+    cells = sorted(during.slot_cells)
+    # one slot holds the prompt and what it generated so far; the others hold nothing
+    assert cells[:-1] == [0, 0, 0] and cells[-1] >= len(prompt)
+    assert engine.cancel_all() == 1
+    assert done.wait(5) and events[-1].reason == "abort"
+    after = engine.stats()
+    assert after.busy_slots == 0
+    assert after.perf.total_requests == before.perf.total_requests + 1
+    assert after.perf.total_aborted == before.perf.total_aborted + 1
+    assert after.perf.decode_steps > before.perf.decode_steps  # `before` is a snapshot
 
 
 def test_long_prompt_prefill_does_not_freeze_running_streams(
