@@ -265,3 +265,18 @@ def test_idle_conversations_are_parked_in_ram_and_restored(
     _, _, want = cold_run(cold, a, 16, n_logprobs=5)
     assert same_prefix_tokens(got, want) >= 8
     assert first_drift(got, want) < 0.3  # rounding noise of the quantized CPU kernels: ~0.1-0.2
+
+
+def test_a_short_chat_is_parked_too(runner: Runner, engine: Engine) -> None:
+    """Each slot remembers its tokens however few they are: a short chat left idle while
+    another one decodes is parked in RAM (it used to be dropped under 64 tokens) and comes
+    back without being evaluated again."""
+    flush(engine)
+    a = engine.tokenize("User: Hi! Who are you?\nAssistant:")
+    b = engine.tokenize("A completely different conversation about cooking pasta. " * 20)
+    runner.run(a, 8)
+    runner.run(b, 8)  # `a` sits idle while `b` decodes
+    parked = [p for p in engine.scheduler.stash.parked if p.tokens[: len(a)] == a]
+    assert parked and len(parked[0].tokens) < 32
+    _, fin, _ = runner.run(a, 8)
+    assert fin.timings.cached_tokens == len(a) - 1

@@ -54,15 +54,12 @@ class Parked:
 class KVStash:
     """The parked conversations and every slot's checkpoints, within `cache_ram` bytes."""
 
-    def __init__(
-        self, ctx: Context, slots: list[Slot], cache_ram: int, n_checkpoints: int, min_park: int
-    ) -> None:
+    def __init__(self, ctx: Context, slots: list[Slot], cache_ram: int, n_checkpoints: int) -> None:
         self.ctx = ctx
         self.slots = slots
         self.cache_ram = cache_ram
         # Checkpoints only where the memory forgets: a full-size cache reuses without them.
         self.n_checkpoints = n_checkpoints if ctx.partial_memory else 0
-        self.min_park = min_park
         self.parked: list[Parked] = []  # least recently used first
 
     # ---- parking ---------------------------------------------------------------------------
@@ -73,9 +70,11 @@ class KVStash:
                 self.park(slot)
 
     def park(self, slot: Slot) -> None:
+        """Move the slot's conversation to RAM, however short: a chat of a few tokens costs
+        little to keep, and its next turn then reuses it like any other."""
         tokens = list(slot.cache)
         checkpoints = list(slot.checkpoints)
-        saved = self.ctx.seq_save(slot.id) if len(tokens) >= self.min_park else None
+        saved = self.ctx.seq_save(slot.id)
         slot.forget(self.ctx)
         if saved is None or saved[1] > self.cache_ram:
             return

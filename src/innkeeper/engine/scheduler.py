@@ -67,9 +67,7 @@ class Scheduler:
                 "(--swa-full allows shifting, at the cost of a full-size cache)"
             )
         self.max_queue = max_queue
-        self.stash = KVStash(
-            ctx, self.slots, cache_ram, ctx_checkpoints, min_park=2 * max(self.cache_reuse, 16)
-        )
+        self.stash = KVStash(ctx, self.slots, cache_ram, ctx_checkpoints)
         self.perf = Perf()
         self.tokens = TokenPipeline(model, ctx, self.stash, self.perf)
         self._queue: deque[tuple[GenerationRequest, float]] = deque()
