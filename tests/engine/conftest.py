@@ -50,6 +50,14 @@ class Runner:
         return fin.text, fin, [e for e in events if isinstance(e, TokenEvent)]
 
 
+def flush(engine: Engine) -> None:
+    """Forget every slot's cache and every parked conversation, so a test starts cold."""
+    sched = engine.scheduler
+    for slot in sched.slots:
+        slot.forget(engine.ctx)
+    sched.stash.parked.clear()
+
+
 def make_engine(**kw) -> Engine:
     cfg = {"model_path": default_model_path(), "ctx_size": 4096, "threads": 1, "parallel": 4, **kw}
     return Engine(EngineConfig(**cfg))

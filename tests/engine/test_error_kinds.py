@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from innkeeper.engine import scheduler
+from innkeeper.engine import generation
 from innkeeper.engine.events import ErrorKind
 from tests.engine.conftest import Runner
 
@@ -22,7 +22,7 @@ def test_a_grammar_llama_cpp_refuses_is_a_grammar_error(runner: Runner) -> None:
 def test_a_grammar_step_over_the_time_limit_ends_only_that_request(
     runner: Runner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(scheduler, "GRAMMAR_STEP_LIMIT_S", 0.0)
+    monkeypatch.setattr(generation, "GRAMMAR_STEP_LIMIT_S", 0.0)
     prompt = runner.engine.tokenize("Hi")
     text, fin, _ = runner.run(prompt, 4, grammar='root ::= "a"+')
     assert fin.reason == "error" and fin.error_kind is ErrorKind.GRAMMAR

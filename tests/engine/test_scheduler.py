@@ -7,7 +7,7 @@ import time
 
 from innkeeper.engine.engine import Engine
 from innkeeper.engine.events import TokenEvent
-from tests.engine.conftest import Runner
+from tests.engine.conftest import Runner, flush
 
 SYSTEM = (
     "You are Seraphina, the guardian of an enchanted forest. You speak gently and describe "
@@ -35,14 +35,6 @@ def message(i: int) -> str:
 
 def chat(first: int, last: int, tail: str = "\nUser: What should I do next?\nSeraphina:") -> str:
     return SYSTEM + "".join(message(i) for i in range(first, last)) + tail
-
-
-def flush(engine: Engine) -> None:
-    """Forget every slot's cache so a test starts cold."""
-    sched = engine.scheduler
-    for slot in sched.slots:
-        engine.ctx.seq_rm(slot.id, -1, -1)
-        slot.cache.clear()
 
 
 def cold_run(cold: Runner, prompt: list[int], max_tokens: int, **kw):
@@ -147,18 +139,19 @@ def test_concurrent_requests_match_sequential(runner: Runner, engine: Engine) ->
         assert done.wait(120)
     batched = [events[-1].text for _, _, events in jobs]
     assert batched == sequential
-    assert engine.scheduler.perf.decode_steps > 0
+    assert engine.stats().perf.decode_steps > 0
 
 
 def test_more_requests_than_slots_queue_fairly(runner: Runner, engine: Engine) -> None:
-    n = len(engine.scheduler.slots) + 2
+    n = engine.stats().slots + 2
     jobs = [
         runner.submit(engine.tokenize(f"Queue test {i}:"), 8, ignore_eos=True) for i in range(n)
     ]
     for _, done, _ in jobs:
         assert done.wait(120)
     assert all(events[-1].reason == "length" for _, _, events in jobs)
-    assert engine.scheduler.busy_slots == 0 and engine.scheduler.queued == 0
+    stats = engine.stats()
+    assert stats.busy_slots == 0 and stats.queued == 0
 
 
 def test_cancel_stops_within_a_step(runner: Runner, engine: Engine) -> None:
@@ -172,7 +165,35 @@ def test_cancel_stops_within_a_step(runner: Runner, engine: Engine) -> None:
     assert done.wait(5)
     assert time.monotonic() - t0 < 1.0
     assert events[-1].reason == "abort"
-    assert engine.scheduler.busy_slots == 0
+    assert engine.stats().busy_slots == 0
+
+
+def test_stats_show_a_running_request_and_cancel_all_ends_it(
+    runner: Runner, engine: Engine
+) -> None:
+    flush(engine)
+    before = engine.stats()
+    assert (before.slots, before.busy_slots, before.queued) == (4, 0, 0)
+    assert before.slot_cells == (0, 0, 0, 0)
+    assert (before.threads, before.threads_batch) == (1, 1)  # conftest's --threads 1
+    prompt = engine.tokenize("A long tale:")
+    _, done, events = runner.submit(prompt, 2000, ignore_eos=True)
+    deadline = time.monotonic() + 30
+    while not any(isinstance(e, TokenEvent) for e in events):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    during = engine.stats()
+    assert during.busy_slots == 1 and during.queued == 0
+    cells = sorted(during.slot_cells)
+    # one slot holds the prompt and what it generated so far; the others hold nothing
+    assert cells[:-1] == [0, 0, 0] and cells[-1] >= len(prompt)
+    assert engine.cancel_all() == 1
+    assert done.wait(5) and events[-1].reason == "abort"
+    after = engine.stats()
+    assert after.busy_slots == 0
+    assert after.perf.total_requests == before.perf.total_requests + 1
+    assert after.perf.total_aborted == before.perf.total_aborted + 1
+    assert after.perf.decode_steps > before.perf.decode_steps  # `before` is a snapshot
 
 
 def test_long_prompt_prefill_does_not_freeze_running_streams(
@@ -232,12 +253,11 @@ def test_idle_conversations_are_parked_in_ram_and_restored(
     """Switching between two chats: the idle one leaves the shared cache while the other
     decodes (so it costs the active one nothing) and comes back without re-evaluation."""
     flush(engine)
-    engine.scheduler.parked.clear()
     a = engine.tokenize(chat(0, 8))
     b = engine.tokenize("A completely different conversation about cooking pasta. " * 20)
     runner.run(a, 8)
     runner.run(b, 8)
-    assert any(p.tokens[:50] == a[:50] for p in engine.scheduler.parked)
+    assert any(p.tokens[:50] == a[:50] for p in engine.scheduler.stash.parked)
     live = sum(len(s.cache) for s in engine.scheduler.slots)
     assert live <= len(b) + 8  # only the active conversation occupies the cache
     _, fin, got = runner.run(a, 16, n_logprobs=5)
@@ -245,3 +265,18 @@ def test_idle_conversations_are_parked_in_ram_and_restored(
     _, _, want = cold_run(cold, a, 16, n_logprobs=5)
     assert same_prefix_tokens(got, want) >= 8
     assert first_drift(got, want) < 0.3  # rounding noise of the quantized CPU kernels: ~0.1-0.2
+
+
+def test_a_short_chat_is_parked_too(runner: Runner, engine: Engine) -> None:
+    """Each slot remembers its tokens however few they are: a short chat left idle while
+    another one decodes is parked in RAM (it used to be dropped under 64 tokens) and comes
+    back without being evaluated again."""
+    flush(engine)
+    a = engine.tokenize("User: Hi! Who are you?\nAssistant:")
+    b = engine.tokenize("A completely different conversation about cooking pasta. " * 20)
+    runner.run(a, 8)
+    runner.run(b, 8)  # `a` sits idle while `b` decodes
+    parked = [p for p in engine.scheduler.stash.parked if p.tokens[: len(a)] == a]
+    assert parked and len(parked[0].tokens) < 32
+    _, fin, _ = runner.run(a, 8)
+    assert fin.timings.cached_tokens == len(a) - 1

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from innkeeper.engine.engine import Engine, EngineConfig
-from innkeeper.engine.scheduler import common_prefix
-from tests.engine.conftest import Runner
+from innkeeper.engine.slots import common_prefix
+from tests.engine.conftest import Runner, flush
 
 WINDOW = 512
 LLAMA_SERVER_KV_MIB = 61.5  # llama-server's log for this model at -c 8192 -np 4
@@ -55,15 +55,6 @@ def gemma_cold(gemma_path: Path) -> Iterator[Engine]:
     e = gemma_engine(gemma_path, parallel=1)
     yield e
     e.close()
-
-
-def flush(engine: Engine) -> None:
-    sched = engine.scheduler
-    for slot in sched.slots:
-        engine.ctx.seq_rm(slot.id, -1, -1)
-        slot.cache.clear()
-        slot.checkpoints.clear()
-    sched.parked.clear()
 
 
 def cold_text(cold: Engine, prompt: list[int], n: int) -> str:
@@ -155,7 +146,7 @@ def test_parked_chat_over_the_window_comes_back_and_matches_cold(
     b = gemma.tokenize("A different conversation about baking bread at home. " * 60)
     runner.run(a, 8)
     runner.run(b, 4)
-    assert any(p.tokens[:50] == a[:50] for p in gemma.scheduler.parked)
+    assert any(p.tokens[:50] == a[:50] for p in gemma.scheduler.stash.parked)
     a2 = gemma.tokenize(count_chat(0, 41))
     text, fin, _ = runner.run(a2, 16)
     shared = common_prefix(a, a2)

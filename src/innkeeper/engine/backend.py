@@ -463,9 +463,6 @@ class Context:
         """
         return int(C.llama_memory_seq_pos_min(self.mem, seq))
 
-    def seq_pos_max(self, seq: int) -> int:
-        return int(C.llama_memory_seq_pos_max(self.mem, seq))
-
     def seq_save(
         self, seq: int, *, partial: bool = False
     ) -> tuple[ctypes.Array[ctypes.c_uint8], int] | None:

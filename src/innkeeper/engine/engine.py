@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass
 
@@ -15,11 +16,24 @@ from innkeeper.engine.backend import (
 )
 from innkeeper.engine.config import DEFAULT_CTX, EngineConfig
 from innkeeper.engine.events import GenerationRequest
-from innkeeper.engine.scheduler import Perf, Scheduler
+from innkeeper.engine.scheduler import Perf, QueueFullError, Scheduler
 from innkeeper.engine.templates import ChatTemplate, resolve_template
 from innkeeper.engine.tokenizer import Tokenizer
 
-__all__ = ["DEFAULT_CTX", "Engine", "EngineConfig"]
+__all__ = ["DEFAULT_CTX", "Engine", "EngineConfig", "EngineStats", "Perf", "QueueFullError"]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of a running engine for routes and the CLI, so they need no internals."""
+
+    slots: int  # generation slots in all
+    busy_slots: int  # slots running a request now
+    queued: int  # requests waiting for a slot
+    slot_cells: tuple[int, ...]  # tokens held in each slot's KV cache
+    threads: int
+    threads_batch: int
+    perf: Perf  # a copy of the scheduler's counters
 
 
 def model_params(config: EngineConfig) -> ModelParams:
@@ -50,19 +64,6 @@ def context_params(config: EngineConfig, n_ctx_train: int) -> ContextParams:
         offload_kqv=config.kv_offload,
         swa_full=config.swa_full,
     )
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """What the layers above may read about a running engine, in one snapshot."""
-
-    slots: int
-    busy_slots: int
-    queued: int
-    slot_cells: tuple[int, ...]
-    threads: int
-    threads_batch: int
-    perf: Perf
 
 
 class Engine:
@@ -112,7 +113,17 @@ class Engine:
     def detokenize(self, tokens: list[int]) -> str:
         return self.model.detokenize(tokens)
 
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request (any thread); raises QueueFullError at --max-queue."""
+        self.scheduler.submit(request)
+
+    def cancel_all(self) -> int:
+        """Abort every running and queued request (any thread); returns how many."""
+        return self.scheduler.cancel_all()
+
     def stats(self) -> EngineStats:
+        """Counters and slot occupancy now (any thread; each field is read without a lock,
+        so they may be a step apart, as the perf endpoints always were)."""
         sched = self.scheduler
         return EngineStats(
             slots=len(sched.slots),
@@ -121,14 +132,8 @@ class Engine:
             slot_cells=tuple(len(s.cache) for s in sched.slots),
             threads=self.ctx.threads,
             threads_batch=self.ctx.threads_batch,
-            perf=sched.perf,
+            perf=copy.copy(sched.perf),
         )
-
-    def cancel_all(self) -> int:
-        return self.scheduler.cancel_all()
-
-    def submit(self, request: GenerationRequest) -> None:
-        self.scheduler.submit(request)
 
     def close(self) -> None:
         self.scheduler.stop()
