@@ -15,7 +15,7 @@ import { schedulePreview } from "./prompt.js";
 import { DEFAULT_CHAR, state } from "./state.js";
 import { loadTemplates, refreshStatus } from "./status.js";
 import { settings } from "./store.js";
-import { $, formatBytes, toast } from "./ui.js";
+import { $ } from "./ui.js";
 
 async function main() {
   initKeyDialog();
@@ -26,15 +26,11 @@ async function main() {
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden) refreshStatus({ ask: false });
   });
-  initModels({
-    toast,
-    formatBytes,
-    changed: async () => {
-      // a load or unload may change which model answers, and so its template and context
-      state.templatesLoaded = false;
-      if (await refreshStatus({ ask: false })) await loadTemplates();
-      schedulePreview();
-    },
+  initModels(async () => {
+    // a load or unload may change which model answers, and so its template and context
+    state.templatesLoaded = false;
+    if (await refreshStatus({ ask: false })) await loadTemplates();
+    schedulePreview();
   });
   fillSamplers();
   renderConnect();

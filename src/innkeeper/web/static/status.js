@@ -3,7 +3,7 @@
 import { AuthError, getJson } from "./api.js";
 import { renderCtx } from "./prompt.js";
 import { prefs, state } from "./state.js";
-import { $, formatBytes, formatCount } from "./ui.js";
+import { $, formatBytes, formatCount, verdictClass } from "./ui.js";
 
 export function setHealth(kind, text) {
   const el = $("health");
@@ -40,9 +40,8 @@ export function renderStatus() {
     mem.append(total, detail);
     if (plan.verdict) {
       const v = document.createElement("div");
-      const code = String(plan.verdict_code || plan.verdict);
       v.textContent = String(plan.verdict).replace(/_/g, " ");
-      v.className = plan.fits === false || /swap|not|too/i.test(code) ? "verdict-bad" : /partial|split/i.test(code) ? "verdict-warn" : "verdict-ok";
+      v.className = verdictClass(plan);
       mem.append(v);
     }
     for (const note of Array.isArray(plan.notes) ? plan.notes.slice(0, 3) : []) {

@@ -81,6 +81,14 @@ export async function copyText(text, what) {
   toast(`Copied ${what}`, "info");
 }
 
+/** The CSS class of a memory plan's verdict: fits, fits partly (split or offloaded), or not. */
+export function verdictClass(plan) {
+  const code = String(plan?.verdict_code || plan?.verdict || "");
+  if (plan?.fits === false || /swap|not|too/i.test(code)) return "verdict-bad";
+  if (/partial|split/i.test(code)) return "verdict-warn";
+  return "verdict-ok";
+}
+
 export function avatarEl(ch, cls) {
   if (ch.avatar) {
     const img = document.createElement("img");
