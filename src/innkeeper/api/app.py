@@ -41,15 +41,20 @@ STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 
 
 NO_CACHE = {"Cache-Control": "no-cache"}
+# Module scripts load only with a JavaScript type; the OS's MIME table (Windows' registry)
+# may map .js to text/plain, so the page's scripts do not depend on it.
+JS_TYPE = "text/javascript; charset=utf-8"
 
 
 class RevalidatedStaticFiles(StaticFiles):
     """The page's files, revalidated on every load so an upgrade is picked up at once
     (ES modules import each other, so query-string versioning cannot reach them)."""
 
-    def file_response(self, *args: Any, **kwargs: Any) -> Response:
-        response = super().file_response(*args, **kwargs)
+    def file_response(self, full_path: Any, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(full_path, *args, **kwargs)
         response.headers.update(NO_CACHE)
+        if response.status_code == 200 and str(full_path).endswith(".js"):
+            response.headers["content-type"] = JS_TYPE
         return response
 
 
