@@ -24,6 +24,7 @@ from innkeeper.api import (
     status,
     store_routes,
 )
+from innkeeper.api.docs import install_docs
 from innkeeper.api.errors import family, install_handlers
 from innkeeper.api.limits import BodyLimitMiddleware
 from innkeeper.api.params import TOKEN_BANS_SYNTAX
@@ -75,6 +76,8 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
             "A self-hosted LLM server. One port serves the OpenAI, KoboldAI/KoboldCpp, "
             "text-generation-webui and llama.cpp route families."
         ),
+        docs_url=None,  # install_docs serves /docs and /redoc without CDNs
+        redoc_url=None,
     )
     app.state.registry = registry
     app.state.config = config
@@ -82,6 +85,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     for module in (model_routes, openai, kobold, ooba, llamacpp, status, metrics):
         app.include_router(module.router)
     app.include_router(store_routes.router)  # pull and delete, for the page's Models panel
+    install_docs(app)
 
     index = STATIC / "index.html"
     if STATIC.is_dir():
