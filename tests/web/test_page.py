@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from collections.abc import Iterator
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 import httpx
 import pytest
@@ -115,6 +118,28 @@ def test_page_shows_the_model_and_server_state(page: Any, web_server: ServerProc
     expect(page.locator("#toggle-right")).to_have_attribute("aria-expanded", "true")
     page.wait_for_timeout(300)
     page.screenshot(path=str(SHOTS / "01-settings-drawer-phone.png"))
+
+
+def test_page_scripts_are_served_as_javascript_modules(web_server: ServerProcess) -> None:
+    """A browser runs a module script only with a JavaScript type: the entry module and every
+    module it imports, followed through the imports, answer 200 as JavaScript, and together
+    they are every script the package ships."""
+    index = httpx.get(web_server.url + "/").text
+    todo = re.findall(r'<script type="module" src="([^"]+)"></script>', index)
+    assert todo == ["/static/app.js"]
+    seen: set[str] = set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        r = httpx.get(web_server.url + path)
+        assert r.status_code == 200, path
+        assert r.headers["content-type"].startswith("text/javascript"), (path, r.headers)
+        todo += [urljoin(path, m) for m in re.findall(r'^import .* from "([^"]+)";$', r.text, re.M)]
+    static = files("innkeeper") / "web" / "static"
+    shipped = {f"/static/{f.name}" for f in static.iterdir() if f.name.endswith(".js")}
+    assert seen == shipped
 
 
 def test_every_control_has_an_accessible_name(page: Any) -> None:

@@ -24,6 +24,7 @@ from innkeeper.api import (
     status,
     store_routes,
 )
+from innkeeper.api.docs import install_docs
 from innkeeper.api.errors import family, install_handlers
 from innkeeper.api.limits import BodyLimitMiddleware
 from innkeeper.api.params import TOKEN_BANS_SYNTAX
@@ -41,15 +42,20 @@ STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 
 
 NO_CACHE = {"Cache-Control": "no-cache"}
+# Module scripts load only with a JavaScript type; the OS's MIME table (Windows' registry)
+# may map .js to text/plain, so the page's scripts do not depend on it.
+JS_TYPE = "text/javascript; charset=utf-8"
 
 
 class RevalidatedStaticFiles(StaticFiles):
     """The page's files, revalidated on every load so an upgrade is picked up at once
     (ES modules import each other, so query-string versioning cannot reach them)."""
 
-    def file_response(self, *args: Any, **kwargs: Any) -> Response:
-        response = super().file_response(*args, **kwargs)
+    def file_response(self, full_path: Any, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(full_path, *args, **kwargs)
         response.headers.update(NO_CACHE)
+        if response.status_code == 200 and str(full_path).endswith(".js"):
+            response.headers["content-type"] = JS_TYPE
         return response
 
 
@@ -70,6 +76,8 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
             "A self-hosted LLM server. One port serves the OpenAI, KoboldAI/KoboldCpp, "
             "text-generation-webui and llama.cpp route families."
         ),
+        docs_url=None,  # install_docs serves /docs and /redoc without CDNs
+        redoc_url=None,
     )
     app.state.registry = registry
     app.state.config = config
@@ -77,6 +85,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     for module in (model_routes, openai, kobold, ooba, llamacpp, status, metrics):
         app.include_router(module.router)
     app.include_router(store_routes.router)  # pull and delete, for the page's Models panel
+    install_docs(app)
 
     index = STATIC / "index.html"
     if STATIC.is_dir():

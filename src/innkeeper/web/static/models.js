@@ -3,14 +3,14 @@
 // An older server without the registry routes answers 404: the panel then stays hidden.
 
 import { ApiError, getJson, postJson, request } from "./api.js";
+import { $, formatBytes, toast, verdictClass } from "./ui.js";
 
-const $ = (id) => document.getElementById(id);
 const KV_TYPES = ["f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"];
 const FLASH = ["auto", "on", "off"];
 const FAST_POLL_MS = 1000; // while a model loads or a pull runs
 const PULL_POLL_MS = 500;
 
-let ui = { toast: () => {}, changed: () => {}, formatBytes: (n) => String(n) };
+let changed = () => {}; // set by initModels: the page refreshes what hangs on the default model
 let available = null; // null: not known yet; false: the server has no registry routes
 let list = { default: null, models: [] };
 const items = new Map(); // model id -> {li, refs}: built once, updated in place
@@ -29,13 +29,6 @@ function el(tag, props = {}, ...children) {
   }
   node.append(...children);
   return node;
-}
-
-function verdictClass(plan) {
-  const code = String(plan?.verdict_code || plan?.verdict || "");
-  if (plan?.fits === false || /swap|not|too/i.test(code)) return "verdict-bad";
-  if (/partial|split/i.test(code)) return "verdict-warn";
-  return "verdict-ok";
 }
 
 /** A labelled field of the load-settings form; the label's `for` names the control. */
@@ -114,7 +107,7 @@ function updateItem({ li, refs }, m) {
   refs.name.title = isDefault ? "The default: requests that name no model go here" : "";
   refs.badge.textContent = status;
   refs.badge.className = "badge status-" + status;
-  const facts = [m.format, m.quantization, ui.formatBytes(m.size_bytes), m.source === "embedded" ? "built in" : m.source === "store" ? "store" : "folder"];
+  const facts = [m.format, m.quantization, formatBytes(m.size_bytes), m.source === "embedded" ? "built in" : m.source === "store" ? "store" : "folder"];
   refs.facts.textContent = facts.filter(Boolean).join(" · ");
   const plan = m.plan;
   refs.verdict.textContent = plan?.verdict ? "This machine: " + String(plan.verdict).replace(/_/g, " ") : "";
@@ -194,13 +187,13 @@ async function act(id, what, fn) {
     await fn();
     return true;
   } catch (err) {
-    ui.toast(`${what} failed: ${err.message}`);
+    toast(`${what} failed: ${err.message}`);
     return false;
   } finally {
     clearInterval(poll);
     busy.delete(id);
     await refreshModels();
-    ui.changed();
+    changed();
   }
 }
 
@@ -214,11 +207,11 @@ async function load(id, refs) {
   }
   refs.error.textContent = "";
   if (await act(id, `Loading ${id}`, () => postJson("/api/innkeeper/models/load", { model: id, settings: settingsOf(refs) })))
-    ui.toast(`${id} is loaded and answers requests`, "info");
+    toast(`${id} is loaded and answers requests`, "info");
 }
 
 async function unload(id) {
-  if (await act(id, `Unloading ${id}`, () => postJson("/api/innkeeper/models/unload", { model: id }))) ui.toast(`${id} unloaded`, "info");
+  if (await act(id, `Unloading ${id}`, () => postJson("/api/innkeeper/models/unload", { model: id }))) toast(`${id} unloaded`, "info");
 }
 
 function confirmDelete(name) {
@@ -237,7 +230,7 @@ async function remove(id) {
   if (!m || !m.store_name) return;
   if (!(await confirmDelete(m.store_name))) return;
   if (await act(id, `Deleting ${m.store_name}`, () => request(`/api/innkeeper/models/${encodeURIComponent(m.store_name)}`, { method: "DELETE" })))
-    ui.toast(`Deleted ${m.store_name}`, "info");
+    toast(`Deleted ${m.store_name}`, "info");
 }
 
 /* ---------- pulls ---------- */
@@ -251,14 +244,14 @@ function showPull(job) {
   $("pull-progress").dataset.state = job.state;
   const text = $("pull-text");
   text.classList.toggle("error", job.state === "failed");
-  const amount = total ? `${ui.formatBytes(job.bytes_done)} of ${ui.formatBytes(total)} (${pct}%)` : "listing the repo…";
+  const amount = total ? `${formatBytes(job.bytes_done)} of ${formatBytes(total)} (${pct}%)` : "listing the repo…";
   text.textContent =
     job.state === "running"
       ? `${job.file || job.ref}: ${amount}`
       : job.state === "done"
         ? `Pulled ${job.model}`
         : job.state === "cancelled"
-          ? `Cancelled at ${ui.formatBytes(job.bytes_done)}: pulling ${job.ref} again resumes`
+          ? `Cancelled at ${formatBytes(job.bytes_done)}: pulling ${job.ref} again resumes`
           : `Pull failed: ${job.error}`;
   $("pull-cancel").hidden = job.state !== "running";
   $("pull-discard").hidden = !(job.state === "cancelled" && job.model);
@@ -273,7 +266,7 @@ async function watchPull(id) {
     try {
       job = await getJson(`/api/innkeeper/pull/${encodeURIComponent(id)}`, { ask: false });
     } catch (err) {
-      ui.toast(`Pull status: ${err.message}`);
+      toast(`Pull status: ${err.message}`);
       $("pull-start").disabled = false;
       break;
     }
@@ -281,7 +274,7 @@ async function watchPull(id) {
     showPull(job);
     if (job.state !== "running") {
       if (job.state === "done") {
-        ui.toast(`Pulled ${job.model}`, "info");
+        toast(`Pulled ${job.model}`, "info");
         await refreshModels();
       }
       break;
@@ -316,7 +309,7 @@ async function cancelPull() {
   try {
     await postJson(`/api/innkeeper/pull/${encodeURIComponent(pullJob)}/cancel`, {});
   } catch (err) {
-    ui.toast(`Cancel failed: ${err.message}`);
+    toast(`Cancel failed: ${err.message}`);
   } finally {
     $("pull-cancel").disabled = false;
   }
@@ -330,13 +323,13 @@ async function discardPull() {
     $("pull-discard").hidden = true;
     $("pull-text").textContent = `Deleted the partial download of ${name}`;
   } catch (err) {
-    ui.toast(`Delete failed: ${err.message}`);
+    toast(`Delete failed: ${err.message}`);
   }
 }
 
-/** Wire the panel; `toast(message, kind)`, `changed()` (the default may have changed). */
-export function initModels(options) {
-  ui = { ...ui, ...options };
+/** Wire the panel; `onChanged()` runs after a load or unload (the default may have changed). */
+export function initModels(onChanged) {
+  changed = onChanged;
   $("pull-form").addEventListener("submit", startPull);
   $("pull-cancel").addEventListener("click", cancelPull);
   $("pull-discard").addEventListener("click", discardPull);
