@@ -8,6 +8,8 @@
 #
 # The version comes from pyproject.toml, so the GPU build is the same llama.cpp the CPU wheel
 # is. Extra CMake flags pass through CMAKE_ARGS (e.g. CMAKE_ARGS=-DCMAKE_CUDA_ARCHITECTURES=86).
+# The source (the llama-cpp-python sdist, ~77 MB) is downloaded once into
+# $INNKEEPER_CACHE/sdist (default ~/.cache/innkeeper/sdist) and reused by every later try.
 set -euo pipefail
 
 backend="${1:-}"
@@ -53,7 +55,65 @@ EOF
         exit 1
     fi
     export CUDACXX="$nvcc"
-    echo "CUDA toolkit: $nvcc ($("$nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'))"
+    local release root
+    release="$("$nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
+    root="$(cuda_root "$nvcc")"
+    echo "CUDA toolkit: $nvcc ($release)"
+    # What CMake would only report after ~160 lines: say it in one line each, with the fix.
+    local failed=0
+    if ! has_cublas "$root"; then
+        echo "error: nvcc (CUDA $release) is installed but cuBLAS is not (no cublas_v2.h and" \
+            "libcublas.so in $root): install it, e.g. sudo apt install" \
+            "libcublas-dev-${release//./-} from NVIDIA's CUDA repository, then run" \
+            "make serve GPU=cuda again" >&2
+        failed=1
+    fi
+    # Without a named architecture llama.cpp builds for the GPUs it sees ("native").
+    if [[ " ${CMAKE_ARGS:-} " != *CMAKE_CUDA_ARCHITECTURES* ]] &&
+        [[ " ${CMAKE_ARGS:-} " != *GGML_NATIVE=[Oo][Ff][Ff]* ]] && ! gpu_seen; then
+        echo "error: nvcc is installed but no NVIDIA GPU is visible ($gpu_why), so the" \
+            "build cannot tell which GPU to compile for: install the card's driver, or name" \
+            "the card: make serve GPU=cuda CMAKE_ARGS=-DCMAKE_CUDA_ARCHITECTURES=86" \
+            "(RTX 30xx: 86, RTX 40xx: 89, RTX 50xx: 120)" >&2
+        failed=1
+    fi
+    [ "$failed" = 0 ] || exit 1
+}
+
+# The toolkit folder nvcc belongs to, as nvcc itself reports it (CMake asks it the same way);
+# nvcc may be a wrapper script on PATH, so its own location is only the fallback.
+cuda_root() {
+    local top
+    top="$("$1" --dryrun -c innkeeper-probe.cu 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n1)"
+    if [ -n "$top" ] && [ -d "$top" ]; then
+        (cd "$top" && pwd)
+    else
+        (cd "$(dirname "$1")/.." && pwd)
+    fi
+}
+
+has_cublas() {
+    local root="$1" header="" lib="" dir
+    for dir in "$root/include" "$root"/targets/*/include /usr/include; do
+        [ -f "$dir/cublas_v2.h" ] && header="$dir"
+    done
+    for dir in "$root/lib64" "$root/lib" "$root"/targets/*/lib /usr/lib/x86_64-linux-gnu \
+        /usr/lib/aarch64-linux-gnu /usr/lib64; do
+        compgen -G "$dir/libcublas.so*" >/dev/null && lib="$dir"
+    done
+    [ -n "$header" ] && [ -n "$lib" ]
+}
+
+gpu_why=""
+gpu_seen() {
+    if ! command -v nvidia-smi >/dev/null; then
+        gpu_why="nvidia-smi is not installed: no NVIDIA driver"
+        return 1
+    fi
+    if ! nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+        gpu_why="nvidia-smi lists no GPU"
+        return 1
+    fi
 }
 
 check_vulkan() {
@@ -95,14 +155,35 @@ sys.exit(0 if ok else 1)' "$name" "$version"; then
     fi
 fi
 
+# --- the source, downloaded once -------------------------------------------------------------
+cache="${INNKEEPER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/innkeeper}/sdist"
+sdist="$cache/llama_cpp_python-$version.tar.gz"
+fetch=("$bin/pip" download --quiet --no-deps --no-binary :all: -d "$cache"
+    "llama-cpp-python==$version")
 # --no-cache-dir: pip would otherwise reuse the CPU wheel it built from the same sdist.
-cmd=("$bin/pip" install --force-reinstall --no-deps --no-cache-dir
-    --no-binary llama-cpp-python "llama-cpp-python==$version")
+cmd=("$bin/pip" install --force-reinstall --no-deps --no-cache-dir "$sdist")
 args="$flag${CMAKE_ARGS:+ $CMAKE_ARGS}"
 if [ "$mode" = "--dry-run" ]; then
+    [ -f "$sdist" ] || echo "${fetch[*]}"
     echo "CMAKE_ARGS=\"$args\" ${cmd[*]}"
     exit 0
 fi
-echo "building llama-cpp-python $version with $name (CMAKE_ARGS=\"$args\"): this takes minutes"
-CMAKE_ARGS="$args" FORCE_CMAKE=1 "${cmd[@]}"
+if [ -f "$sdist" ]; then
+    echo "llama-cpp-python $version source: $sdist (downloaded before)"
+else
+    echo "downloading the llama-cpp-python $version source (~77 MB) into $cache, once"
+    mkdir -p "$cache"
+    "${fetch[@]}" || die "could not download llama-cpp-python==$version's source (offline?)"
+    [ -f "$sdist" ] || die "pip download left no $sdist"
+fi
+
+# --- the build ---------------------------------------------------------------------------------
+log="$cache/build-$backend.log"
+echo "building llama-cpp-python $version with $name (CMAKE_ARGS=\"$args\"): this takes" \
+    "minutes and prints nothing until it ends; to watch it: tail -f $log"
+if ! CMAKE_ARGS="$args" FORCE_CMAKE=1 "${cmd[@]}" >"$log" 2>&1; then
+    echo "error: the $name build of llama-cpp-python failed; the first errors from $log:" >&2
+    grep -m 8 -E "CMake Error|error:|Error [0-9]" "$log" >&2 || tail -n 15 "$log" >&2
+    exit 1
+fi
 "$bin/innkeeper" doctor

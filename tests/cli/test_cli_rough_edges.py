@@ -1,9 +1,10 @@
-"""The CLI's rough edges (issue 10, defects 7 and 10), each through the real command.
+"""The CLI's rough edges (issues 10 and 15), each through the real command.
 
 FIFOs and other non-regular files are refused before they are opened; an unreachable hub fails
 at once with `pull`'s message; the embedded model is listed and accepted by its served name;
 `fit` plans with serve's defaults and exits 2 when the model does not fit; the serve banner
-shows the real parameter count and warns about a GGUF without a chat template.
+shows the real parameter count and warns about a GGUF without a chat template; `--version`
+exists and `--help` shows no `<bool>` after flags.
 """
 
 from __future__ import annotations
@@ -104,8 +105,11 @@ def test_models_lists_the_embedded_model(tmp_path: Path) -> None:
     [entry] = listed
     assert entry["embedded"] is True
     assert entry["name"] == served_name() and entry["path"] == str(SMOL)
-    human = innkeeper("models", "--models-dir", store).stdout
-    assert "embedded" in human and "no models in" in human
+    human = " ".join(innkeeper("models", "--models-dir", store).stdout.split())
+    assert "embedded" in human
+    # The embedded model is listed, so the empty store must not read as "no models".
+    assert "no models" not in human
+    assert f"the store {store} is empty: `innkeeper pull owner/name`" in human
 
 
 @pytest.mark.parametrize("command", ["inspect", "fit"])
@@ -160,3 +164,29 @@ def test_banner_shows_real_parameters_and_warns_without_template(tmp_path: Path)
     assert re.search(r"chat template\s+gemma", log), log
     warning = " ".join(log[log.index("warning:") :].split())
     assert "no chat template" in warning and "gemma3" in warning, log
+
+
+# ---- issue 15: --version, and no `<bool>` after flags in --help ---------------------------------
+
+
+def test_version_names_innkeeper_and_llama_cpp_python() -> None:
+    import importlib.metadata
+
+    import innkeeper as package
+
+    proc = innkeeper("--version")
+    assert proc.returncode == 0, proc.stderr
+    llama = importlib.metadata.version("llama_cpp_python")
+    assert proc.stdout.strip() == f"innkeeper {package.__version__} (llama-cpp-python {llama})"
+
+
+@pytest.mark.parametrize("command", [[], ["models"], ["serve"], ["fit"], ["doctor"]])
+def test_help_shows_no_type_after_flags(command: list[str]) -> None:
+    """typer's help printed `--help <bool>`: flags take no value, so no type is shown."""
+    proc = innkeeper(*command, "--help", env={"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert "<bool>" not in proc.stdout
+    [help_row] = [line for line in proc.stdout.splitlines() if "--help" in line]
+    assert "Show this message and exit." in help_row
+    if command == ["models"]:  # options that take a value keep their type
+        assert "<path>" in proc.stdout

@@ -27,11 +27,18 @@ def models_command(
     if json_out:
         typer.echo(json.dumps([e.to_json() for e in listed], indent=2))
         return
+    if listed:
+        console.print(_table(listed, root))
     if not entries:
-        console.print(f"no models in {root}: fetch one with `innkeeper pull owner/name`")
-    if not listed:
-        return
-    table = Table(title=str(root), title_justify="left")
+        # The embedded model is always there, so an empty store is a hint, not "no models".
+        console.print(
+            f"the store {root} is empty: `innkeeper pull owner/name` downloads a model into it"
+        )
+
+
+def _table(listed: list[store.StoreEntry], root: Path) -> Table:
+    """One row per model: the name to use, quantization, size, format, completeness, path."""
+    table = Table(title=f"the store {root}, and the embedded default", title_justify="left")
     for column in ("name", "quant", "size", "format", "complete", "path"):
         table.add_column(column, overflow="fold")
     for e in listed:
@@ -43,4 +50,4 @@ def models_command(
             "yes" if e.complete else f"[red]no[/] ({len(e.missing)} missing)",
             str(e.path),
         )
-    console.print(table)
+    return table
