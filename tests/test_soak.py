@@ -17,8 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
+import pytest
 
 from tests.helpers import ARTIFACTS, ServerProcess, run_server
+
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
 
 WORKERS = 8
 MAX_REQUESTS = 400

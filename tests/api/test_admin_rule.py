@@ -15,6 +15,8 @@ import pytest
 from innkeeper.models.store import default_model_path
 from tests.helpers import ServerProcess, run_server
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 SMOL = default_model_path().name.removesuffix(".gguf")
 GEMMA = "gemma-3-270m-q4_k_m"
 ADMIN = "adm-1n"

@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers import ServerProcess, run_server
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory) -> Iterator[ServerProcess]:

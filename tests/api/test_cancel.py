@@ -6,8 +6,11 @@ import socket
 import time
 
 import httpx
+import pytest
 
 from tests.helpers import ServerProcess
+
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
 
 
 def perf(client: httpx.Client) -> dict:

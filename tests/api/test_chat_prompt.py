@@ -6,8 +6,11 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from tests.helpers import ServerProcess
+
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},

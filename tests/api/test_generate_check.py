@@ -11,8 +11,11 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from tests.helpers import ServerProcess
+
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
 
 LONG = {"prompt": "Tell me a story.", "ignore_eos": True, "temperature": 0.8}
 

@@ -20,6 +20,8 @@ from innkeeper.engine.events import ErrorKind, FinishEvent, Timings
 from tests.api.test_errors import kobold_error, openai_error
 from tests.helpers import ServerProcess, run_server
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 MAX_STALL_S = 0.25  # goal 0.1 s; margin for a 2-core box shared with the test itself
 # json.loads holds the GIL for its whole run (~15 ms per MB of small objects), even on a
 # worker thread: a 9 MB body of 300k messages stalls the loop that long in one piece.

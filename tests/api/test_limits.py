@@ -14,6 +14,8 @@ import pytest
 
 from tests.helpers import ServerProcess, run_server
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 TIMEOUT_S = 5.0
 LONG = {"prompt": "Tell me a very long story.", "max_tokens": 1500, "ignore_eos": True}
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
 
 
 def scrape(client: httpx.Client) -> dict[str, float]:

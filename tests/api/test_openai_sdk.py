@@ -7,6 +7,8 @@ import pytest
 
 from tests.helpers import ServerProcess
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 
 @pytest.fixture()
 def oai(server: ServerProcess) -> openai.OpenAI:

@@ -13,6 +13,8 @@ import pytest
 
 from tests.helpers import ServerProcess
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 CHAT = {"messages": [{"role": "user", "content": "Count to ten."}]}
 PATHS = [
     ("/v1/completions", {"prompt": "Once upon a time", "ignore_eos": True}),

@@ -18,6 +18,8 @@ from innkeeper.models.store import default_model_path
 from innkeeper.serving.load_settings import parse_keep_alive, parse_load_settings
 from tests.helpers import ServerProcess, run_server
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 SMOL = default_model_path().name.removesuffix(".gguf")
 GEMMA = "gemma-3-270m-q4_k_m"
 BASE = ("--ctx-size", "1024", "--parallel", "1")

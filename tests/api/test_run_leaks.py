@@ -16,6 +16,8 @@ import pytest
 
 from tests.helpers import ServerProcess, run_server
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 
 def in_flight(client: httpx.Client) -> int:
     return client.get("/api/innkeeper/status").json()["perf"]["requests_in_flight"]

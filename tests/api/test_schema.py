@@ -26,6 +26,8 @@ from innkeeper.api.app import GENERATE_PATHS
 from tests.api import schemathesis_formats  # noqa: F401  (registers the text formats)
 from tests.helpers import ServerProcess, run_server
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 LENGTH_KEYS = (
     "max_tokens",
     "max_new_tokens",

@@ -11,6 +11,8 @@ import pytest
 
 from tests.api.sillytavern import st_body
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 
 def sse_events(resp: httpx.Response) -> list[str]:
     """The `data:` payloads of an SSE response, split the way ST's parser does."""

@@ -20,6 +20,8 @@ from innkeeper.models import store
 from tests.helpers import ServerProcess, run_server
 from tests.models.fakehub import BIG_KIB, KIB, FakeHub, add_smollm2, build_repos, make_gguf
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 BIG = "fake/Big-GGUF"
 BIG_FILE = "Big-Q8_0.gguf"
 SLOW = "fake/Slow-GGUF"  # as big, for the cancel test, so the tests do not share a store entry

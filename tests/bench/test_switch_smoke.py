@@ -21,6 +21,8 @@ from bench.run import build_rounds  # noqa: E402
 
 from bench import cpu, report, servers, switch  # noqa: E402
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 NAMES = ("smollm2", "gemma3")
 
 

@@ -25,6 +25,8 @@ from innkeeper.models.store import default_model_path
 from tests.cli.test_serve_cli import assert_one_error_line, serve
 from tests.helpers import REPO, free_port, run_server
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 
 def config(*args: str) -> ServerConfig:
     """The ServerConfig `innkeeper serve ARGS` would run with (typer's parsing, then ours)."""

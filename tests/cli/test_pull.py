@@ -22,6 +22,8 @@ from tests.helpers import run_server
 from tests.models import fakehub
 from tests.models.fakehub import FakeHub
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 fake_hub = fakehub.fake_hub  # fixtures shared with tests/models/test_hub.py
 hub_sources = fakehub.hub_sources
 

@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers import free_port
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 
 def serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

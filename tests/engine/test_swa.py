@@ -22,6 +22,8 @@ from innkeeper.engine.engine import Engine, EngineConfig
 from innkeeper.engine.slots import common_prefix
 from tests.engine.conftest import Runner, flush
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 WINDOW = 512
 LLAMA_SERVER_KV_MIB = 61.5  # llama-server's log for this model at -c 8192 -np 4
 

@@ -14,6 +14,8 @@ import pytest
 from tests.helpers import ServerProcess, run_server
 from tests.web.conftest import DESKTOP, SHOTS
 
+pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
+
 KEY = "docs-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}

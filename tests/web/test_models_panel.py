@@ -17,7 +17,7 @@ from tests.models.fakehub import BIG_KIB, KIB, FakeHub, build_repos, make_gguf
 from tests.web.conftest import DESKTOP, PHONE, SHOTS, open_page
 from tests.web.test_page import send
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 MIB = 1024 * 1024
 LOAD_TIMEOUT = 120_000  # ms: a model load on a shared 2-core machine

@@ -21,7 +21,7 @@ from playwright.sync_api import expect
 from tests.helpers import ServerProcess, run_server
 from tests.web.conftest import DESKTOP, PHONE, SHOTS, open_page
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 REPLY_TIMEOUT = 30_000  # ms; the machine is shared, so be generous
 
