@@ -37,24 +37,29 @@ class StreamOptions(JsonBody):
     include_usage: bool = False
 
 
-class CompletionBody(SamplerFields):
+class OpenAIFields(SamplerFields):
+    """What both OpenAI routes take besides samplers (and Ollama's/KoboldCpp's extras)."""
+
     model: str | None = None
-    prompt: PromptType = ""
     stream: bool = False
     n: Annotated[int, Field(ge=1, le=16)] = 1
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    echo: bool = False
-    suffix: str | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
     keep_alive: float | Annotated[str, Field(pattern=KEEP_ALIVE_PATTERN)] | None = Field(
         None,
         description="Ollama's keep_alive: seconds or a duration like 5m to keep the model "
-        "loaded after this request (negative: forever)",
+        "loaded after this request (negative: forever; shortening it needs the admin key)",
     )
     genkey: str | None = Field(
         None, description="KoboldCpp multi-user key: /api/extra/abort with it stops only this run"
     )
+
+
+class CompletionBody(OpenAIFields):
+    prompt: PromptType = ""
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool = False
+    suffix: str | None = None
 
 
 class ChatMessage(JsonBody):
@@ -63,29 +68,16 @@ class ChatMessage(JsonBody):
     name: str | None = None
 
 
-class ChatBody(SamplerFields):
-    model: str | None = None
+class ChatBody(OpenAIFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    stream: bool = False
-    n: Annotated[int, Field(ge=1, le=16)] = 1
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    stream_options: StreamOptions | None = None
     instruction_template: str | None = Field(
         None, description="a built-in instruct format name (alpaca, chatml…) instead of the model's"
     )
     chat_template: str | None = Field(None, description="alias of instruction_template")
     continue_: bool = Field(False, description="continue the last assistant message")
     add_generation_prompt: bool = True
-    user: str | None = None
-    keep_alive: float | Annotated[str, Field(pattern=KEEP_ALIVE_PATTERN)] | None = Field(
-        None,
-        description="Ollama's keep_alive: seconds or a duration like 5m to keep the model "
-        "loaded after this request (negative: forever)",
-    )
-    genkey: str | None = Field(
-        None, description="KoboldCpp multi-user key: /api/extra/abort with it stops only this run"
-    )
 
 
 def _finish_reason(ev: FinishEvent) -> str:

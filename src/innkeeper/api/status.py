@@ -30,16 +30,7 @@ def _model_status(registry: ModelRegistry, e: ModelEntry, caller: Caller) -> dic
     """One model's part of the status: what it is, how it runs, its counters."""
     service = e.service
     out: dict[str, Any] = {
-        "model": {
-            "id": e.id,
-            "path": str(e.path) if caller.admin else e.path.name,
-            "format": "GGUF",
-            "quantization": e.quantization,
-            "size_bytes": e.size_bytes,
-            "status": e.status,
-            "is_default": e.id == registry.default_id,
-            "error": registry.shown(e.error, caller),
-        },
+        "model": registry.entry_summary(e, caller),
         "settings": registry.settings_of(e),
         "memory_plan": e.loaded_plan.to_json() if e.loaded_plan is not None else None,
     }

@@ -6,7 +6,7 @@ strings (the reply ends before them; the caller reports which one matched, so an
 keeps it, KoboldCpp without `trim_stop`, can add it back), holds back a tail that may still
 become a stop string or banned phrase, and decides where to roll back when a banned phrase
 appears (KoboldCpp's phrase-ban backtracking). It knows nothing of llama.cpp or threads:
-the scheduler feeds it token ids and pieces and acts on its answers (sampling again,
+generation.py feeds it token ids and pieces and acts on its answers (sampling again,
 removing cache cells, sending events).
 """
 

@@ -133,12 +133,8 @@ class ModelRegistry:
             return text
         return redact_paths(text, [e.path for e in self.entries_by_id.values()])
 
-    def entry_json(self, e: ModelEntry, caller: Caller) -> dict[str, Any]:
-        """An entry as the page and the llama-server/innkeeper routes show it."""
-        plan = e.loaded_plan
-        if plan is None:
-            auto = self.plan_of(e)
-            plan = auto.plan if auto is not None else None
+    def entry_summary(self, e: ModelEntry, caller: Caller) -> dict[str, Any]:
+        """What a model is and where it stands (status routes); host paths for admins only."""
         return {
             "id": e.id,
             "source": e.source,
@@ -148,9 +144,19 @@ class ModelRegistry:
             "size_bytes": e.size_bytes,
             "status": e.status,
             "is_default": e.id == self.default_id,
+            "error": self.shown(e.error, caller),
+        }
+
+    def entry_json(self, e: ModelEntry, caller: Caller) -> dict[str, Any]:
+        """An entry as the page's Models panel shows it: with its plan and load settings."""
+        plan = e.loaded_plan
+        if plan is None:
+            auto = self.plan_of(e)
+            plan = auto.plan if auto is not None else None
+        return {
+            **self.entry_summary(e, caller),
             "plan": plan.to_json() if plan is not None else None,
             "settings": self.settings_of(e),
-            "error": self.shown(e.error, caller),
             "store_name": e.store_name,
             "load_seconds": None if e.load_seconds is None else round(e.load_seconds, 3),
         }
