@@ -412,7 +412,7 @@ class Context:
             kv_unified=True,
             no_perf=False,
             # Sliding-window layers keep only their window (plus a ubatch) unless asked
-            # otherwise; the scheduler's context checkpoints keep prompt reuse working.
+            # otherwise; the context checkpoints (kv_stash.py) keep prompt reuse working.
             swa_full=params.swa_full,
         )
         _recent_errors.clear()
