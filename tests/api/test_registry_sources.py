@@ -9,8 +9,9 @@ import pytest
 
 from innkeeper.api.errors import ApiError
 from innkeeper.api.registry import ModelRegistry, find_in_models_dirs
-from innkeeper.config import EngineConfig, ServerConfig
 from innkeeper.models.store import default_model_path
+from innkeeper.settings.engine import EngineConfig
+from innkeeper.settings.server import ServerConfig
 
 SMOL = default_model_path()
 

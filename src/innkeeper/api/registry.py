@@ -31,8 +31,6 @@ from typing import Any, TypeVar
 
 from innkeeper.api.errors import ApiError
 from innkeeper.api.service import OFF_LOOP_THREADS, Service
-from innkeeper.config import ServerConfig
-from innkeeper.engine.config import EngineConfig
 from innkeeper.engine.planning import (
     ModelFileError,
     checked_model_file,
@@ -46,6 +44,8 @@ from innkeeper.models.hardware import Hardware, format_size, hardware_with_overr
 from innkeeper.models.memory import AutoSettings, MemoryPlan
 from innkeeper.models.spec import ModelFormatError
 from innkeeper.settings import ConfigError, parse_text, settings_of
+from innkeeper.settings.engine import EngineConfig
+from innkeeper.settings.server import ServerConfig
 
 log = logging.getLogger("innkeeper.registry")
 
