@@ -24,7 +24,6 @@ from innkeeper.cli.doctor import (
     gather_build,
     gather_hardware,
 )
-from innkeeper.config import ServerConfig
 from innkeeper.engine.backend import BackendError, ModelInfo
 from innkeeper.engine.engine import Engine
 from innkeeper.engine.planning import (  # re-exported: tests and tools import them from here
@@ -36,8 +35,9 @@ from innkeeper.engine.planning import (  # re-exported: tests and tools import t
 )
 from innkeeper.engine.templates import TemplateRenderError
 from innkeeper.models.hardware import format_size
-from innkeeper.models.memory import MemoryPlan, memory_settings
+from innkeeper.models.memory import MemoryPlan, Verdict, memory_settings
 from innkeeper.models.spec import ModelFormatError, format_params
+from innkeeper.settings.server import ServerConfig
 
 log = logging.getLogger("innkeeper")
 
@@ -127,7 +127,7 @@ def run_server(config: ServerConfig, *, verbose: bool, console: Console) -> None
     except ModelFormatError as exc:
         sock.close()
         fail(str(exc))
-    if auto and auto.plan.verdict == "would swap":
+    if auto and auto.plan.verdict is Verdict.SWAP:
         log.warning("this model and context may not fit in memory: %s", auto.plan.summary())
     with console.status(f"loading {model_path.name}…", spinner="dots"):
         try:
