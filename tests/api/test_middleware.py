@@ -13,9 +13,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from innkeeper.api.app import create_app
-from innkeeper.config import EngineConfig, ServerConfig
 from innkeeper.models.store import default_model_path
 from innkeeper.serving.registry import ModelRegistry
+from innkeeper.settings.engine import EngineConfig
+from innkeeper.settings.server import ServerConfig
 
 ST_ORIGIN = "http://st.example:8000"
 BASE = "http://127.0.0.1:5001"

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from innkeeper.api.errors import from_serving
-from innkeeper.config import EngineConfig, ServerConfig
 from innkeeper.models.store import default_model_path
 from innkeeper.serving.catalog import find_in_models_dirs
 from innkeeper.serving.errors import ModelNotFound
 from innkeeper.serving.registry import ModelRegistry
+from innkeeper.settings.engine import EngineConfig
+from innkeeper.settings.server import ServerConfig
 
 SMOL = default_model_path()
 

@@ -137,8 +137,8 @@ def test_fit_exits_2_when_the_model_does_not_fit() -> None:
 
 
 def test_fit_with_no_flags_plans_what_serve_plans() -> None:
-    from innkeeper.engine.config import EngineConfig
     from innkeeper.engine.planning import plan_settings
+    from innkeeper.settings.engine import EngineConfig
 
     fit = json.loads(innkeeper("fit", str(SMOL), "--json").stdout)
     auto = plan_settings(EngineConfig(model_path=SMOL))  # serve's defaults, serve's planner

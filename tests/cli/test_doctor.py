@@ -24,8 +24,9 @@ from innkeeper.cli.server import banner_warnings
 from innkeeper.engine.backend import Model, ModelInfo
 from innkeeper.models.gguf_meta import read_gguf_spec
 from innkeeper.models.hardware import GPU, hardware_with_overrides
-from innkeeper.models.memory import MemoryPlan, MemorySettings, plan_memory
+from innkeeper.models.memory import MemoryPlan, memory_settings, plan_memory
 from innkeeper.models.store import default_model_path
+from innkeeper.settings.engine import EngineConfig
 
 GIB = 1024**3
 CPU_INFO = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | OPENMP = 1 | REPACK = 1 |"
@@ -121,7 +122,8 @@ def smol_info() -> Iterator[ModelInfo]:
 def _plan(vram: str, gpu_layers: int | None) -> MemoryPlan:
     hw = hardware_with_overrides(vram=vram, ram="16GiB")
     spec = read_gguf_spec(default_model_path())
-    return plan_memory(spec, MemorySettings(8192, parallel=4), hw, gpu_layers=gpu_layers)
+    settings = memory_settings(EngineConfig(model_path=default_model_path(), ctx_size=8192))
+    return plan_memory(spec, settings, hw, gpu_layers=gpu_layers)
 
 
 def test_banner_warns_when_the_gpu_is_not_used(smol_info: ModelInfo) -> None:

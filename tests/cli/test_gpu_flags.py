@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 
 from innkeeper.cli import app
 from innkeeper.cli.serve import build_config
-from innkeeper.config import ConfigError, ServerConfig
 from innkeeper.models.store import default_model_path
+from innkeeper.settings import ConfigError
+from innkeeper.settings.server import ServerConfig
 from tests.cli.test_serve_cli import assert_one_error_line, serve
 from tests.helpers import REPO, free_port, run_server
 
@@ -213,7 +214,7 @@ def test_serve_splits_several_gpus_as_the_plan(tmp_path: Path) -> None:
     """`fit --vram 24GiB,12GiB` plans 22+11 layers; serve passes that split to llama.cpp."""
     from innkeeper.engine.planning import planned_engine
     from innkeeper.models.hardware import GPU, Hardware
-    from innkeeper.models.memory import auto_settings, memory_settings
+    from innkeeper.models.memory import auto_settings
     from tests.models.gguf_factory import LLAMA3_8B, write_shape
 
     GIB = 1024**3
@@ -222,7 +223,7 @@ def test_serve_splits_several_gpus_as_the_plan(tmp_path: Path) -> None:
         64 * GIB, 64 * GIB, (GPU(0, "a", 24 * GIB, 24 * GIB), GPU(1, "b", 12 * GIB, 12 * GIB))
     )
     cfg = build_config(path, {"ctx_size": 4096}).engine
-    auto = auto_settings(path, memory_settings(cfg), cfg.ctx_size, None, two)
+    auto = auto_settings(cfg, two)
     assert [d.layers for d in auto.plan.devices[1:]] == [22, 11]
     assert planned_engine(cfg, auto).tensor_split == (22.0, 11.0)
     given = build_config(path, {"ctx_size": 4096, "tensor_split": "1,1"}).engine

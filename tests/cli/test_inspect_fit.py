@@ -227,3 +227,68 @@ def test_inspect_fit_and_pull_name_the_same_file(fake_hub: FakeHub, tmp_path: Pa
     # an explicit quant or file wins over the machine
     assert set(_named(AGREE + ":q8_0", store, *tiny).values()) == {"Agree-Q8_0.gguf"}
     assert set(_named(AGREE + "/Agree-Q8_0.gguf", store).values()) == {"Agree-Q8_0.gguf"}
+
+
+# ---- fit takes serve's memory options, from the same declarations ------------------------------
+
+
+@pytest.mark.parametrize("flash_attn", ["auto", "on", "off"])
+@pytest.mark.parametrize("cache_v", [None, "f16", "q8_0", "q4_0"])
+def test_fit_flash_attention_by_v_cache(flash_attn: str, cache_v: str | None) -> None:
+    """Before, `fit --flash-attn off` failed for every model: an unset V cache type reached the
+    quantized-V check as None. Only a quantized V without flash attention is refused."""
+    v_args = ["--cache-type-v", cache_v] if cache_v else []
+    args = ["fit", SMOL, "-c", "2048", "--ram", "8GiB", "--vram", "0"]
+    result = runner.invoke(app, [*args, "--flash-attn", flash_attn, *v_args, "--json"])
+    quantized_v = cache_v in ("q8_0", "q4_0")
+    if flash_attn == "off" and quantized_v:
+        assert result.exit_code == 1
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "needs flash attention" in errors[0], result.output
+        assert "Traceback" not in result.output
+        return
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["verdict"] == "fits in RAM"
+    assert data["settings"]["cache_type_k"] == "f16"
+    assert data["settings"]["cache_type_v"] == (cache_v or "f16")
+    assert data["settings"]["flash_attn"] is (flash_attn != "off")
+    if quantized_v:  # a quantized V is smaller than K
+        assert data["v_bytes"] < data["k_bytes"]
+    else:
+        assert data["v_bytes"] == data["k_bytes"]
+
+
+def test_fit_cache_type_sets_both_unless_given() -> None:
+    base = ["fit", SMOL, "-c", "2048", "--vram", "0", "--json"]
+    both = json.loads(runner.invoke(app, [*base, "--cache-type", "q8_0"]).stdout)["settings"]
+    assert (both["cache_type_k"], both["cache_type_v"]) == ("q8_0", "q8_0")
+    mixed = runner.invoke(app, [*base, "--cache-type", "q8_0", "-ctv", "f16", "-fa", "off"])
+    assert mixed.exit_code == 0, mixed.output  # f16 V: no flash attention needed
+    settings = json.loads(mixed.stdout)["settings"]
+    assert (settings["cache_type_k"], settings["cache_type_v"]) == ("q8_0", "f16")
+
+
+def test_fit_options_are_serves_memory_options() -> None:
+    """One declaration: every option of `fit` but its own is a `serve` option, same flags."""
+    from innkeeper.cli.options import options
+    from innkeeper.settings.engine import EngineConfig
+    from innkeeper.settings.server import ServerConfig
+
+    serve_names = {p.name for p in options(EngineConfig, ServerConfig)}
+    fit_names = {p.name for p in options(EngineConfig, ServerConfig, keep=lambda s: s.memory)}
+    assert fit_names < serve_names
+    assert {"ctx_size", "gpu_layers", "cache_type", "flash_attn", "plan_vram"} <= fit_names
+    help_text = runner.invoke(app, ["fit", "--help"], env={"COLUMNS": "200"}).output
+    for flag in ("-ctk", "-ctv", "-fa", "-ngl", "-np", "--no-kv-offload", "--vram", "--measure"):
+        assert flag in help_text, flag
+
+
+def test_fit_explains_the_runtime_overhead() -> None:
+    """The plan counts ~150 MiB of runtime llama.cpp does not allocate: the table says so."""
+    code, out = run("fit", SMOL, "-c", "2048", "--vram", "0")
+    assert code == 0, out
+    assert "runtime llama.cpp does not allocate" in " ".join(out.split())
+    data = json.loads(run("fit", SMOL, "-c", "2048", "--vram", "0", "--json")[1])
+    assert data["runtime_overhead_bytes"] == 150 * 1024**2
+    assert data["overhead_bytes"] == data["output_buffer_bytes"] + data["runtime_overhead_bytes"]

@@ -89,3 +89,28 @@ def test_busy_port() -> None:
             timeout=60,
         )
     assert_one_error_line(proc, "cannot listen")
+
+
+def test_help_is_panels_readable_at_80_columns() -> None:
+    """`serve --help` was one flat list of 47 options, 277 lines at 80 columns, with Python
+    type names (`<list[str]>`) and defaults written three ways."""
+    from typer.testing import CliRunner
+
+    from innkeeper.cli import app
+    from innkeeper.settings import PANELS
+
+    out = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "80"}).output
+    lines = out.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert len(lines) < 140, len(lines)
+    titles = [t for t in PANELS if f"─ {t} ─" in out]
+    assert titles == list(PANELS)  # every panel, in the declared order
+    for python_type in ("<list[", "<str>", "<int>", "<float>", "<bool>", "INTEGER", "FLOAT"):
+        assert python_type not in out, python_type
+    assert "[default:" not in out  # defaults are written one way: "(default: X)"
+    assert "-c, --ctx-size N" in out and "--max-body SIZE" in out
+    assert "-nkvo, --no-kv-offload" in out  # the --no- form on its own line, not a column
+    # each option in its panel: --port under network & security, --models-dir at runtime
+    network = out.index("─ Network & security ─")
+    runtime = out.index("─ Models at runtime ─")
+    assert network < out.index("--port N") < runtime < out.index("--models-dir DIR")

@@ -153,7 +153,7 @@ def test_cpu_moe_overrides_load_and_generate(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from innkeeper.engine.config import EngineConfig\n"
+        "from innkeeper.settings.engine import EngineConfig\n"
         "from innkeeper.engine.engine import model_params\n"
         "from innkeeper.engine.backend import Batch, Context, ContextParams, Model\n"
         "cfg = EngineConfig(model_path=Path(sys.argv[1]), n_cpu_moe=1)\n"

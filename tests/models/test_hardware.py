@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from innkeeper.models.hardware import (
-    detect_hardware,
-    format_size,
-    hardware_with_overrides,
-    parse_size,
-)
+from innkeeper.models.hardware import detect_hardware, format_size, hardware_with_overrides
+from innkeeper.settings import parse_size
 
 
 @pytest.mark.parametrize(
@@ -53,3 +49,15 @@ def test_overrides() -> None:
 def test_format_size() -> None:
     assert format_size(512) == "512 B"
     assert format_size(4.58 * 1024**3) == "4.58 GiB"
+
+
+def test_no_gpu_says_why_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """NVML failures are logged, not swallowed: no driver at debug level."""
+    import logging
+
+    from innkeeper.models.hardware import detect_gpus
+
+    with caplog.at_level(logging.DEBUG, logger="innkeeper.hardware"):
+        gpus = detect_gpus()
+    if not gpus:  # this machine has no NVIDIA driver (or no library): the reason is logged
+        assert any("NVML" in r.message or "NVIDIA" in r.message for r in caplog.records)

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from innkeeper.engine.measure import measure
 from innkeeper.models.gguf_meta import read_gguf_spec
 from innkeeper.models.hardware import GPU, Hardware
-from innkeeper.models.measure import measure
 from innkeeper.models.memory import (
     MemorySettings,
+    Verdict,
     auto_settings,
     default_ctx_candidates,
     kv_row_bytes,
@@ -19,11 +20,42 @@ from innkeeper.models.memory import (
     plan_memory,
 )
 from innkeeper.models.store import default_model_path
+from innkeeper.settings import ConfigError
+from innkeeper.settings.engine import EngineConfig
 from tests.models import gguf_factory as factory
 
 MIB = 1024**2
 GIB = 1024**3
 BIG_CPU = Hardware(256 * GIB, 256 * GIB)
+
+
+def ms(
+    ctx: int,
+    cache: str = "f16",
+    *,
+    cache_type_v: str | None = None,
+    fa: bool = True,
+    parallel: int = 1,
+    unified: bool = False,
+    **engine: object,
+) -> MemorySettings:
+    """Settings as llama.cpp's library runs by default (one sequence, a cache per sequence,
+    batches of 512), which its dry runs measure; `cache` is K's type and V's unless given."""
+    cfg = EngineConfig(
+        model_path=Path(),
+        cache_type_k=cache,
+        cache_type_v=cache_type_v or cache,
+        flash_attn="on" if fa else "off",
+        parallel=parallel,
+        batch_size=512,
+        **engine,  # type: ignore[arg-type]
+    )
+    return MemorySettings(cfg, ctx, kv_unified=unified)
+
+
+def engine(path: Path, **settings: object) -> EngineConfig:
+    """serve's settings for `path`, with one slot unless given."""
+    return EngineConfig(model_path=path, **{"parallel": 1, **settings})  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +88,7 @@ def test_plan_matches_llama_cpp(
     arch: dict[str, Path], model: str, ctx: int, cache: str, fa: bool, par: int, swa_full: bool
 ) -> None:
     spec = read_gguf_spec(arch[model])
-    s = MemorySettings(ctx, cache, None, fa, par, 512, 512, swa_full)
+    s = ms(ctx, cache, fa=fa, parallel=par, swa_full=swa_full)
     plan = plan_memory(spec, s, BIG_CPU, gpu_layers=0)
     m = measure(arch[model], ctx, cache, fa, 0, par, 512, 512, swa_full)
     # KV: exact (llama.cpp logs MiB with two decimals, so compare at that resolution)
@@ -83,10 +115,10 @@ def test_real_load_matches_dry_run() -> None:
 
 def test_kv_formula_by_hand() -> None:
     spec = read_gguf_spec(default_model_path())  # 30 layers, 3 KV heads x 64
-    kv = plan_kv(spec, MemorySettings(1000, "f16"))
+    kv = plan_kv(spec, ms(1000, "f16"))
     assert kv.cells == 1024
     assert kv.total == 2 * 30 * 1024 * 3 * 64 * 2
-    q8 = plan_kv(spec, MemorySettings(1000, "q8_0"))
+    q8 = plan_kv(spec, ms(1000, "q8_0"))
     assert q8.total == 2 * 30 * 1024 * kv_row_bytes("q8_0", 192)
     assert kv_row_bytes("q8_0", 192) == 192 // 32 * 34
     assert kv_row_bytes("q4_0", 128) == 4 * 18
@@ -94,41 +126,50 @@ def test_kv_formula_by_hand() -> None:
 
 def test_quantized_v_needs_flash_attention() -> None:
     spec = read_gguf_spec(default_model_path())
-    with pytest.raises(ValueError, match="flash attention"):
-        plan_memory(spec, MemorySettings(2048, "q8_0", flash_attn=False), BIG_CPU)
-    with pytest.raises(ValueError, match="unknown KV cache type"):
-        plan_memory(spec, MemorySettings(2048, "q3"), BIG_CPU)
+    with pytest.raises(ConfigError, match="flash attention"):
+        plan_memory(spec, ms(2048, "q8_0", fa=False), BIG_CPU)
+    with pytest.raises(ConfigError, match="unknown cache type 'q3'"):
+        plan_memory(spec, ms(2048, "q3"), BIG_CPU)
+    # an f16 V is fine without flash attention, whatever K is
+    assert plan_memory(spec, ms(2048, "q8_0", cache_type_v="f16", fa=False), BIG_CPU).fits
+    # Grok: llama.cpp turns flash attention off, so `auto` with a quantized V cannot run
+    grok = spec.with_updates(architecture="grok")
+    auto = MemorySettings(EngineConfig(model_path=Path(), cache_type_v="q8_0"), 2048)
+    with pytest.raises(ConfigError, match="flash attention"):
+        plan_memory(grok, auto, BIG_CPU)
+    assert plan_memory(spec, auto, BIG_CPU).kv.flash_attn  # elsewhere `auto` plans as on
 
 
 def test_gpu_layers_and_verdicts(arch: dict[str, Path]) -> None:
     spec = read_gguf_spec(arch["llama3_8b"])  # ~8 GiB of Q8_0
-    s = MemorySettings(8192, "f16")
+    s = ms(8192, "f16")
     big = Hardware(64 * GIB, 64 * GIB, (GPU(0, "big", 24 * GIB, 24 * GIB),), "override")
     full = plan_memory(spec, s, big)
-    assert full.gpu_layers == 33 and full.verdict == "fits in VRAM"
+    assert full.gpu_layers == 33 and full.verdict is Verdict.VRAM
+    assert full.verdict_text == "fits in VRAM"
     small = Hardware(64 * GIB, 64 * GIB, (GPU(0, "small", 6 * GIB, 6 * GIB),), "override")
     part = plan_memory(spec, s, small)
     assert 0 < part.gpu_layers < 33
-    assert part.verdict == f"fits with {part.gpu_layers} layers offloaded"
+    assert part.verdict_text == f"fits with {part.gpu_layers} layers offloaded"
     gpu = part.devices[1]
     assert gpu.total_bytes + gpu.margin_bytes <= 6 * GIB
     # one more layer would not fit
     more = plan_memory(spec, s, small, gpu_layers=part.gpu_layers + 1)
-    assert more.verdict_code == "vram_oom"
+    assert more.verdict is Verdict.VRAM_OOM
     # the output layer is offloaded first: 1 GPU layer = output only
     one = plan_memory(spec, s, big, gpu_layers=1)
     assert one.devices[1].weights_bytes == spec.byte_groups().output
     cpu = plan_memory(spec, s, Hardware(16 * GIB, 16 * GIB))
-    assert cpu.verdict == "fits in RAM" and cpu.gpu_layers == 0
+    assert cpu.verdict is Verdict.RAM and cpu.gpu_layers == 0
     tiny = plan_memory(spec, s, Hardware(4 * GIB, 4 * GIB))
-    assert tiny.verdict == "would swap"
+    assert tiny.verdict is Verdict.SWAP and tiny.verdict_text == "would swap"
     assert full.to_json()["total_bytes"] == full.total_bytes
 
 
 def test_tied_output_gets_a_gpu_copy(arch: dict[str, Path]) -> None:
     spec = read_gguf_spec(arch["gemma2_9b"])
     big = Hardware(64 * GIB, 64 * GIB, (GPU(0, "big", 48 * GIB, 48 * GIB),), "override")
-    plan = plan_memory(spec, MemorySettings(4096), big)
+    plan = plan_memory(spec, ms(4096), big)
     groups = spec.byte_groups()
     assert plan.devices[1].weights_bytes == sum(groups.layers) + groups.output + groups.input
     assert plan.devices[0].weights_bytes == groups.input
@@ -143,34 +184,33 @@ def test_default_context_candidates() -> None:
 
 def test_auto_settings(arch: dict[str, Path]) -> None:
     roomy = Hardware(64 * GIB, 64 * GIB, (GPU(0, "g", 24 * GIB, 24 * GIB),), "override")
-    a = auto_settings(arch["llama3_8b"], MemorySettings(1), None, None, roomy)
-    assert a.ctx_size == 8192 and a.gpu_layers == 33 and a.plan.verdict_code == "vram"
+    a = auto_settings(engine(arch["llama3_8b"]), roomy)
+    assert a.ctx_size == 8192 and a.gpu_layers == 33 and a.plan.verdict is Verdict.VRAM
     # a GPU too small for 8k of KV on top of the weights: context shrinks, stays >= 2048
     snug = Hardware(
         64 * GIB, 64 * GIB, (GPU(0, "g", 9 * GIB + 512 * MIB, 9 * GIB + 512 * MIB),), "override"
     )
-    b = auto_settings(arch["llama3_8b"], MemorySettings(1), None, None, snug)
-    assert 2048 <= b.ctx_size < 8192 and b.plan.verdict_code == "vram"
-    given = auto_settings(arch["llama3_8b"], MemorySettings(1, "q8_0"), 4000, 10, roomy)
+    b = auto_settings(engine(arch["llama3_8b"]), snug)
+    assert 2048 <= b.ctx_size < 8192 and b.plan.verdict is Verdict.VRAM
+    q8 = {"cache_type_k": "q8_0", "cache_type_v": "q8_0"}
+    given = auto_settings(engine(arch["llama3_8b"], ctx_size=4000, gpu_layers=10, **q8), roomy)
     assert given.ctx_size == 4000 and given.gpu_layers == 10
-    cpu = auto_settings(
-        default_model_path(), MemorySettings(1, parallel=2), None, None, Hardware(8 * GIB, 8 * GIB)
-    )
-    assert cpu.ctx_size == 8192 and cpu.gpu_layers == 0 and cpu.plan.verdict_code == "ram"
+    cpu = auto_settings(engine(default_model_path(), parallel=2), Hardware(8 * GIB, 8 * GIB))
+    assert cpu.ctx_size == 8192 and cpu.gpu_layers == 0 and cpu.plan.verdict is Verdict.RAM
 
 
 def test_plan_for_files_scales_weights(arch: dict[str, Path]) -> None:
     spec = read_gguf_spec(arch["llama3_8b"])
     hw = Hardware(16 * GIB, 16 * GIB)
-    q8 = plan_for_files(spec, spec.file_bytes, MemorySettings(8192), hw)
-    q4 = plan_for_files(spec, int(spec.file_bytes * 4.85 / 8.5), MemorySettings(8192), hw)
+    q8 = plan_for_files(spec, spec.file_bytes, ms(8192), hw)
+    q4 = plan_for_files(spec, int(spec.file_bytes * 4.85 / 8.5), ms(8192), hw)
     assert q8.kv_cache_bytes == q4.kv_cache_bytes
     assert abs(q8.weights_bytes - spec.weight_bytes) < 64
     assert q4.weights_bytes < q8.weights_bytes
     assert q8.fits and q4.fits
-    assert not plan_for_files(spec, 40 * GIB, MemorySettings(8192), hw).fits
+    assert not plan_for_files(spec, 40 * GIB, ms(8192), hw).fits
     # no spec at all: a stand-in shape, still a sane plan
-    blind = plan_for_files(None, 4 * GIB, MemorySettings(4096, flash_attn=False), hw)
+    blind = plan_for_files(None, 4 * GIB, ms(4096, fa=False), hw)
     assert blind.kv_cache_bytes > 0 and blind.fits
     assert any("file size" in n for n in blind.notes)
 
@@ -185,8 +225,8 @@ TWO_GPUS = Hardware(
 def test_cpu_moe_moves_expert_bytes_to_ram(arch: dict[str, Path]) -> None:
     spec = read_gguf_spec(arch["mixtral_tiny"])
     hw = Hardware(64 * GIB, 64 * GIB, (GPU(0, "g", 24 * GIB, 24 * GIB),), "override")
-    base = plan_memory(spec, MemorySettings(4096), hw, gpu_layers=99)
-    moe = plan_memory(spec, MemorySettings(4096, cpu_moe=True), hw, gpu_layers=99)
+    base = plan_memory(spec, ms(4096), hw, gpu_layers=99)
+    moe = plan_memory(spec, ms(4096, cpu_moe=True), hw, gpu_layers=99)
     experts = sum(
         t.n_bytes for t in spec.tensors if "_exps." in t.name and t.name.startswith("blk.")
     )
@@ -197,20 +237,20 @@ def test_cpu_moe_moves_expert_bytes_to_ram(arch: dict[str, Path]) -> None:
     assert moe.devices[0].compute_bytes > base.devices[0].compute_bytes  # experts run on CPU
     assert any("MoE experts kept in RAM" in n for n in moe.notes)
     # --n-cpu-moe 3: only the first three layers' experts
-    three = plan_memory(spec, MemorySettings(4096, n_cpu_moe=3), hw, gpu_layers=99)
+    three = plan_memory(spec, ms(4096, n_cpu_moe=3), hw, gpu_layers=99)
     per_layer = experts // spec.n_layer
     assert three.devices[0].weights_bytes - base.devices[0].weights_bytes == 3 * per_layer
     # a card too small for the whole model fits every layer once the experts stay in RAM
     small = Hardware(64 * GIB, 64 * GIB, (GPU(0, "g", 1200 * MIB, 1200 * MIB),), "override")
-    assert plan_memory(spec, MemorySettings(4096), small).gpu_layers < 9
-    assert plan_memory(spec, MemorySettings(4096, cpu_moe=True), small).gpu_layers == 9
+    assert plan_memory(spec, ms(4096), small).gpu_layers < 9
+    assert plan_memory(spec, ms(4096, cpu_moe=True), small).gpu_layers == 9
 
 
 def test_no_kv_offload_keeps_kv_in_ram(arch: dict[str, Path]) -> None:
     spec = read_gguf_spec(arch["llama3_8b"])
     hw = Hardware(64 * GIB, 64 * GIB, (GPU(0, "g", 24 * GIB, 24 * GIB),), "override")
-    on = plan_memory(spec, MemorySettings(8192), hw, gpu_layers=33)
-    off = plan_memory(spec, MemorySettings(8192, kv_offload=False), hw, gpu_layers=33)
+    on = plan_memory(spec, ms(8192), hw, gpu_layers=33)
+    off = plan_memory(spec, ms(8192, kv_offload=False), hw, gpu_layers=33)
     assert on.devices[1].kv_cache_bytes == on.kv_cache_bytes
     assert off.devices[1].kv_cache_bytes == 0
     assert off.devices[0].kv_cache_bytes == on.kv_cache_bytes
@@ -219,35 +259,29 @@ def test_no_kv_offload_keeps_kv_in_ram(arch: dict[str, Path]) -> None:
 
 def test_tensor_split_and_split_mode(arch: dict[str, Path]) -> None:
     spec = read_gguf_spec(arch["llama3_8b"])  # 32 layers + output = 33 offloadable
-    free = plan_memory(spec, MemorySettings(4096), TWO_GPUS, gpu_layers=33)
+    free = plan_memory(spec, ms(4096), TWO_GPUS, gpu_layers=33)
     assert [d.layers for d in free.devices[1:]] == [22, 11]  # 24:12 GiB free, as llama.cpp
-    even = plan_memory(spec, MemorySettings(4096, tensor_split=(1, 1)), TWO_GPUS, gpu_layers=33)
+    even = plan_memory(spec, ms(4096, tensor_split=(1, 1)), TWO_GPUS, gpu_layers=33)
     assert [d.layers for d in even.devices[1:]] == [17, 16]
-    three_one = MemorySettings(4096, tensor_split=(3, 1))
+    three_one = ms(4096, tensor_split=(3, 1))
     assert [d.layers for d in plan_memory(spec, three_one, TWO_GPUS, 33).devices[1:]] == [25, 8]
     # the output layer (and the compute buffer) sit on the last GPU used
     assert even.devices[2].compute_bytes > 0 and even.devices[1].compute_bytes == 0
-    only_b = plan_memory(
-        spec, MemorySettings(4096, split_mode="none", main_gpu=1), TWO_GPUS, gpu_layers=33
-    )
+    only_b = plan_memory(spec, ms(4096, split_mode="none", main_gpu=1), TWO_GPUS, gpu_layers=33)
     assert [d.layers for d in only_b.devices[1:]] == [0, 33]
     assert only_b.devices[1].total_bytes == 0
-    with pytest.raises(ValueError, match="main-gpu"):
-        plan_memory(spec, MemorySettings(4096, split_mode="none", main_gpu=2), TWO_GPUS, 33)
+    with pytest.raises(ConfigError, match="main-gpu"):
+        plan_memory(spec, ms(4096, split_mode="none", main_gpu=2), TWO_GPUS, 33)
 
 
 def test_auto_settings_takes_every_memory_setting(arch: dict[str, Path]) -> None:
     """serve feeds the plan from its config: the V cache type and GPU flags count too."""
     roomy = Hardware(64 * GIB, 64 * GIB, (GPU(0, "g", 24 * GIB, 24 * GIB),), "override")
-    f16 = auto_settings(arch["llama3_8b"], MemorySettings(1), 8192, None, roomy)
-    q8v = auto_settings(
-        arch["llama3_8b"], MemorySettings(1, "f16", cache_type_v="q8_0"), 8192, None, roomy
-    )
+    f16 = auto_settings(engine(arch["llama3_8b"], ctx_size=8192), roomy)
+    q8v = auto_settings(engine(arch["llama3_8b"], ctx_size=8192, cache_type_v="q8_0"), roomy)
     assert q8v.plan.kv.v_bytes < f16.plan.kv.v_bytes
     assert q8v.plan.kv.k_bytes == f16.plan.kv.k_bytes
-    ram_kv = auto_settings(
-        arch["llama3_8b"], MemorySettings(1, kv_offload=False), 8192, None, roomy
-    )
+    ram_kv = auto_settings(engine(arch["llama3_8b"], ctx_size=8192, kv_offload=False), roomy)
     assert ram_kv.plan.devices[1].kv_cache_bytes == 0
 
 
@@ -257,16 +291,16 @@ def test_auto_settings_takes_every_memory_setting(arch: dict[str, Path]) -> None
 def test_default_plan_is_llama_servers_window_sized_cache(tmp_path: Path) -> None:
     """serve and llama-server allocate the window-sized SWA cache (issue #12's numbers)."""
     g27 = read_gguf_spec(factory.write_shape(tmp_path / "g27.gguf", factory.GEMMA3_27B))
-    assert plan_kv(g27, MemorySettings(32768)).total == 3184 * MIB
+    assert plan_kv(g27, ms(32768)).total == 3184 * MIB
     g9 = read_gguf_spec(factory.write_shape(tmp_path / "g9.gguf", factory.GEMMA2_9B))
-    assert plan_kv(g9, MemorySettings(8192)).total == 2100 * MIB
+    assert plan_kv(g9, ms(8192)).total == 2100 * MIB
     # --swa-full: the full-size cache innkeeper allocated before
-    assert plan_kv(g27, MemorySettings(32768, swa_full=True)).total == 15872 * MIB
-    assert plan_kv(g9, MemorySettings(8192, swa_full=True)).total == 2688 * MIB
-    plan = plan_memory(g27, MemorySettings(32768), BIG_CPU, gpu_layers=0)
+    assert plan_kv(g27, ms(32768, swa_full=True)).total == 15872 * MIB
+    assert plan_kv(g9, ms(8192, swa_full=True)).total == 2688 * MIB
+    plan = plan_memory(g27, ms(32768), BIG_CPU, gpu_layers=0)
     assert plan.to_json()["checkpoints_ram_bytes"] > 0
     assert any("context checkpoints" in n for n in plan.notes)
-    full = plan_memory(g27, MemorySettings(32768, swa_full=True), BIG_CPU, gpu_layers=0)
+    full = plan_memory(g27, ms(32768, swa_full=True), BIG_CPU, gpu_layers=0)
     assert full.kv.checkpoint_bytes == 0  # the full cache needs no checkpoints
 
 
@@ -283,10 +317,10 @@ def test_mamba2_recurrent_state_is_counted(tmp_path: Path) -> None:
     path = factory.write_recurrent(tmp_path / "mamba2.gguf", "mamba2", 64, 4096, 0, ssm)
     spec = read_gguf_spec(path)
     assert (spec.n_embd_r, spec.n_embd_s) == (30720, 1048576)
-    one = plan_kv(spec, MemorySettings(4096))
+    one = plan_kv(spec, ms(4096))
     assert one.state_bytes == int(263.5 * MIB) and one.k_bytes == 0
-    assert plan_kv(spec, MemorySettings(65536)).total == one.total  # no growth with context
-    four = plan_kv(spec, MemorySettings(4096, parallel=4, kv_unified=True))
+    assert plan_kv(spec, ms(65536)).total == one.total  # no growth with context
+    four = plan_kv(spec, ms(4096, parallel=4, unified=True))
     assert four.state_bytes == 4 * one.state_bytes
     assert one.checkpoint_bytes == one.state_bytes  # a checkpoint is the whole state
 
@@ -301,7 +335,7 @@ def test_hybrid_counts_state_on_recurrent_layers_and_kv_on_attention_layers(
         tmp_path / "hybrid.gguf", "granitehybrid", 32, 2048, kv_heads, ssm
     )
     spec = read_gguf_spec(path)
-    kv = plan_kv(spec, MemorySettings(8192))
+    kv = plan_kv(spec, ms(8192))
     row = (3 * (4096 + 2 * 128) + 128 * 4096) * 4
     assert kv.state_bytes == 24 * row
     assert kv.k_bytes == kv.v_bytes == 8 * 8 * 128 * 2 * 8192  # 8 attention layers, f16

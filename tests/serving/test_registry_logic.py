@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from innkeeper.config import EngineConfig, ServerConfig
 from innkeeper.engine.backend import ModelLoadError
 from innkeeper.models.hardware import Hardware
 from innkeeper.serving import residency
@@ -31,6 +30,8 @@ from innkeeper.serving.errors import (
 from innkeeper.serving.load_settings import parse_keep_alive
 from innkeeper.serving.policy import Caller, keep_alive_allowed, redact_paths
 from innkeeper.serving.registry import ModelRegistry
+from innkeeper.settings.engine import EngineConfig
+from innkeeper.settings.server import ServerConfig
 from tests.models.gguf_factory import TINY_LLAMA, write_shape
 
 ADMIN = Caller(admin=True)

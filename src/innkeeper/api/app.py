@@ -34,9 +34,9 @@ from innkeeper.api.security import (
     HostGuardMiddleware,
 )
 from innkeeper.api.state import ModelLeaseMiddleware
-from innkeeper.config import ServerConfig
 from innkeeper.engine.templates import BUILTIN_FORMATS
 from innkeeper.serving.registry import ModelRegistry
+from innkeeper.settings.server import ServerConfig
 
 STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 

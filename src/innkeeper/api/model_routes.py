@@ -12,16 +12,16 @@ admin actions (api/admin.py).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, create_model
 
 from innkeeper.api.admin import ADMIN_OPENAPI, caller_of, require_admin
 from innkeeper.api.params import JsonBody
 from innkeeper.api.state import registry_of
-from innkeeper.engine.config import CACHE_TYPE_NAMES
+from innkeeper.settings.load import load_fields, load_schema_rules
 
 router = APIRouter()
 admin = [Depends(require_admin)]
@@ -42,46 +42,27 @@ class TgwLoadBody(JsonBody):
     settings: dict[str, Any] | None = None
 
 
-QUANTIZED_V = [t for t in CACHE_TYPE_NAMES if t not in ("f16", "bf16", "f32")]
-
-
-class LoadSettings(JsonBody):
-    """Per-load settings; those left out come from the memory plan, as `serve` picks them."""
-
+class _LoadSettingsBody(JsonBody):
     model_config = ConfigDict(
         extra="forbid",
         populate_by_name=True,
         strict=True,
-        json_schema_extra={  # llama.cpp needs flash attention for a quantized V cache
-            "allOf": [
-                {
-                    "not": {
-                        "required": [key, "flash_attn"],
-                        "properties": {
-                            key: {"enum": QUANTIZED_V},
-                            "flash_attn": {"enum": ["off", False]},
-                        },
-                    }
-                }
-                for key in ("cache_type_v", "cache_type")
-            ]
-        },
+        json_schema_extra=load_schema_rules(),  # llama.cpp: a quantized V needs flash attention
     )
-    ctx_size: Annotated[int, Field(ge=64, le=2**20)] | None = None
-    gpu_layers: int | Literal["auto", "all", "max"] | None = Field(
-        None, description="layers on the GPU: a number (negative: all), all or auto"
-    )
-    cache_type: Literal[CACHE_TYPE_NAMES] | None = Field(  # type: ignore[valid-type]
-        None, description="KV cache type for K and V"
-    )
-    cache_type_k: Literal[CACHE_TYPE_NAMES] | None = None  # type: ignore[valid-type]
-    cache_type_v: Literal[CACHE_TYPE_NAMES] | None = None  # type: ignore[valid-type]
-    flash_attn: Literal["auto", "on", "off"] | bool | None = None
-    parallel: Annotated[int, Field(ge=1, le=64)] | None = None
 
     def given(self) -> dict[str, Any] | None:
         """The settings given, or None (the entry's last settings, else the plan's)."""
         return self.model_dump(exclude_none=True) or None
+
+
+# Fields, bounds and descriptions from the declarations (settings/load.py), as HTTP loads
+# parse them: a loadable setting added to EngineConfig appears here by itself.
+LoadSettings = create_model(
+    "LoadSettings",
+    __base__=_LoadSettingsBody,
+    __doc__="Per-load settings; those left out come from the memory plan, as `serve` picks them.",
+    **load_fields(),
+)
 
 
 class LlamaLoadBody(LoadSettings):

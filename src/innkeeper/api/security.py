@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from innkeeper.api.errors import error_body
-from innkeeper.config import is_loopback
+from innkeeper.settings.server import is_loopback
 
 log = logging.getLogger("innkeeper.api")
 

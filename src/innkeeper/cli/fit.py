@@ -3,52 +3,44 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from inspect import Parameter, Signature
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from innkeeper.cli.app import app, console, fail
-from innkeeper.engine.config import DEFAULT_CTX, EngineConfig
+from innkeeper.cli.help import PanelHelp
+from innkeeper.cli.options import build_config, options
 from innkeeper.models import hub
 from innkeeper.models.hardware import Hardware, format_size, hardware_with_overrides
 from innkeeper.models.identify import Identification, identify
 from innkeeper.models.memory import (
+    CUDA_CONTEXT_BYTES,
+    RUNTIME_RAM_BYTES,
     MemoryPlan,
     MemorySettings,
-    default_ctx_candidates,
-    flash_attn_enabled,
+    Verdict,
+    auto_settings,
     memory_settings,
     plan_memory,
 )
 from innkeeper.models.spec import ModelFormatError, ModelSpec
-from innkeeper.settings import parse_text, settings_of
+from innkeeper.settings import ConfigError
+from innkeeper.settings.engine import EngineConfig
+from innkeeper.settings.server import ServerConfig
 
-# `fit` plans what `serve` would load: its defaults are serve's (declared once, in EngineConfig).
-_SERVE = EngineConfig(model_path=Path())
-_GPU = {f.name: spec for f, spec in settings_of(EngineConfig)}
 EXIT_DOES_NOT_FIT = 2
 """Exit status of `fit` when the plan does not fit (1 stays "could not plan": bad input)."""
 
 _VERDICT_STYLE = {
-    "vram": "green",
-    "partial": "yellow",
-    "ram": "cyan",
-    "swap": "red",
-    "vram_oom": "red",
+    Verdict.VRAM: "green",
+    Verdict.PARTIAL: "yellow",
+    Verdict.RAM: "cyan",
+    Verdict.SWAP: "red",
+    Verdict.VRAM_OOM: "red",
 }
-
-
-def _choose_ctx(spec: ModelSpec, make: Any) -> tuple[int, MemoryPlan]:
-    """No --ctx-size: the largest default context that fits (as `serve` will pick)."""
-    plans = [(c, make(c)) for c in default_ctx_candidates(spec.context_length)]
-    for wanted in (("vram",), ("vram", "partial", "ram")):
-        for c, p in plans:
-            if p.verdict_code in wanted:
-                return c, p
-    return plans[-1]
 
 
 def _short(n: int) -> str:
@@ -60,8 +52,28 @@ def _short(n: int) -> str:
     return f"{n / 1024:.0f}K"
 
 
+def _overhead_caption(plan: MemoryPlan, measured: dict[str, int] | None) -> str:
+    """What the overhead column holds: most of it is the runtime llama.cpp does not count."""
+    runtime = f"{_short(RUNTIME_RAM_BYTES)} of RAM for Python, the server and llama.cpp's code"
+    if any(d.kind == "gpu" and d.overhead_bytes for d in plan.devices):
+        runtime += f", {_short(CUDA_CONTEXT_BYTES)} per GPU for the CUDA context"
+    text = (
+        f"G = GiB, M = MiB. Overhead: llama.cpp's output buffer "
+        f"({_short(plan.output_buffer_bytes)}) plus the runtime llama.cpp does not allocate "
+        f"itself ({runtime})."
+    )
+    if measured:
+        text += (
+            f" Without the runtime the plan is {_short(plan.llama_bytes)}, against the "
+            f"{_short(measured['total_bytes'])} llama.cpp measured."
+        )
+    return text
+
+
 def _plan_table(plan: MemoryPlan, measured: dict[str, int] | None) -> Table:
-    t = Table(title_justify="left", caption="G = GiB, M = MiB", caption_justify="left")
+    t = Table(
+        title_justify="left", caption=_overhead_caption(plan, measured), caption_justify="left"
+    )
     t.add_column("device", no_wrap=True)
     t.add_column("layers", justify="right", no_wrap=True, min_width=6)
     for col in ("weights", "KV", "compute", "overhead", "total", "free"):
@@ -103,132 +115,49 @@ def _plan_table(plan: MemoryPlan, measured: dict[str, int] | None) -> Table:
     return t
 
 
-@app.command("fit")
-def fit_command(
-    target: str = typer.Argument(
-        ..., help="A model file, a model folder, or a hub repo id (owner/name[:QUANT])."
-    ),
-    ctx_size: int | None = typer.Option(
-        None, "--ctx-size", "-c", help="Context size (default: the largest ≤ 8192 that fits)."
-    ),
-    cache_type: str = typer.Option(
-        "f16",
-        "--cache-type",
-        "--cache-type-k",
-        "-ctk",
-        help="KV cache type (K, and V unless --cache-type-v): f16, q8_0, q4_0, q4_1, q5_0, "
-        "q5_1, iq4_nl, bf16, f32.",
-    ),
-    cache_type_v: str | None = typer.Option(
-        None, "--cache-type-v", "-ctv", help="V cache type, if different from K."
-    ),
-    flash_attn: str = typer.Option(
-        _SERVE.flash_attn,
-        "--flash-attn",
-        help="Flash attention: on, off or auto (as serve: on unless llama.cpp lacks it).",
-    ),
-    parallel: int = typer.Option(
-        _SERVE.parallel, "--parallel", "-np", help="Parallel sequences (slots), as serve's."
-    ),
-    gpu_layers: int | None = typer.Option(
-        None, "--gpu-layers", "-ngl", help="Layers on the GPU (default: as many as fit)."
-    ),
-    vram: str | None = typer.Option(
-        None, "--vram", help="Pretend GPU memory, e.g. 12GiB (several: 24GiB,12GiB; 0 = no GPU)."
-    ),
-    ram: str | None = typer.Option(None, "--ram", help="Pretend RAM, e.g. 32GiB."),
-    ubatch: int = typer.Option(
-        _SERVE.ubatch_size, "--ubatch-size", help="Physical batch size (llama.cpp n_ubatch)."
-    ),
-    swa_full: bool = typer.Option(
-        _SERVE.swa_full,
-        "--swa-full/--no-swa-full",
-        help="Full-size sliding-window cache, as serve --swa-full (default: window-sized, "
-        "as serve and llama-server allocate).",
-    ),
-    main_gpu: int = typer.Option(0, *_GPU["main_gpu"].flags, help=_GPU["main_gpu"].help),
-    split_mode: str = typer.Option(
-        "layer", *_GPU["split_mode"].flags, help=_GPU["split_mode"].help
-    ),
-    tensor_split: str | None = typer.Option(
-        None, *_GPU["tensor_split"].flags, help="share of the model per GPU, e.g. 3,1"
-    ),
-    kv_offload: bool = typer.Option(True, *_GPU["kv_offload"].flags, help=_GPU["kv_offload"].help),
-    cpu_moe: bool = typer.Option(False, *_GPU["cpu_moe"].flags, help=_GPU["cpu_moe"].help),
-    n_cpu_moe: int = typer.Option(0, *_GPU["n_cpu_moe"].flags, help=_GPU["n_cpu_moe"].help),
-    measure: bool = typer.Option(
-        False,
-        "--measure",
-        help="Also dry-run the load in llama.cpp and show what it allocates (local GGUF only).",
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
-) -> None:
+def fit_command(**values: Any) -> None:
     """Will this model fit? Weights, KV cache, compute buffers and overhead per device.
+
+    The options are `serve`'s that change memory, with serve's defaults: the plan is what
+    `serve` would allocate.
 
     Exit status: 0 fits (VRAM, part-offloaded or RAM), 2 does not fit (would swap), 1 error.
     """
-
-    def settings(ctx: int) -> MemorySettings:
-        # serve's own mapping from its settings, so the plan is what serve would allocate
-        return replace(memory_settings(replace(cfg, ctx_size=ctx)), flash_attn=fa_on)
-
+    target, measure = values.pop("model"), values.pop("measure")
+    as_json = values.pop("as_json")
     try:
-        cfg = EngineConfig(  # serve's settings: parsed and checked by their declarations
-            model_path=Path(),
-            cache_type_k=cache_type,
-            cache_type_v=cache_type_v,
-            flash_attn=flash_attn,
-            parallel=parallel,
-            batch_size=max(_SERVE.batch_size, ubatch),
-            ubatch_size=ubatch,
-            swa_full=swa_full,
-            main_gpu=main_gpu,
-            split_mode=parse_text(_GPU["split_mode"], split_mode),
-            tensor_split=parse_text(_GPU["tensor_split"], tensor_split),
-            kv_offload=kv_offload,
-            cpu_moe=cpu_moe,
-            n_cpu_moe=n_cpu_moe,
-        ).validate()
-        fa_on = flash_attn_enabled(flash_attn)
-        hw = hardware_with_overrides(vram=vram, ram=ram)
-        settings(DEFAULT_CTX).validate()
+        server = build_config(Path(), values)  # serve's settings, parsed and checked as serve's
+        cfg = server.engine
+        hw = hardware_with_overrides(vram=server.plan_vram, ram=server.plan_ram)
         # hub repos and folders of variants: the file `pull` would pick, planned with these flags
-        machine = hub.Machine(hw, settings(ctx_size or DEFAULT_CTX), ctx_size, gpu_layers)
+        machine = hub.Machine(hw, memory_settings(cfg), cfg.ctx_size, cfg.gpu_layers)
         ident = identify(target, machine)
-    except (ModelFormatError, ValueError, OSError) as exc:
+    except (ModelFormatError, ValueError, OSError) as exc:  # ConfigError is a ValueError
         fail(str(exc))
     spec = ident.spec
     if spec is None:
         fail(f"cannot plan memory for {target}: {ident.format} model without readable metadata")
     if not spec.n_vocab or not spec.n_layer:
         fail(f"{target}: the metadata lacks the vocabulary size or layer count needed to plan")
-    fa_on = flash_attn_enabled(flash_attn, spec.architecture)
 
     header = int(spec.extra.get("header_bytes") or 0)
     variants = ident.variants if ident.kind == "hub" or len(ident.variants) > 1 else []
-
-    def make(ctx: int, weights: int | None = None) -> MemoryPlan:
-        return plan_memory(spec, settings(ctx), hw, gpu_layers=gpu_layers, weights_bytes=weights)
-
     try:
-        if ctx_size is None:
-            ctx, plan = _choose_ctx(spec, make)
-        else:
-            ctx, plan = ctx_size, make(ctx_size)
+        auto = auto_settings(cfg, hw, spec=spec)  # the context `serve` would pick
+        ctx, plan = auto.ctx_size, auto.plan
         rows = []
         for v in variants:
-            vp = make(ctx, max(v.size - header, 0)) if v.name != ident.selected else plan
+            weights = max(v.size - header, 0)
+            vp = plan
+            if v.name != ident.selected:
+                vp = plan_memory(spec, MemorySettings(cfg, ctx), hw, weights_bytes=weights)
             rows.append((v, vp))
-    except ValueError as exc:
+    except ConfigError as exc:
         fail(str(exc))
     fitting = [(v, p) for v, p in rows if p.fits]
     best = max(fitting, key=lambda vp: vp[0].size)[0] if fitting else None
 
-    measured = None
-    if measure:
-        measured = _measure(
-            ident, ctx, cache_type, cache_type_v, fa_on, parallel, ubatch, swa_full, plan
-        )
+    measured = _measure(ident, cfg, plan) if measure else None
 
     if as_json:
         out: dict[str, Any] = {
@@ -264,20 +193,11 @@ def fit_command(
         raise typer.Exit(EXIT_DOES_NOT_FIT)
 
 
-def _measure(
-    ident: Identification,
-    ctx: int,
-    cache_type: str,
-    cache_type_v: str | None,
-    fa: bool,
-    parallel: int,
-    ubatch: int,
-    swa_full: bool,
-    plan: MemoryPlan,
-) -> dict[str, int]:
+def _measure(ident: Identification, cfg: EngineConfig, plan: MemoryPlan) -> dict[str, int]:
+    """llama.cpp's own allocations for the planned settings (a dry-run load in a child)."""
     if ident.kind == "hub" or ident.format != "gguf":
         fail("--measure needs a local GGUF file (it loads the model in llama.cpp)")
-    from innkeeper.models.measure import measure
+    from innkeeper.engine.measure import measure
 
     path = Path(ident.target)
     if path.is_dir():
@@ -286,16 +206,16 @@ def _measure(
     try:
         m = measure(
             path,
-            ctx,
-            cache_type=cache_type,
-            cache_type_v=cache_type_v,
-            flash_attn=fa,
+            plan.settings.ctx_size,
+            cache_type=cfg.cache_type_k,
+            cache_type_v=cfg.cache_type_v,
+            flash_attn=plan.kv.flash_attn,
             gpu_layers=plan.gpu_layers,
-            parallel=parallel,
-            n_batch=max(512, ubatch),
-            n_ubatch=ubatch,
-            swa_full=swa_full,
-            kv_unified=True,
+            parallel=cfg.parallel,
+            n_batch=cfg.batch_size,
+            n_ubatch=cfg.ubatch_size,
+            swa_full=cfg.swa_full,
+            kv_unified=plan.settings.kv_unified,
         )
     except (ModelFormatError, ValueError) as exc:
         fail(str(exc))
@@ -318,7 +238,7 @@ def _render(
     best: Any,
     measured: dict[str, int] | None,
 ) -> None:
-    s = plan.settings
+    e = plan.settings.engine
     gpus = ", ".join(f"{g.name} ({format_size(g.free_bytes)} free)" for g in hw.gpus) or "no GPU"
     console.print(
         f"[bold]{ident.target}[/] [dim]{spec.architecture}, {ident.quantization or '?'}, "
@@ -329,15 +249,15 @@ def _render(
             f"[dim]planned file {ident.selected_file}: {ident.choice}[/]", highlight=False
         )
     console.print(
-        f"[dim]context {ctx:,} ({plan.kv.n_ctx:,} cells), KV {s.cache_type_k}/{s.type_v}, "
-        f"flash attention {'on' if s.flash_attn else 'off'}, {s.parallel} parallel; "
+        f"[dim]context {ctx:,} ({plan.kv.n_ctx:,} cells), KV {e.cache_type_k}/{e.cache_type_v}, "
+        f"flash attention {'on' if plan.kv.flash_attn else 'off'}, {e.parallel} parallel; "
         f"{hw.source} hardware: {format_size(hw.ram_available_bytes)} RAM available, {gpus}[/]"
     )
     console.print(_plan_table(plan, measured))
-    style = _VERDICT_STYLE[plan.verdict_code]
+    style = _VERDICT_STYLE[plan.verdict]
     layers = f" ({plan.gpu_layers}/{plan.n_layers} layers on GPU)" if hw.gpus else ""
     console.print(
-        f"[bold {style}]{plan.verdict}[/]{layers}: {format_size(plan.total_bytes)} needed"
+        f"[bold {style}]{plan.verdict_text}[/]{layers}: {format_size(plan.total_bytes)} needed"
     )
     for note in plan.notes:
         console.print(f"[dim]· {note}[/]")
@@ -352,7 +272,7 @@ def _render(
         t.add_column("verdict")
         for v, p in rows:
             mark = "[bold green]★[/]" if best is not None and v.name == best.name else ""
-            st = _VERDICT_STYLE[p.verdict_code]
+            st = _VERDICT_STYLE[p.verdict]
             t.add_row(
                 mark,
                 v.name,
@@ -360,10 +280,51 @@ def _render(
                 format_size(v.size),
                 format_size(p.total_bytes),
                 f"{p.gpu_layers}/{p.n_layers}",
-                f"[{st}]{p.verdict}[/]",
+                f"[{st}]{p.verdict_text}[/]",
             )
         console.print(t)
         if best is not None:
             console.print(f"[green]★ {best.name}[/] is the largest that fits this machine.")
         else:
             console.print("[red]none of these fits this machine at this context.[/]")
+
+
+# typer reads the options from the signature: `serve`'s memory options, generated from the
+# same declarations (cli/options.py), between the model and fit's own options.
+fit_command.__signature__ = Signature(  # type: ignore[attr-defined]
+    [
+        Parameter(
+            "model",
+            Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=Annotated[
+                str,
+                typer.Argument(
+                    metavar="MODEL",
+                    help="a model file, a model folder, or a hub repo id (owner/name[:QUANT])",
+                    show_default=False,
+                ),
+            ],
+        ),
+        *options(EngineConfig, ServerConfig, keep=lambda spec: spec.memory),
+        Parameter(
+            "measure",
+            Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[
+                bool,
+                typer.Option(
+                    "--measure",
+                    help="also dry-run the load in llama.cpp and show what it allocates "
+                    "(local GGUF only)",
+                ),
+            ],
+        ),
+        Parameter(
+            "as_json",
+            Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[bool, typer.Option("--json", help="print machine-readable JSON")],
+        ),
+    ]
+)
+app.command("fit", cls=PanelHelp)(fit_command)

@@ -22,16 +22,16 @@ from innkeeper.cli.doctor import (
     gather_build,
     gather_hardware,
 )
-from innkeeper.config import ServerConfig
 from innkeeper.engine.backend import BackendError, ModelInfo
 from innkeeper.engine.engine import Engine
 from innkeeper.engine.planning import ModelFileError, checked_model_file
 from innkeeper.engine.templates import TemplateRenderError
 from innkeeper.models.hardware import format_size
-from innkeeper.models.memory import MemoryPlan
+from innkeeper.models.memory import MemoryPlan, Verdict
 from innkeeper.models.spec import ModelFormatError, format_params
 from innkeeper.serving.registry import ModelRegistry
 from innkeeper.serving.service import Service
+from innkeeper.settings.server import ServerConfig
 
 log = logging.getLogger("innkeeper")
 
@@ -110,7 +110,7 @@ def run_server(config: ServerConfig, *, verbose: bool, console: Console) -> None
     except ModelFormatError as exc:
         sock.close()
         fail(str(exc))
-    if auto and auto.plan.verdict == "would swap":
+    if auto and auto.plan.verdict is Verdict.SWAP:
         log.warning("this model and context may not fit in memory: %s", auto.plan.summary())
     with console.status(f"loading {model_path.name}…", spinner="dots"):
         try:

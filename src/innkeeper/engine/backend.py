@@ -19,18 +19,7 @@ from pathlib import Path
 
 import llama_cpp as C
 
-# KV cache types a user may ask for, by the names llama.cpp's own tools use.
-CACHE_TYPES: dict[str, int] = {
-    "f32": C.GGML_TYPE_F32,
-    "f16": C.GGML_TYPE_F16,
-    "bf16": 30,  # GGML_TYPE_BF16
-    "q8_0": C.GGML_TYPE_Q8_0,
-    "q4_0": C.GGML_TYPE_Q4_0,
-    "q4_1": C.GGML_TYPE_Q4_1,
-    "iq4_nl": C.GGML_TYPE_IQ4_NL,
-    "q5_0": C.GGML_TYPE_Q5_0,
-    "q5_1": C.GGML_TYPE_Q5_1,
-}
+from innkeeper.settings.engine import CACHE_TYPES
 
 FLASH_ATTN = {
     "auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO,
@@ -405,8 +394,8 @@ class Context:
             n_threads=threads,
             n_threads_batch=params.threads_batch or threads,
             flash_attn_type=FLASH_ATTN[params.flash_attn],
-            type_k=CACHE_TYPES[params.cache_type_k],
-            type_v=CACHE_TYPES[params.cache_type_v],
+            type_k=CACHE_TYPES[params.cache_type_k].ggml_type,
+            type_v=CACHE_TYPES[params.cache_type_v].ggml_type,
             offload_kqv=params.offload_kqv,
             # Every slot may use the whole context: cells are shared, not split per sequence.
             kv_unified=True,

@@ -14,11 +14,11 @@ from innkeeper.engine.backend import (
     ModelParams,
     default_threads,
 )
-from innkeeper.engine.config import DEFAULT_CTX, EngineConfig
 from innkeeper.engine.events import GenerationRequest
 from innkeeper.engine.scheduler import Perf, QueueFullError, Scheduler
 from innkeeper.engine.templates import ChatTemplate, resolve_template
 from innkeeper.engine.tokenizer import Tokenizer
+from innkeeper.settings.engine import DEFAULT_CTX, EngineConfig
 
 __all__ = ["DEFAULT_CTX", "Engine", "EngineConfig", "EngineStats", "Perf", "QueueFullError"]
 

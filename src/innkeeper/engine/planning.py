@@ -11,11 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from innkeeper.engine.backend import supports_gpu_offload
-from innkeeper.engine.config import EngineConfig
 from innkeeper.models.hardware import Hardware
-from innkeeper.models.memory import AutoSettings, auto_settings, memory_settings
+from innkeeper.models.memory import AutoSettings, auto_settings
 from innkeeper.models.safety import is_pickle_weights
-from innkeeper.models.spec import ModelFormatError
+from innkeeper.settings import ConfigError
+from innkeeper.settings.engine import EngineConfig
 
 log = logging.getLogger("innkeeper")
 
@@ -78,16 +78,14 @@ def checked_model_file(path: Path, allow_pickle: bool = False) -> Path:
 def plan_settings(cfg: EngineConfig, hardware: Hardware | None = None) -> AutoSettings | None:
     """Context size and GPU layers from the memory plan (`ctx_size`/`gpu_layers` given win).
 
-    A file that is not a readable model raises ModelFormatError; any other failure of the
-    plan is only logged (the plan is advice: it must never stop a loadable model).
+    A file that is not a readable model raises ModelFormatError. Settings the plan cannot
+    place on this machine (ConfigError: --main-gpu 2 on one GPU…) or a file it cannot read
+    (OSError) are only logged: the plan is advice, and llama.cpp has the last word on those.
+    Anything else is a bug in the plan and propagates.
     """
     try:
-        return auto_settings(
-            cfg.model_path, memory_settings(cfg), cfg.ctx_size, cfg.gpu_layers, hardware
-        )
-    except ModelFormatError:
-        raise
-    except Exception as exc:
+        return auto_settings(cfg, hardware)
+    except (ConfigError, OSError) as exc:
         log.warning("memory plan unavailable: %s", exc)
         return None
 

@@ -499,11 +499,6 @@ def read_gguf_spec(path: Path | str) -> ModelSpec:
         raise ModelFormatError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
-def read_source_spec(src: ByteSource) -> ModelSpec:
-    """The ModelSpec from any byte source (a hub file read by ranges)."""
-    return spec_from_header(read_header(src), src.name)
-
-
 def merge_split(first: ModelSpec, others: list[GGUFHeader]) -> ModelSpec:
     """Add the tensors of the other parts of a split GGUF to the first part's spec."""
     tensors = list(first.tensors)

@@ -1,58 +1,21 @@
 """What this machine has: RAM (psutil) and NVIDIA GPUs (nvidia-ml-py), or what the user pretends.
 
 GPU detection degrades quietly: no driver, no library or no device all mean "no GPU", never an
-error, because most users asking "will it fit?" simply have none. `--vram`/`--ram` replace the
-detected numbers so a user can plan a purchase.
+error, because most users asking "will it fit?" simply have none (the reason is logged). `--vram`/
+`--ram` replace the detected numbers so a user can plan a purchase; sizes are read by
+`innkeeper.settings.parse_size`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import re
+import logging
 from dataclasses import dataclass, replace
 
 import psutil
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
+from innkeeper.settings import parse_size
 
-
-def parse_size(text: str | int | float) -> int:
-    """Parse `12GiB`, `12GB`, `12G`, `12000MiB`, `1.5 GiB` or a plain byte count into bytes.
-
-    A bare `G`/`M`/`K` is read as the binary unit (GiB, MiB, KiB), as `free -h` and most users
-    mean it; `GB`/`MB` are decimal, as disk vendors mean it.
-    """
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if text < 0:
-            raise ValueError(f"size must not be negative: {text}")
-        return int(text)
-    m = _SIZE_RE.match(str(text))
-    if not m:
-        raise ValueError(f"not a size: {text!r} (try 12GiB, 12GB, 12G or 12000MiB)")
-    number, unit = float(m.group(1)), m.group(2).lower()
-    if unit in ("g", "m", "k", "t"):
-        unit += "ib"
-    if unit not in _UNITS:
-        raise ValueError(
-            f"unknown size unit {m.group(2)!r} in {text!r} (use B, KiB, MiB, GiB, GB…)"
-        )
-    return int(number * _UNITS[unit])
+log = logging.getLogger("innkeeper.hardware")
 
 
 def format_size(n: int | float) -> str:
@@ -84,10 +47,6 @@ class Hardware:
     gpus: tuple[GPU, ...] = ()
     source: str = "detected"
 
-    @property
-    def vram_total_bytes(self) -> int:
-        return sum(g.total_bytes for g in self.gpus)
-
     def to_json(self) -> dict[str, object]:
         return {
             "source": self.source,
@@ -106,14 +65,21 @@ class Hardware:
 
 
 def detect_gpus() -> tuple[GPU, ...]:
-    """NVIDIA GPUs through NVML; an empty tuple whenever anything is missing or fails."""
+    """NVIDIA GPUs through NVML; an empty tuple whenever anything is missing or fails.
+
+    No library or no driver is the common case (most machines have no NVIDIA GPU): logged at
+    debug level. A driver that answers and then fails is logged as a warning, with the GPUs
+    read before the failure kept.
+    """
     try:
         import pynvml
-    except Exception:
+    except ImportError as exc:
+        log.debug("no NVML library (nvidia-ml-py): %s", exc)
         return ()
     try:
         pynvml.nvmlInit()
-    except Exception:
+    except (pynvml.NVMLError, OSError) as exc:
+        log.debug("no NVIDIA driver: %s", exc)
         return ()
     gpus: list[GPU] = []
     try:
@@ -124,11 +90,13 @@ def detect_gpus() -> tuple[GPU, ...]:
                 name = name.decode(errors="replace")
             mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
             gpus.append(GPU(i, str(name), int(mem.total), int(mem.free)))
-    except Exception:
-        return tuple(gpus)
+    except (pynvml.NVMLError, OSError) as exc:
+        log.warning("reading GPU %d through NVML failed: %s", len(gpus), exc)
     finally:
-        with contextlib.suppress(Exception):
+        try:
             pynvml.nvmlShutdown()
+        except pynvml.NVMLError as exc:
+            log.debug("nvmlShutdown failed: %s", exc)
     return tuple(gpus)
 
 

@@ -23,9 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from innkeeper.config import ServerConfig
 from innkeeper.engine.backend import BackendError, ModelLoadError
-from innkeeper.engine.config import EngineConfig
 from innkeeper.engine.planning import (
     ModelFileError,
     checked_model_file,
@@ -51,6 +49,8 @@ from innkeeper.serving.load_settings import LOAD_SETTINGS, parse_keep_alive, par
 from innkeeper.serving.policy import Caller, keep_alive_allowed, redact_paths
 from innkeeper.serving.service import OFF_LOOP_THREADS, Service
 from innkeeper.settings import ConfigError
+from innkeeper.settings.engine import EngineConfig
+from innkeeper.settings.server import ServerConfig
 
 log = logging.getLogger("innkeeper.registry")
 

@@ -45,8 +45,8 @@ class Machine:
     def for_serve(cls, hardware: Hardware, ctx_size: int | None = None) -> Machine:
         """`serve`'s defaults (EngineConfig: 4 slots sharing one f16 KV cache, flash attention
         auto…) on `hardware`, mapped by the same function `serve` plans with."""
-        from innkeeper.engine.config import EngineConfig
         from innkeeper.models.memory import memory_settings
+        from innkeeper.settings.engine import EngineConfig
 
         return cls(hardware, memory_settings(EngineConfig(model_path=Path())), ctx_size)
 
@@ -72,8 +72,8 @@ class Machine:
         if hw.gpus:
             where += f" + {format_size(sum(g.free_bytes for g in hw.gpus))} VRAM"
         text = (
-            f"memory plan at context {self.context(spec)}, {s.parallel} slot(s),"
-            f" KV {s.cache_type_k}/{s.type_v}, on {where}"
+            f"memory plan at context {self.context(spec)}, {s.engine.parallel} slot(s),"
+            f" KV {s.engine.cache_type_k}/{s.engine.cache_type_v}, on {where}"
         )
         return text if spec is not None else text + ", model shape estimated from its size"
 

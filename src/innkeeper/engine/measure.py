@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from innkeeper.models.spec import ModelFormatError
+from innkeeper.settings import ConfigError
+from innkeeper.settings.engine import CACHE_TYPES
 
 MIB = 1024**2
 
@@ -30,18 +32,6 @@ _KV_RE = re.compile(
 _COMPUTE_RE = re.compile(r"(\S+) compute buffer size =\s*([\d.]+) MiB")
 _OUTPUT_RE = re.compile(r"(\S+)\s+output buffer size =\s*([\d.]+) MiB")
 _MODEL_RE = re.compile(r"(\S+) model buffer size =\s*([\d.]+) MiB")
-
-CACHE_TYPE_IDS = {
-    "f32": 0,
-    "f16": 1,
-    "q4_0": 2,
-    "q4_1": 3,
-    "q5_0": 6,
-    "q5_1": 7,
-    "q8_0": 8,
-    "iq4_nl": 20,
-    "bf16": 30,
-}
 
 
 @dataclass
@@ -105,7 +95,7 @@ def _worker(args: dict[str, object]) -> dict[str, object]:
     llama_cpp.llama_log_set(on_log, None)
     llama_cpp.llama_backend_init()
     dry_run = bool(args["dry_run"])
-    from innkeeper.engine.backend import set_fields
+    from innkeeper.engine.backend import set_fields  # in the child only: it loads llama.cpp
 
     mp = llama_cpp.llama_model_default_params()
     gpu_layers = int(args["gpu_layers"])  # type: ignore[call-overload]
@@ -125,8 +115,8 @@ def _worker(args: dict[str, object]) -> dict[str, object]:
         n_ubatch=int(args["n_ubatch"]),  # type: ignore[call-overload]
         n_seq_max=int(args["parallel"]),  # type: ignore[call-overload]
         flash_attn_type=1 if args["flash_attn"] else 0,
-        type_k=CACHE_TYPE_IDS[str(args["cache_type_k"])],
-        type_v=CACHE_TYPE_IDS[str(args["cache_type_v"])],
+        type_k=CACHE_TYPES[str(args["cache_type_k"])].ggml_type,
+        type_v=CACHE_TYPES[str(args["cache_type_v"])].ggml_type,
         swa_full=bool(args["swa_full"]),
         kv_unified=bool(args["kv_unified"]),
     )
@@ -172,11 +162,11 @@ def measure(
         "dry_run": dry_run,
     }
     for name in (args["cache_type_k"], args["cache_type_v"]):
-        if name not in CACHE_TYPE_IDS:
-            raise ValueError(f"unknown cache type {name!r}")
+        if name not in CACHE_TYPES:
+            raise ConfigError(f"unknown cache type {name!r}")
     code = (
         "import json, sys\n"
-        "from innkeeper.models.measure import _worker\n"
+        "from innkeeper.engine.measure import _worker\n"
         "print('@@RESULT@@' + json.dumps(_worker(json.loads(sys.argv[1]))))\n"
     )
     try:

@@ -1,20 +1,29 @@
 """ServerConfig: the HTTP knobs of `innkeeper serve`, holding the engine's `EngineConfig`.
 
-Each field is declared once with `setting(...)` (default, CLI flags, help, checks); the `serve`
-options are generated from these declarations and EngineConfig's (cli/serve.py). To add an HTTP
-setting, add one field here and read it where it takes effect.
+Each field is declared once with `setting(...)` (default, CLI flags, help, checks, panel); the
+`serve` options are generated from these declarations and EngineConfig's (cli/options.py). To
+add an HTTP setting, add one field here and read it where it takes effect.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from innkeeper.engine.config import EngineConfig
-from innkeeper.settings import ConfigError, check_fields, setting
+from innkeeper.settings import (
+    PANEL_MEMORY,
+    PANEL_MODEL,
+    PANEL_NETWORK,
+    PANEL_PERFORMANCE,
+    PANEL_RUNTIME,
+    ConfigError,
+    check_fields,
+    parse_size,
+    setting,
+)
+from innkeeper.settings.engine import EngineConfig
 
 __all__ = ["ConfigError", "EngineConfig", "ServerConfig"]
 
@@ -22,16 +31,6 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5001
 DEFAULT_MAX_BODY = 32 * 2**20  # KoboldCpp's cap; a 128k-token prompt is ~0.5 MiB of text
 DEFAULT_SSE_PING = 10.0
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """`32M`, `512KiB`, `1g` or plain bytes -> bytes (binary units)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ConfigError(f"--max-body must be a size like 32M, 512K or 1048576 (got {text!r})")
-    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
 
 
 def check_origin(origin: str) -> str:
@@ -41,30 +40,22 @@ def check_origin(origin: str) -> str:
         return value
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
-        raise ConfigError(
-            f"--cors-origin must be an origin like http://localhost:8000, or * (got {origin!r})"
-        )
+        raise ConfigError(f"must be an origin like http://localhost:8000, or * (got {origin!r})")
     return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
 def check_plan_size(text: str) -> str:
-    """`--ram`/`--vram` take what `fit` takes (hardware.parse_size, several GPUs by commas)."""
-    from innkeeper.models.hardware import parse_size as hardware_size
-
-    try:
-        for part in text.split(","):
-            hardware_size(part.strip())
-    except ValueError as exc:
-        raise ConfigError(f"--ram/--vram: {exc}") from None
+    """`--ram`/`--vram`: sizes (several GPUs by commas), kept as text for
+    `hardware_with_overrides`."""
+    for part in text.split(","):
+        parse_size(part.strip())
     return text.strip()
 
 
 def check_host_name(name: str) -> str:
     value = name.strip().lower().rstrip(".")
     if value != "*" and (not value or any(c in value for c in "/ @?#")):
-        raise ConfigError(
-            f"--allow-host takes a host name such as host.docker.internal (got {name!r})"
-        )
+        raise ConfigError(f"takes a host name such as host.docker.internal (got {name!r})")
     if value.count(":") == 1:  # host:port -> host (the Host check ignores ports)
         value = value.split(":")[0]
     return value.strip("[]")
@@ -76,91 +67,149 @@ class ServerConfig:
 
     engine: EngineConfig
     host: str = setting(
-        DEFAULT_HOST, "--host", help="address to listen on (not loopback: needs --api-key)"
+        DEFAULT_HOST,
+        "--host",
+        metavar="ADDRESS",
+        help="address to listen on (not loopback: needs --api-key)",
+        panel=PANEL_NETWORK,
     )
-    port: int = setting(DEFAULT_PORT, "--port", min=1, max=65535, help="port for every API family")
+    port: int = setting(
+        DEFAULT_PORT,
+        "--port",
+        min=1,
+        max=65535,
+        help="port for every API family",
+        panel=PANEL_NETWORK,
+    )
     api_keys: tuple[str, ...] = setting(
-        (), "--api-key", help="require this key (Bearer); repeatable"
+        (),
+        "--api-key",
+        metavar="KEY",
+        help="require this key (Bearer); repeatable",
+        panel=PANEL_NETWORK,
     )
     insecure_no_auth: bool = setting(
-        False, "--insecure-no-auth", help="allow a non-loopback --host without an API key"
+        False,
+        "--insecure-no-auth",
+        help="allow a non-loopback --host without an API key",
+        panel=PANEL_NETWORK,
     )
     cors_origins: tuple[str, ...] = setting(
         (),
         "--cors-origin",
         parse=check_origin,
+        metavar="ORIGIN",
         help="let browser pages from this origin call the API (e.g. http://localhost:8000, "
         "or *); repeatable",
+        panel=PANEL_NETWORK,
     )
     allowed_hosts: tuple[str, ...] = setting(
         (),
         "--allow-host",
         parse=check_host_name,
+        metavar="HOST",
         help="accept this Host name on a loopback server (e.g. host.docker.internal); repeatable",
+        panel=PANEL_NETWORK,
     )
     max_body: int = setting(
         DEFAULT_MAX_BODY,
         "--max-body",
         parse=parse_size,
         min=1024,
-        help="largest request body (e.g. 32M, 512K; default 32M)",
+        metavar="SIZE",
+        help="largest request body, e.g. 512K or 1G (default: 32M)",
+        panel=PANEL_NETWORK,
     )
     default_max_tokens: int | None = setting(
-        None, "--max-tokens", min=1, help="default length when a request gives none"
+        None,
+        "--max-tokens",
+        min=1,
+        help="default length when a request gives none",
+        panel=PANEL_PERFORMANCE,
     )
     request_timeout: float | None = setting(
         None,
         "--request-timeout",
         min=0.001,
+        metavar="SECONDS",
         help="cancel a generation after this many seconds (default: never)",
+        panel=PANEL_PERFORMANCE,
     )
     sse_ping_interval: float = setting(
         DEFAULT_SSE_PING,
         "--sse-ping-interval",
         min=0,
-        help="seconds between keep-alive comments on a silent stream (0 = off)",
+        metavar="SECONDS",
+        help="seconds between keep-alive comments on a silent stream (0: off)",
+        panel=PANEL_NETWORK,
     )
-    model_alias: str | None = setting(None, "--alias", help="model name shown to clients")
+    model_alias: str | None = setting(
+        None,
+        "--alias",
+        metavar="NAME",
+        help="model name shown to clients",
+        panel=PANEL_MODEL,
+    )
     admin_keys: tuple[str, ...] = setting(
         (),
         "--admin-key",
+        metavar="KEY",
         help="key for loading, unloading, pulling and deleting models (Bearer or X-Admin-Key; "
         "without one these work on a loopback server only); repeatable",
+        panel=PANEL_NETWORK,
     )
     models_dirs: tuple[str, ...] = setting(
         (),
         "--models-dir",
+        metavar="DIR",
         help="a folder of GGUF models clients may load by name; repeatable",
+        panel=PANEL_RUNTIME,
     )
     models_max: int = setting(
-        1, "--models-max", min=1, max=64, help="models loaded at once (1: a load swaps)"
+        1,
+        "--models-max",
+        min=1,
+        max=64,
+        help="models loaded at once (1: a load swaps)",
+        panel=PANEL_RUNTIME,
     )
     idle_unload: float = setting(
         0,
         "--idle-unload",
         min=0,
-        help="unload a model unused for this many seconds (0 = never; requests may pass "
-        "keep_alive)",
+        metavar="SECONDS",
+        help="unload a model unused for this many seconds (0: never; requests may pass keep_alive)",
+        panel=PANEL_RUNTIME,
     )
     autoload: bool = setting(
         True,
         "--autoload/--no-autoload",
         help="load a model a request names (--no-autoload: 409 until an admin loads it)",
+        panel=PANEL_RUNTIME,
     )
     plan_ram: str | None = setting(
         None,
         "--ram",
         parse=check_plan_size,
-        help="plan memory for this much RAM instead of what is free (e.g. 8GiB), as `fit` does",
+        metavar="SIZE",
+        help="plan for this much RAM instead of what is free (e.g. 8GiB)",
+        panel=PANEL_MEMORY,
+        memory=True,
     )
     plan_vram: str | None = setting(
         None,
         "--vram",
         parse=check_plan_size,
-        help="plan memory for this much GPU memory (e.g. 12GiB; 24GiB,12GiB; 0 = no GPU)",
+        metavar="SIZE",
+        help="plan for this much GPU memory (e.g. 12GiB; 24GiB,12GiB; 0: no GPU)",
+        panel=PANEL_MEMORY,
+        memory=True,
     )
     allow_pickle: bool = setting(
-        False, "--allow-pickle", help="allow pickle weights (can run code!)"
+        False,
+        "--allow-pickle",
+        help="allow pickle weights (can run code!)",
+        panel=PANEL_MODEL,
     )
 
     @property
