@@ -5,18 +5,28 @@ BIN    := $(VENV)/bin
 ARGS   ?=
 GPU    ?=
 PYTEST_ARGS ?=
+LLAMA_CPP_PYTHON := $(shell sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml | head -n1)
 
-.PHONY: install dev serve test test-fast lint format bench bench-switch
+.PHONY: install dev serve test test-fast lint format bench bench-switch bench-gpu
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
 ## install: the server and its runtime dependencies (llama-cpp-python is pinned, so pip reuses its wheel)
+## The first install compiles llama.cpp: it says so, and shows pip's progress instead of nothing.
 install: $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	@if $(BIN)/python -c 'import importlib.metadata as m, sys; sys.exit(m.version("llama_cpp_python") != sys.argv[1])' \
+	    "$(LLAMA_CPP_PYTHON)" 2>/dev/null; then \
+	    $(BIN)/pip install --quiet -e .; \
+	else \
+	    echo "installing innkeeper: the first install builds llama.cpp (llama-cpp-python $(LLAMA_CPP_PYTHON)) from source,"; \
+	    echo "about 7 minutes on 2 cores, while pip shows 'Building wheel for llama-cpp-python'; later installs reuse it"; \
+	    $(BIN)/pip install --progress-bar on -e .; \
+	fi
 
 ## serve: install, then serve the embedded default model on http://127.0.0.1:5001
+## serve ARGS="MODEL --port 8080 ...": the same, with arguments for `innkeeper serve`
 ## serve GPU=cuda|vulkan|metal: first rebuild the pinned llama-cpp-python for that GPU (once)
 serve: install
 	@if [ -n "$(GPU)" ]; then ./scripts/gpu-build.sh "$(GPU)" "$(BIN)"; fi
@@ -50,3 +60,7 @@ bench: dev
 ## bench-switch: switching models (unload A, load B, first token) against llama-server's router
 bench-switch: dev
 	$(BIN)/python -m bench.switch $(ARGS)
+
+## bench-gpu: on an NVIDIA GPU, innkeeper against llama-server built with CUDA (see bench/README.md)
+bench-gpu: dev
+	$(BIN)/python -m bench.gpu $(ARGS)

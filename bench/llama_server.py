@@ -44,13 +44,18 @@ def cache_root() -> Path:
 
 
 def build_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
-    """The folder holding the sdist, its sources and the CMake build of one version."""
+    """The folder holding the sdist, its sources and the CMake builds of one version."""
     return cache_root() / f"llama.cpp-{version}"
 
 
-def cached_binary(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
-    """Where the built binary lands (it may not exist yet)."""
-    return build_dir(version) / "build" / "bin" / "llama-server"
+def cmake_build_dir(version: str = LLAMA_CPP_PYTHON_VERSION, variant: str = "cpu") -> Path:
+    """One CMake build of the shared sources: `build` for the CPU one, `build-cuda`..."""
+    return build_dir(version) / ("build" if variant == "cpu" else f"build-{variant}")
+
+
+def cached_binary(version: str = LLAMA_CPP_PYTHON_VERSION, variant: str = "cpu") -> Path:
+    """Where the built binary lands (it may not exist yet); its shared libraries sit beside it."""
+    return cmake_build_dir(version, variant) / "bin" / "llama-server"
 
 
 def _check_executable(path: Path, origin: str) -> Path:
@@ -144,25 +149,35 @@ def _extract_sources(root: Path, sdist: Path, version: str) -> Path:
     return src
 
 
-def build_llama_server(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int = 2) -> Path:
-    """Download the llama-cpp-python sdist, build its vendored llama-server, return the binary."""
+def build_llama_server(
+    version: str = LLAMA_CPP_PYTHON_VERSION,
+    jobs: int = 2,
+    variant: str = "cpu",
+    extra_flags: tuple[str, ...] = (),
+) -> Path:
+    """Download the llama-cpp-python sdist, build its vendored llama-server, return the binary.
+
+    `variant` names a build with `extra_flags` (e.g. "cuda" with -DGGML_CUDA=ON) beside the
+    CPU one, from the same downloaded sources.
+    """
     if shutil.which("cmake") is None:
         raise LlamaServerError("cmake is not installed (`apt-get install cmake g++`)")
     root = build_dir(version)
     root.mkdir(parents=True, exist_ok=True)
     with _lock(root / ".build.lock"):
-        binary = cached_binary(version)
+        binary = cached_binary(version, variant)
         if binary.is_file():
             return binary
-        log = root / "build-bench.log"
-        print(f"building llama-server from llama-cpp-python {version} (log: {log})", flush=True)
+        log = root / f"build-bench-{variant}.log"
+        print(
+            f"building llama-server ({variant}) from llama-cpp-python {version} (log: {log})",
+            flush=True,
+        )
         sdist = _download_sdist(root, version, log)
         src = _extract_sources(root, sdist, version)
-        _run(["cmake", "-S", str(src), "-B", str(root / "build"), *CMAKE_FLAGS], log)
-        _run(
-            ["cmake", "--build", str(root / "build"), "--target", "llama-server", f"-j{jobs}"],
-            log,
-        )
+        out = cmake_build_dir(version, variant)
+        _run(["cmake", "-S", str(src), "-B", str(out), *CMAKE_FLAGS, *extra_flags], log)
+        _run(["cmake", "--build", str(out), "--target", "llama-server", f"-j{jobs}"], log)
         if not binary.is_file():
             raise LlamaServerError(f"the build finished but {binary} is missing; see {log}")
         return binary

@@ -315,13 +315,19 @@ def _llama_server_kv_mib(
 
 
 def run_model(
-    model: BenchModel, args: argparse.Namespace, binary: Path, deadline: float = math.inf
+    model: BenchModel,
+    args: argparse.Namespace,
+    binary: Path,
+    deadline: float = math.inf,
+    cfg: loadgen.ScenarioConfig | None = None,
 ) -> dict[str, Any]:
     """Start the servers for one model, run the rounds, stop the servers; the model's record.
 
-    No new round starts after `deadline` (time.monotonic()); the first always runs.
+    No new round starts after `deadline` (time.monotonic()); the first always runs. `cfg`
+    sizes the scenarios (default: full, or quick with --quick).
     """
-    cfg = loadgen.ScenarioConfig.quick() if args.quick else loadgen.ScenarioConfig()
+    if cfg is None:
+        cfg = loadgen.ScenarioConfig.quick() if args.quick else loadgen.ScenarioConfig()
     log_dir = args.out / "logs"
     started: dict[str, servers.RunningServer] = {}
     runs: list[dict[str, Any]] = []

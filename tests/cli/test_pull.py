@@ -185,7 +185,7 @@ def test_models_on_an_empty_store(tmp_path: Path) -> None:
     runner = CliRunner()
     empty = str(tmp_path / "none")
     human = runner.invoke(app, ["models", "--models-dir", empty])
-    assert human.exit_code == 0 and "no models in" in human.output
+    assert human.exit_code == 0 and "is empty: `innkeeper pull owner/name`" in human.output
     as_json = runner.invoke(app, ["models", "--json", "--models-dir", empty])
     assert as_json.exit_code == 0
     assert [e for e in json.loads(as_json.stdout) if not e["embedded"]] == []

@@ -3,7 +3,8 @@
 The tensor data region is a hole (the file is extended with truncate), so an 8B-shaped file
 costs a few kilobytes of disk while llama.cpp sees exactly the shapes, types and metadata of
 the real model. The vocabulary is llama.cpp's `none` tokenizer with `{arch}.vocab_size`, so the
-header stays small and the output/embedding shapes stay real.
+header stays small and the output/embedding shapes stay real; `write_shape(tokenizer=...)`
+borrows a real model's tokenizer instead, for a file that can be served (the GPU bench's models).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 Q = GGMLQuantizationType
 
@@ -64,6 +66,42 @@ MIXTRAL_TINY = Shape("llama", 8, 1024, 16, 4, 64, 2048, 32000, 32768, n_expert=8
 TINY_LLAMA = Shape("llama", 4, 256, 4, 2, 64, 512, 4096, 2048)
 
 
+Tokenizer = dict[str, tuple[GGUFValueType, Any]]
+
+
+def read_tokenizer(gguf: Path) -> Tokenizer:
+    """A GGUF's `tokenizer.*` keys (vocabulary, merges, chat template...): type and value.
+
+    Read once and passed to `write_shape` for every file: parsing a 49k vocabulary takes
+    seconds.
+    """
+    fields = GGUFReader(gguf).fields
+    return {
+        name: (value.types[0], value.contents())
+        for name, value in fields.items()
+        if name.startswith("tokenizer.")
+    }
+
+
+def vocab_size(tokenizer: Tokenizer) -> int:
+    """How many tokens the tokenizer has (the shape's n_vocab must match)."""
+    return len(tokenizer["tokenizer.ggml.tokens"][1])
+
+
+def _write_tokenizer(w: GGUFWriter, tokenizer: Tokenizer, skip_template: bool) -> None:
+    adders = {
+        GGUFValueType.ARRAY: w.add_array,
+        GGUFValueType.STRING: w.add_string,
+        GGUFValueType.UINT32: w.add_uint32,
+        GGUFValueType.INT32: w.add_int32,
+        GGUFValueType.BOOL: w.add_bool,
+        GGUFValueType.FLOAT32: w.add_float32,
+    }
+    for name, (kind, value) in tokenizer.items():
+        if not (skip_template and name == "tokenizer.chat_template"):
+            adders[kind](name, value)
+
+
 def _tensor(w: GGUFWriter, name: str, ne: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
     """Declare one tensor (ne in GGML order: row length first); returns its byte size."""
     block, size = GGML_QUANT_SIZES[qtype]
@@ -80,8 +118,13 @@ def write_shape(
     qtype: GGMLQuantizationType = Q.Q8_0,
     file_type: int | None = 7,
     chat_template: str | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> Path:
-    """Write a sparse GGUF with the shapes of `s`; weights in `qtype`, norms in F32."""
+    """Write a sparse GGUF with the shapes of `s`; weights in `qtype`, norms in F32.
+
+    `tokenizer` (from `read_tokenizer`): a real model's vocabulary, merges and chat template
+    instead of the `none` tokenizer; `s.n_vocab` must be its vocabulary size.
+    """
     w = GGUFWriter(str(path), s.arch)
     a = s.arch
     w.add_uint32(f"{a}.block_count", s.n_layer)
@@ -110,7 +153,14 @@ def write_shape(
             w.add_uint32(key, int(value))  # type: ignore[arg-type]
     if file_type is not None:
         w.add_file_type(file_type)
-    w.add_string("tokenizer.ggml.model", "none")
+    if tokenizer is not None:
+        if vocab_size(tokenizer) != s.n_vocab:
+            raise ValueError(
+                f"the tokenizer has {vocab_size(tokenizer)} tokens, the shape {s.n_vocab}"
+            )
+        _write_tokenizer(w, tokenizer, skip_template=chat_template is not None)
+    else:
+        w.add_string("tokenizer.ggml.model", "none")
     if chat_template:
         w.add_string("tokenizer.chat_template", chat_template)
 

@@ -32,7 +32,9 @@ def models_command(
     if not entries:
         # The embedded model is always there, so an empty store is a hint, not "no models".
         console.print(
-            f"the store {root} is empty: `innkeeper pull owner/name` downloads a model into it"
+            f"the store {root} is empty: `innkeeper pull owner/name` downloads a model into it",
+            soft_wrap=True,
+            highlight=False,
         )
 
 
