@@ -45,6 +45,7 @@ from innkeeper.serving.errors import (
     ModelNotLoaded,
     ServingError,
 )
+from innkeeper.serving.idle import IdleUnloader
 from innkeeper.serving.load_settings import LOAD_SETTINGS, parse_keep_alive, parse_load_settings
 from innkeeper.serving.policy import Caller, keep_alive_allowed, redact_paths
 from innkeeper.serving.service import OFF_LOOP_THREADS, Service
@@ -59,7 +60,6 @@ T = TypeVar("T")
 LOAD_WAIT_SECONDS = 120.0  # a request for a loading model waits this long before a 503
 UNLOAD_DRAIN_SECONDS = 30.0  # an unload waits this long for running requests, then cancels
 CANCEL_GRACE_SECONDS = 10.0  # after cancelling, how long requests get to hand the model back
-IDLE_CHECK_SECONDS = 0.5
 RESCAN_SECONDS = 2.0  # listings re-scan the folders at most this often (files copied in later)
 # What a file or its settings can be wrong with: the client's problem (400), checked before
 # anything is evicted, and again by llama.cpp itself (ModelLoadError) after.
@@ -87,7 +87,7 @@ class ModelRegistry:
         self.pool = ThreadPoolExecutor(OFF_LOOP_THREADS, thread_name_prefix="innkeeper-work")
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="innkeeper-load")
         self._lock: asyncio.Lock | None = None
-        self._idle_task: asyncio.Task[None] | None = None
+        self.idle = IdleUnloader(self)
         self._service_factory = service_factory
         self._scanned = 0.0
         self.refresh()
@@ -461,44 +461,13 @@ class ModelRegistry:
         async with self.lock:
             pass
 
-    # ---- background: idle unload ---------------------------------------------------------
+    # ---- background: idle unload (serving/idle.py) ----------------------------------------
     def start(self) -> None:
         """Start idle unloading (on the server's event loop)."""
-        if self._idle_task is None:
-            self._idle_task = asyncio.get_running_loop().create_task(self._idle_loop())
+        self.idle.start()
 
     async def stop(self) -> None:
-        if self._idle_task is not None:
-            self._idle_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._idle_task
-            self._idle_task = None
-
-    def idle_limit(self, e: ModelEntry) -> float | None:
-        """Seconds of idleness after which `e` is unloaded; None: never."""
-        if e.keep_alive is not None:
-            return None if e.keep_alive < 0 else e.keep_alive
-        return self.config.idle_unload or None
-
-    async def _idle_loop(self) -> None:
-        while True:
-            await asyncio.sleep(IDLE_CHECK_SECONDS)
-            try:
-                await self.unload_idle()
-            except Exception:  # the loop must survive one bad unload
-                log.exception("idle unload failed")
-
-    async def unload_idle(self) -> None:
-        now = time.monotonic()
-        for e in self.loaded():
-            limit = self.idle_limit(e)
-            svc = e.service
-            if limit is None or svc is None or svc.busy or self.lock.locked():
-                continue
-            if now - svc.last_used >= limit:
-                async with self.lock:
-                    if e.service is svc and not svc.busy:
-                        await self._unload(e, f"idle for {limit:g} s")
+        await self.idle.stop()
 
     def cancel_all(self) -> int:
         """Cancel every generation of every loaded model (shutdown)."""
