@@ -215,7 +215,13 @@ def test_unknown_model_and_unknown_options(srv: ServerProcess) -> None:
     r = post(srv, "/api/generate", {"model": "nope:7b", "prompt": "x"})
     assert r.status_code == 404 and r.json() == {"error": "model 'nope:7b' not found"}
     # Ollama ignores options it does not know (and its load options, such as num_gpu)
-    opts = {"num_predict": 2, "not_an_option": True, "num_gpu": 99, "num_thread": 3}
+    opts = {
+        "num_predict": 2,
+        "ignore_eos": True,
+        "not_an_option": 1,
+        "num_gpu": 99,
+        "num_thread": 3,
+    }
     r = post(srv, "/api/generate", {"model": NAME, "prompt": "x", "stream": False, "options": opts})
     assert r.status_code == 200 and r.json()["eval_count"] == 2
 

@@ -6,6 +6,7 @@ included."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -15,11 +16,17 @@ from typing import Any
 import httpx
 import pytest
 
+from innkeeper.api.app import create_app
+from innkeeper.models.store import default_model_path
+from innkeeper.serving.registry import ModelRegistry
+from innkeeper.settings.engine import EngineConfig
+from innkeeper.settings.server import ServerConfig
 from tests.helpers import ServerProcess, run_server
 
 pytestmark = pytest.mark.slow  # starts real servers or browsers: not in `make test-fast`
 
 CTX = 2048
+SMOL = default_model_path().name.removesuffix(".gguf") + ":latest"
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +85,11 @@ def one_json_line_each(chunks: list[tuple[float, bytes]]) -> list[dict[str, Any]
 
 def test_every_ndjson_line_is_its_own_chunk(srv: ServerProcess) -> None:
     name = httpx.get(f"{srv.url}/api/tags").json()["models"][0]["name"]
-    body = {"model": name, "prompt": "Count to twenty:", "options": {"num_predict": 24}}
+    body = {
+        "model": name,
+        "prompt": "Count to twenty:",
+        "options": {"num_predict": 24, "ignore_eos": True},
+    }
     chunks = raw_chunks(srv, "/api/generate", body)
     lines = one_json_line_each(chunks)
     assert len(lines) >= 10
@@ -157,3 +168,63 @@ def test_num_ctx_reloads_for_an_admin(srv: ServerProcess) -> None:
     body["options"] = st_options(CTX)
     assert httpx.post(f"{srv.url}/api/generate", json=body, timeout=120).status_code == 200
     assert ctx() == CTX
+
+
+def test_one_asgi_body_message_per_line() -> None:
+    """In process, below HTTP: the app's `send` gets one body message per NDJSON line."""
+    config = ServerConfig(
+        engine=EngineConfig(model_path=default_model_path(), ctx_size=512, threads=1),
+        port=5001,
+    ).validate()
+    registry = ModelRegistry(config, default_model_path())
+    app = create_app(registry, config)
+    request = json.dumps(
+        {
+            "model": SMOL,
+            "prompt": "Count to ten:",
+            "options": {"num_predict": 12, "ignore_eos": True},
+        }
+    ).encode()
+    sent: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        pending = [{"type": "http.request", "body": request, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if pending:
+                return pending.pop()
+            await asyncio.Event().wait()  # the client stays until the answer is over
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/api/generate",
+            "raw_path": b"/api/generate",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"127.0.0.1:5001"), (b"content-type", b"application/json")],
+            "client": ("127.0.0.1", 40000),
+            "server": ("127.0.0.1", 5001),
+        }
+        await app(scope, receive, send)
+
+    try:
+        asyncio.run(run())
+    finally:
+        registry.close()
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    bodies = [m["body"] for m in sent[1:] if m["body"]]
+    assert all(m["type"] == "http.response.body" for m in sent[1:])
+    assert len(bodies) >= 6
+    for body in bodies:
+        assert body.endswith(b"\n") and body.count(b"\n") == 1, body
+    lines = [json.loads(b) for b in bodies]
+    assert lines[-1]["done"] and lines[-1]["eval_count"] == 12
+    assert not any(line["done"] for line in lines[:-1])
