@@ -190,6 +190,7 @@ def test_pull_and_delete_errors(client: ollama.Client) -> None:
         ("/api/generate", {"model": NAME, "prompt": "x", "template": "{{ .Prompt }}"}),
         ("/api/generate", {"model": NAME, "prompt": "x", "keep_alive": "soon"}),
         ("/api/generate", {"model": NAME, "prompt": "x", "format": "yaml"}),
+        ("/api/generate", {"model": NAME, "prompt": "x", "context": [10**9]}),
         ("/api/generate", {"prompt": "x"}),
         ("/api/generate", {"model": "", "prompt": "x"}),
         ("/api/generate", {"model": NAME, "prompt": "word " * 200_000}),
