@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 
 import httpx
 import ollama
@@ -128,6 +129,13 @@ def test_format_json(client: ollama.Client) -> None:
         model=NAME, prompt="A user as JSON:", format="json", options={"num_predict": 12}
     )
     assert out.response.lstrip().startswith("{")
+    chat = client.chat(
+        model=NAME,
+        messages=[{"role": "user", "content": "A user as JSON."}],
+        format="json",
+        options={"num_predict": 12},
+    )
+    assert (chat.message.content or "").lstrip().startswith("{")
     with pytest.raises(ollama.ResponseError) as err:
         client.generate(model=NAME, prompt="x", format={"type": "object"})
     assert err.value.status_code == 400 and "schema" in err.value.error
@@ -251,8 +259,11 @@ def test_other_api_paths_keep_their_shapes(srv: ServerProcess) -> None:
 
 
 def test_ps_lists_the_loaded_model(client: ollama.Client) -> None:
+    client.generate(model=NAME, prompt="Hi", keep_alive="5m", options={"num_predict": 1})
     loaded = client.ps().models
     assert [m.model for m in loaded] == [NAME]
     m = loaded[0]
     assert m.size and m.size > 0 and m.size_vram is not None and m.size_vram <= m.size
     assert m.expires_at is not None and m.context_length == CTX
+    left = (m.expires_at - datetime.now(timezone.utc)).total_seconds()
+    assert 240 < left <= 300  # keep_alive 5m: idle unload in five minutes
