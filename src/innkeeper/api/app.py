@@ -19,6 +19,7 @@ from innkeeper.api import (
     llamacpp,
     metrics,
     model_routes,
+    ollama,
     ooba,
     openai,
     status,
@@ -85,6 +86,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     for module in (model_routes, openai, kobold, ooba, llamacpp, status, metrics):
         app.include_router(module.router)
     app.include_router(store_routes.router)  # pull and delete, for the page's Models panel
+    app.include_router(ollama.router)  # Ollama's API (SillyTavern's Ollama type)
     install_docs(app)
 
     index = STATIC / "index.html"

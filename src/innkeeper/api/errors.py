@@ -2,7 +2,8 @@
 
 OpenAI clients read `{"error": {"message", "type"}}`; KoboldAI/KoboldCpp clients and
 text-generation-webui read `{"detail": …}`; llama.cpp's server answers
-`{"error": {"code", "message", "type"}}`. SillyTavern shows any of them as a toast.
+`{"error": {"code", "message", "type"}}`; Ollama's routes answer `{"error": "..."}`.
+SillyTavern shows any of them as a toast.
 """
 
 from __future__ import annotations
@@ -88,7 +89,31 @@ def check_finish(ev: FinishEvent) -> None:
         raise finish_error(ev)
 
 
+# Ollama's routes (its docs/api.md), by exact path: the rest of /api/ is KoboldAI/KoboldCpp's
+# (/api/v1/*, /api/extra/*) and innkeeper's (/api/innkeeper/*), each with its own shape. The
+# Ollama routes innkeeper does not serve are listed too, so an Ollama client reads their 404.
+OLLAMA_PATHS = frozenset(
+    {
+        "/api/version",
+        "/api/tags",
+        "/api/show",
+        "/api/ps",
+        "/api/generate",
+        "/api/chat",
+        "/api/pull",
+        "/api/delete",
+        "/api/embed",
+        "/api/embeddings",
+        "/api/create",
+        "/api/copy",
+        "/api/push",
+    }
+)
+
+
 def family(path: str) -> str:
+    if path in OLLAMA_PATHS:
+        return "ollama"
     if path.startswith("/v1/internal"):
         return "ooba"
     if path.startswith("/api/"):
@@ -106,6 +131,8 @@ def error_body(path: str, status: int, message: str, type_: str) -> dict[str, An
         return {"detail": {"msg": message, "type": type_}}
     if fam == "ooba":
         return {"detail": message}
+    if fam == "ollama":
+        return {"error": message}
     return {"error": {"code": status, "message": message, "type": type_}}
 
 
@@ -143,7 +170,7 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         path = request.url.path
-        status = 400 if family(path) in ("openai", "llamacpp") else 422
+        status = 400 if family(path) in ("openai", "llamacpp", "ollama") else 422
         return error_response(path, status, validation_message(exc), "invalid_request_error")
 
     @app.exception_handler(StarletteHTTPException)

@@ -1,4 +1,5 @@
-"""Server-sent events: framing, keep-alive pings, and cancellation when the client leaves."""
+"""Streamed answers: server-sent events (framing, keep-alive pings) and Ollama's NDJSON, with
+cancellation when the client leaves."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from innkeeper.serving.service import Service
 
 PING = b": ping\n\n"
 DONE = b"data: [DONE]\n\n"
+SSE_TYPE = "text/event-stream"
+NDJSON_TYPE = "application/x-ndjson"
 
 
 def dumps(obj: Any) -> str:
@@ -65,12 +68,51 @@ def sse_response(
     """
     if ping_every is None:
         ping_every = service.sse_ping_interval
+    return _run_stream(
+        service, running, frame, tail=tail, ping=PING, ping_every=ping_every, media_type=SSE_TYPE
+    )
+
+
+def ndjson_line(obj: Any) -> bytes:
+    return (dumps(obj) + "\n").encode()
+
+
+def ndjson_response(
+    service: Service, running: RunningGeneration, frame: Callable[[Event], Iterable[Any]]
+) -> StreamingResponse:
+    """Ollama's stream: one JSON object per line, each line its own `http.response.body`
+    message (one HTTP chunk), never joined with the next. SillyTavern's Ollama reader parses
+    everything received so far as one JSON value, so two lines in one chunk break it. NDJSON
+    has no comment line, so no keep-alive pings either."""
+    return _run_stream(
+        service,
+        running,
+        lambda ev: [ndjson_line(obj) for obj in frame(ev)],
+        tail=None,
+        ping=None,
+        ping_every=None,
+        media_type=NDJSON_TYPE,
+    )
+
+
+def _run_stream(
+    service: Service,
+    running: RunningGeneration,
+    frame: Callable[[Event], Iterable[bytes]],
+    *,
+    tail: bytes | None,
+    ping: bytes | None,
+    ping_every: float | None,
+    media_type: str,
+) -> StreamingResponse:
+    """One run's events as a stream: each chunk `frame` makes is one body message."""
 
     async def body() -> AsyncIterator[bytes]:
         try:
             async for ev in running.events(ping_every):
                 if ev is None:
-                    yield PING
+                    if ping:
+                        yield ping
                     continue
                 for chunk in frame(ev):
                     yield chunk
@@ -85,7 +127,7 @@ def sse_response(
         [running],
         service,
         body(),
-        media_type="text/event-stream",
+        media_type=media_type,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -150,6 +192,6 @@ def sse_runs_response(
         runs,
         service,
         body(),
-        media_type="text/event-stream",
+        media_type=SSE_TYPE,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
