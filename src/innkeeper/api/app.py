@@ -15,6 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from innkeeper import __version__
 from innkeeper.api import (
+    embeddings,
     kobold,
     llamacpp,
     metrics,
@@ -82,7 +83,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     app.state.registry = registry
     app.state.config = config
     install_handlers(app)
-    for module in (model_routes, openai, kobold, ooba, llamacpp, status, metrics):
+    for module in (model_routes, openai, embeddings, kobold, ooba, llamacpp, status, metrics):
         app.include_router(module.router)
     app.include_router(store_routes.router)  # pull and delete, for the page's Models panel
     install_docs(app)

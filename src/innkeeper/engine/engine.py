@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from innkeeper.engine.backend import (
     Context,
@@ -14,13 +14,26 @@ from innkeeper.engine.backend import (
     ModelParams,
     default_threads,
 )
+from innkeeper.engine.embeddings import EMBED_SEQS, Embedder, Embeddings, model_kind
 from innkeeper.engine.events import GenerationRequest
 from innkeeper.engine.scheduler import Perf, QueueFullError, Scheduler
 from innkeeper.engine.templates import ChatTemplate, resolve_template
 from innkeeper.engine.tokenizer import Tokenizer
 from innkeeper.settings.engine import DEFAULT_CTX, EngineConfig
 
-__all__ = ["DEFAULT_CTX", "Engine", "EngineConfig", "EngineStats", "Perf", "QueueFullError"]
+__all__ = [
+    "DEFAULT_CTX",
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "NotAChatModel",
+    "Perf",
+    "QueueFullError",
+]
+
+
+class NotAChatModel(RuntimeError):
+    """A generation was submitted to an embedding model (it has no generation context)."""
 
 
 @dataclass(frozen=True)
@@ -66,30 +79,75 @@ def context_params(config: EngineConfig, n_ctx_train: int) -> ContextParams:
     )
 
 
+def embedding_params(config: EngineConfig, n_ctx_train: int, chat_ctx: int | None) -> ContextParams:
+    """The embeddings context: an embedding model's whole context; beside a chat model, at
+    most one logical batch (--batch-size) and never more than its generation context."""
+    params = context_params(config, n_ctx_train)
+    n_ctx = params.n_ctx if chat_ctx is None else min(chat_ctx, config.batch_size)
+    if n_ctx_train:
+        n_ctx = min(n_ctx, n_ctx_train)
+    return replace(params, n_ctx=n_ctx, n_seq=EMBED_SEQS)
+
+
 class Engine:
-    """Loads the model and runs generations; knows nothing about HTTP."""
+    """Loads the model and runs generations (a chat model) or embeddings; knows nothing
+    about HTTP. An embedding model gets no generation context and no scheduler."""
 
     def __init__(self, config: EngineConfig) -> None:
         config.validate()  # ConfigError (a ValueError) names the flag at fault
         self.config = config
         self.model = Model(config.model_path, model_params(config))
+        self.kind = model_kind(self.model.meta)
+        self.ctx: Context | None = None
+        self.scheduler: Scheduler | None = None
+        self._embedder: Embedder | None = None
+        self._embedder_lock = threading.Lock()
         try:
-            self.ctx = Context(self.model, context_params(config, self.model.info.n_ctx_train))
+            if self.kind == "embedding":
+                self._embedder = self._new_embedder()
+            else:
+                self.ctx = Context(self.model, context_params(config, self.model.info.n_ctx_train))
         except Exception:
             self.model.close()
             raise
         self.template: ChatTemplate = resolve_template(config.chat_template, self.model.info)
         self.tokenizer = Tokenizer(self.model)
-        self.scheduler = Scheduler(
-            self.model,
-            self.ctx,
-            config.parallel,
-            cache_reuse=config.cache_reuse,
-            max_queue=config.max_queue,
-            cache_ram=config.cache_ram_mib * 2**20,
-            ctx_checkpoints=config.ctx_checkpoints,
-        )
-        self.scheduler.start()
+        if self.ctx is not None:
+            self.scheduler = Scheduler(
+                self.model,
+                self.ctx,
+                config.parallel,
+                cache_reuse=config.cache_reuse,
+                max_queue=config.max_queue,
+                cache_ram=config.cache_ram_mib * 2**20,
+                ctx_checkpoints=config.ctx_checkpoints,
+            )
+            self.scheduler.start()
+
+    def _new_embedder(self) -> Embedder:
+        chat_ctx = self.ctx.n_ctx if self.ctx is not None else None
+        params = embedding_params(self.config, self.model.info.n_ctx_train, chat_ctx)
+        return Embedder(self.model, params, self.config.pooling)
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embeddings context; a chat model's is created on first use (any thread), so a
+        server that never embeds never pays for its buffers."""
+        with self._embedder_lock:
+            if self._embedder is None:
+                self._embedder = self._new_embedder()
+            return self._embedder
+
+    def embed(
+        self,
+        inputs: list[list[int]],
+        *,
+        normalize: bool = True,
+        truncate: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> Embeddings:
+        """Embed token lists on the calling thread (serving's workers, never the event loop)."""
+        return self.embedder.embed(inputs, normalize=normalize, truncate=truncate, cancel=cancel)
 
     @property
     def info(self) -> ModelInfo:
@@ -97,7 +155,7 @@ class Engine:
 
     @property
     def n_ctx(self) -> int:
-        return self.ctx.n_ctx
+        return self.ctx.n_ctx if self.ctx is not None else self.embedder.n_ctx
 
     def tokenize(
         self,
@@ -115,16 +173,22 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request (any thread); raises QueueFullError at --max-queue."""
+        if self.scheduler is None:
+            raise NotAChatModel(f"{self.model.info.path.name} is an embedding model")
         self.scheduler.submit(request)
 
     def cancel_all(self) -> int:
         """Abort every running and queued request (any thread); returns how many."""
-        return self.scheduler.cancel_all()
+        return self.scheduler.cancel_all() if self.scheduler is not None else 0
 
     def stats(self) -> EngineStats:
         """Counters and slot occupancy now (any thread; each field is read without a lock,
         so they may be a step apart, as the perf endpoints always were)."""
         sched = self.scheduler
+        if sched is None:
+            ctx = self.embedder.ctx
+            return EngineStats(0, 0, 0, (), ctx.threads, ctx.threads_batch, Perf())
+        assert self.ctx is not None
         return EngineStats(
             slots=len(sched.slots),
             busy_slots=sched.busy_slots,
@@ -136,6 +200,10 @@ class Engine:
         )
 
     def close(self) -> None:
-        self.scheduler.stop()
-        self.ctx.close()
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        if self._embedder is not None:
+            self._embedder.close()
+        if self.ctx is not None:
+            self.ctx.close()
         self.model.close()

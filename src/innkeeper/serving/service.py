@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 from innkeeper.engine.backend import ModelInfo
+from innkeeper.engine.embeddings import EmbeddingCancelled, EmbeddingError, Embeddings
 from innkeeper.engine.engine import Engine, EngineStats
 from innkeeper.engine.events import Event, FinishEvent, GenerationRequest
 from innkeeper.engine.sampling import GrammarError, check_grammar
@@ -39,6 +40,7 @@ OFF_LOOP_THREADS = 2
 # to fit (truncation_length, max_context_length) may hold this many contexts' worth of tokens.
 COUNT_LIMIT_CONTEXTS = 4
 GRAMMARS_REMEMBERED = 64  # grammars already checked: a chat resending one is not re-parsed
+MAX_EMBED_INPUTS = 2048  # inputs in one embeddings request (OpenAI's own cap)
 
 T = TypeVar("T")
 
@@ -79,6 +81,9 @@ class Service:
         self.users = 0  # requests holding this model now (the registry unloads at 0)
         self.last_used = time.monotonic()  # for LRU eviction and idle unload
         self.closed = False  # set by the registry when it unloads the model
+        # Embedding decodes get their own thread: a batch of 64 inputs must not hold one of
+        # the few workers that tokenise every other request.
+        self._embed_pool: ThreadPoolExecutor | None = None
 
     # ---- what routes may read about the model (they never touch the engine itself) --------
     @property
@@ -92,6 +97,11 @@ class Service:
     @property
     def info(self) -> ModelInfo:
         return self.engine.info
+
+    @property
+    def kind(self) -> str:
+        """ "chat" or "embedding" (an embedding model serves no generation)."""
+        return self.engine.kind
 
     @property
     def template(self) -> ChatTemplate:
@@ -142,18 +152,25 @@ class Service:
     def close(self) -> None:
         """Free the model (any thread); requests still holding it get a 503 on start."""
         self.closed = True
+        if self._embed_pool is not None:
+            self._embed_pool.shutdown(wait=True)  # no decode may outlive the model
         self.engine.close()
 
     async def off_loop(
-        self, work: Callable[[threading.Event], T], request: Disconnectable | None = None
+        self,
+        work: Callable[[threading.Event], T],
+        request: Disconnectable | None = None,
+        *,
+        pool: ThreadPoolExecutor | None = None,
     ) -> T:
-        """Run `work(cancel)` on the service's worker threads instead of the event loop.
+        """Run `work(cancel)` on the service's worker threads (or `pool`) instead of the event
+        loop.
 
         When the client of `request` hangs up (or the awaiting task is cancelled), `cancel`
         is set; work that comes in pieces (tokenising) stops at the next piece.
         """
         cancel = threading.Event()
-        future = asyncio.get_running_loop().run_in_executor(self._pool, work, cancel)
+        future = asyncio.get_running_loop().run_in_executor(pool or self._pool, work, cancel)
         watcher = asyncio.create_task(_wait_disconnect(request)) if request is not None else None
         try:
             if watcher is not None:
@@ -234,6 +251,72 @@ class Service:
 
     async def detokenize(self, tokens: list[int], request: Disconnectable | None = None) -> str:
         return await self.off_loop(lambda _cancel: self.detokenize_now(tokens), request)
+
+    async def embed(
+        self,
+        inputs: list[list[int]] | list[str],
+        *,
+        truncate: bool = False,
+        normalize: bool = True,
+        request: Disconnectable | None = None,
+    ) -> Embeddings:
+        """Embed texts or token lists: tokenising and decoding on worker threads, never on
+        the event loop. Too many inputs, an empty or too long one are ParamErrors (with
+        `truncate`, a long input is cut to the embedding context instead)."""
+        if not inputs:
+            raise ParamError("the input is empty: give at least one text")
+        if len(inputs) > MAX_EMBED_INPUTS:
+            raise ParamError(
+                f"{len(inputs)} inputs in one request; this server embeds at most "
+                f"{MAX_EMBED_INPUTS} at once"
+            )
+        if self.closed:
+            raise ModelBusy(
+                f"model {self.model_id!r} was just unloaded; send the request again",
+                retry_after=1,
+            )
+        self.touch()
+        if self._embed_pool is None:
+            self._embed_pool = ThreadPoolExecutor(1, thread_name_prefix="innkeeper-embed")
+        texts = [t for t in inputs if isinstance(t, str)]
+        if texts and len(texts) != len(inputs):
+            raise ParamError("the input mixes texts and token ids: give one kind")
+
+        def work(cancel: threading.Event) -> Embeddings:
+            embedder = self.engine.embedder  # a chat model's is created on first use
+            # Tokenising stops past what could be used: the context, or (truncating) what
+            # this server tokenises at all.
+            limit = self.count_limit if truncate else embedder.limit
+            token_lists = []
+            for i, item in enumerate(inputs):
+                if not isinstance(item, str):
+                    token_lists.append(item)
+                    continue
+                try:
+                    token_lists.append(
+                        self.engine.tokenize(item, add_special=True, cancel=cancel, limit=limit)
+                    )
+                except TooManyTokens as exc:
+                    raise ParamError(
+                        f"input {i} has at least {exc.at_least} tokens but this server embeds "
+                        f"at most {limit} tokens of one input"
+                        + ("" if truncate else " (shorten it, or ask for truncation)")
+                    ) from exc
+                except TokenizeCancelled as exc:
+                    raise ClientGone("the client went away") from exc
+            try:
+                return embedder.embed(
+                    token_lists,  # type: ignore[arg-type]
+                    normalize=normalize,
+                    truncate=truncate,
+                    cancel=cancel,
+                )
+            except EmbeddingError as exc:
+                raise ParamError(str(exc)) from exc
+            except EmbeddingCancelled as exc:
+                raise ClientGone("the client went away") from exc
+
+        return await self.off_loop(work, request, pool=self._embed_pool)
 
     def check_grammar_now(self, grammar: str | None) -> None:
         """Bound and compile a client grammar (a ParamError if it is bad or too costly)."""
@@ -318,6 +401,11 @@ class Service:
         n_logprobs: int = 0,
         genkey: str | None = None,
     ) -> RunningGeneration:
+        if self.kind == "embedding":
+            raise ParamError(
+                f"model {self.model_id!r} is an embedding model: it answers /v1/embeddings, "
+                "/embedding and /api/embed, not generation"
+            )
         prompt, max_tokens = self.prepare(prompt, gen, default_max_tokens)
         # Routes check the grammar off the loop first (`check_grammar`); this is then a lookup.
         self.check_grammar_now(gen.params.grammar)

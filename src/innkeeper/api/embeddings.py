@@ -1,0 +1,231 @@
+"""Embedding routes, each family in its own shape (SillyTavern's Vector Storage uses them all).
+
+OpenAI: `POST /v1/embeddings`. llama-server: `POST /embedding` and `/embeddings` (a list of
+`{"index", "embedding": [[...]]}`; per-token vectors with `--pooling none`). Ollama:
+`POST /api/embed` and the older `/api/embeddings`, whose errors are `{"error": "..."}`: those
+two routes parse their own bodies and format their own errors, so the app-wide handlers (which
+give /api/* KoboldAI's shape) never see them. Which model answers is the registry's rule
+(`ModelRegistry.embedding_entry`); the decode runs on serving's threads.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from innkeeper.api.errors import ApiError, from_serving, validation_message
+from innkeeper.api.offload import OFF_LOOP_BODY_BYTES, OffLoopBodyRoute
+from innkeeper.api.params import JsonBody
+from innkeeper.api.state import registry_of, use_model
+from innkeeper.engine.embeddings import Embeddings
+from innkeeper.serving.errors import ParamError, ServingError
+from innkeeper.serving.service import Service
+
+router = APIRouter(tags=["embeddings"], route_class=OffLoopBodyRoute)
+
+TokenIds = list[Annotated[int, Field(ge=0)]]
+# What OpenAI's and llama-server's `input` may be: a text, texts, token ids, lists of ids.
+EmbedInput = str | list[str] | TokenIds | list[TokenIds]
+
+
+class OpenAIEmbeddingBody(JsonBody):
+    input: EmbedInput
+    model: str | None = None
+    encoding_format: str = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class LlamaEmbeddingBody(JsonBody):
+    content: EmbedInput | None = None
+    input: EmbedInput | None = None
+    model: str | None = None
+    embd_normalize: int = 2
+
+
+class OllamaEmbedBody(JsonBody):
+    model: str | None = None
+    input: str | list[str]
+    truncate: bool = True
+    options: dict[str, Any] | None = None
+    keep_alive: Any = None
+
+
+class OllamaLegacyBody(JsonBody):
+    model: str | None = None
+    prompt: str
+    options: dict[str, Any] | None = None
+    keep_alive: Any = None
+
+
+def as_inputs(value: EmbedInput) -> list[str] | list[list[int]]:
+    """One input or several, as a list of inputs (a flat id list is one input)."""
+    if isinstance(value, str):
+        return [value]
+    if value and all(isinstance(v, int) for v in value):
+        return [value]  # type: ignore[list-item]
+    return value  # type: ignore[return-value]
+
+
+async def embed_with(
+    request: Request,
+    name: str | None,
+    inputs: list[str] | list[list[int]],
+    *,
+    keep_alive: Any = None,
+    truncate: bool = False,
+    normalize: bool = True,
+    pooled: bool = True,
+) -> tuple[Service, Embeddings]:
+    """The registry's embedding model for `name`, held for the request, and its vectors.
+    `pooled`: the route's shape has one vector per input (pooling none is refused)."""
+    entry = registry_of(request).embedding_entry(name)
+    service = await use_model(request, entry.id, keep_alive)
+    result = await service.embed(inputs, truncate=truncate, normalize=normalize, request=request)
+    if pooled and result.pooling == "none":
+        raise ParamError(
+            "pooling 'none' gives one vector per token, which this route cannot return: "
+            "use POST /embeddings, or start the server with another --pooling"
+        )
+    return service, result
+
+
+# ---- OpenAI ----------------------------------------------------------------------------------
+@router.post("/v1/embeddings")
+async def openai_embeddings(request: Request, body: OpenAIEmbeddingBody) -> JSONResponse:
+    if body.encoding_format not in ("float", "base64"):
+        raise ApiError(400, "encoding_format must be float or base64")
+    service, result = await embed_with(request, body.model, as_inputs(body.input))
+    data = []
+    for i, vec in enumerate(result.vectors):
+        item: Any = vec
+        if body.encoding_format == "base64":
+            item = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode("ascii")
+        data.append({"object": "embedding", "index": i, "embedding": item})
+    n = result.total_tokens
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "model": body.model or service.model_id,
+            "usage": {"prompt_tokens": n, "total_tokens": n},
+        }
+    )
+
+
+# ---- llama-server ----------------------------------------------------------------------------
+async def llama_embeddings(request: Request, body: LlamaEmbeddingBody) -> JSONResponse:
+    value = body.input if body.input is not None else body.content
+    if value is None:
+        raise ApiError(400, '"input" or "content" must be provided')
+    if body.embd_normalize not in (-1, 2):
+        raise ApiError(400, "embd_normalize: this server supports -1 (none) and 2 (Euclidean)")
+    _, result = await embed_with(
+        request,
+        body.model,
+        as_inputs(value),
+        normalize=body.embd_normalize == 2,
+        pooled=False,
+    )
+    per_token = result.pooling == "none"
+    return JSONResponse(
+        [
+            {"index": i, "embedding": vec if per_token else [vec]}
+            for i, vec in enumerate(result.vectors)
+        ]
+    )
+
+
+router.add_api_route("/embedding", llama_embeddings, methods=["POST"])
+router.add_api_route("/embeddings", llama_embeddings, methods=["POST"])
+
+
+# ---- Ollama ----------------------------------------------------------------------------------
+def ollama_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def ollama_body(request: Request, model: type[BaseModel]) -> Any:
+    """The body as `model`, parsed off the event loop when large (Ollama's routes take it
+    raw so that a bad one gets Ollama's error shape)."""
+    raw = await request.body()
+
+    def parse() -> Any:
+        try:
+            return model.model_validate(json.loads(raw))
+        except json.JSONDecodeError as exc:
+            raise ParamError(f"the request body is not valid JSON ({exc.msg})") from None
+        except ValidationError as exc:
+            errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+            raise ParamError(validation_message(RequestValidationError(errors))) from None
+
+    if len(raw) >= OFF_LOOP_BODY_BYTES:
+        return await registry_of(request).off_loop(parse)
+    return parse()
+
+
+async def ollama_route(request: Request, model: type[BaseModel], answer: Any) -> JSONResponse:
+    """Run an Ollama route, every refusal as `{"error": msg}` with its status."""
+    try:
+        body = await ollama_body(request, model)
+        return JSONResponse(await answer(body))
+    except ServingError as exc:
+        err = from_serving(exc)
+        return ollama_error(err.status, err.message, err.headers)
+    except ApiError as exc:
+        return ollama_error(exc.status, exc.message, exc.headers)
+
+
+@router.post("/api/embed", response_model=None)
+async def ollama_embed(request: Request) -> JSONResponse:
+    async def answer(body: OllamaEmbedBody) -> dict[str, Any]:
+        t0 = time.monotonic()
+        entry = registry_of(request).embedding_entry(body.model)
+        was_loaded = entry.ready
+        service = await use_model(request, entry.id, body.keep_alive)
+        t1 = time.monotonic()
+        _, result = await embed_with(
+            request,
+            body.model,
+            as_inputs(body.input),
+            keep_alive=body.keep_alive,
+            truncate=body.truncate,
+        )
+        done = time.monotonic()
+        return {
+            "model": body.model or service.model_id,
+            "embeddings": result.vectors,
+            "total_duration": int((done - t0) * 1e9),
+            "load_duration": 0 if was_loaded else int((t1 - t0) * 1e9),
+            "prompt_eval_count": result.total_tokens,
+        }
+
+    return await ollama_route(request, OllamaEmbedBody, answer)
+
+
+@router.post("/api/embeddings", response_model=None)
+async def ollama_embeddings_legacy(request: Request) -> JSONResponse:
+    """Ollama's older route: one prompt, one vector, not normalised (as Ollama answers it)."""
+
+    async def answer(body: OllamaLegacyBody) -> dict[str, Any]:
+        if not body.prompt:
+            return {"embedding": []}  # Ollama's answer to an empty prompt
+        _, result = await embed_with(
+            request,
+            body.model,
+            [body.prompt],
+            keep_alive=body.keep_alive,
+            truncate=True,
+            normalize=False,
+        )
+        return {"embedding": result.vectors[0]}
+
+    return await ollama_route(request, OllamaLegacyBody, answer)
