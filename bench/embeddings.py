@@ -27,10 +27,35 @@ import numpy as np
 from bench.llama_server import LlamaServerError, find_llama_server
 from bench.servers import RunningServer, innkeeper_spec, llama_server_spec, start
 
-WORDS = (
-    "the tavern keeper poured another round while the bard tuned a lute and old friends "
-    "argued about dragons maps rivers gold storms ships lanterns and forgotten songs"
-).split()
+WORDS = [
+    "the",
+    "tavern",
+    "keeper",
+    "poured",
+    "another",
+    "round",
+    "while",
+    "the",
+    "bard",
+    "tuned",
+    "a",
+    "lute",
+    "and",
+    "old",
+    "friends",
+    "argued",
+    "about",
+    "dragons",
+    "maps",
+    "rivers",
+    "gold",
+    "storms",
+    "ships",
+    "lanterns",
+    "and",
+    "forgotten",
+    "songs",
+]
 
 
 def chunks(n: int = 64, words: int = 75) -> list[str]:

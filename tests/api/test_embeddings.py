@@ -118,7 +118,9 @@ def test_llama_server_shapes(http: httpx.Client) -> None:
 
 
 def test_ollama_shapes(http: httpx.Client) -> None:
-    out = http.post("/api/embed", json={"model": BERT, "input": TEXTS, "keep_alive": -1, "truncate": True})
+    out = http.post(
+        "/api/embed", json={"model": BERT, "input": TEXTS, "keep_alive": -1, "truncate": True}
+    )
     assert out.status_code == 200, out.text
     body = out.json()
     assert body["model"] == BERT and len(body["embeddings"]) == 3
