@@ -154,7 +154,10 @@ def test_bad_input_is_a_4xx_in_the_family_shape(
 ) -> None:
     if path == "/api/embeddings" and bad == []:
         bad = None  # the old Ollama route takes one prompt: an empty list is just a bad type
-    r = http.post(path, json={"model": BERT, field: bad})
+    if path == "/api/embeddings" and bad is LONG:
+        bad = [LONG]  # it truncates, always (test_long_input_truncated_where_asked)
+    extra = {"truncate": False} if path == "/api/embed" else {}  # Ollama truncates by default
+    r = http.post(path, json={"model": BERT, field: bad, **extra})
     assert 400 <= r.status_code < 500, r.text
     error = r.json()["error"]
     if shape == "ollama":
@@ -184,3 +187,9 @@ def test_long_input_truncated_where_asked(http: httpx.Client) -> None:
     assert out.status_code == 200 and out.json()["prompt_eval_count"] == 256
     no = http.post("/api/embed", json={"model": BERT, "input": text, "truncate": False})
     assert no.status_code == 400 and isinstance(no.json()["error"], str)
+    # 1 MB: only a prefix is tokenised, the answer is the first 256 tokens' vector
+    huge = http.post("/api/embed", json={"model": BERT, "input": [text, LONG]})
+    assert huge.status_code == 200, huge.text
+    assert huge.json()["prompt_eval_count"] == 2 * 256
+    legacy = http.post("/api/embeddings", json={"model": BERT, "prompt": LONG})
+    assert legacy.status_code == 200 and len(legacy.json()["embedding"]) == BERT_DIM

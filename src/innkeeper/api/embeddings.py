@@ -13,7 +13,8 @@ from __future__ import annotations
 import base64
 import json
 import time
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -30,6 +31,7 @@ from innkeeper.serving.errors import ParamError, ServingError
 from innkeeper.serving.service import Service
 
 router = APIRouter(tags=["embeddings"], route_class=OffLoopBodyRoute)
+B = TypeVar("B", bound=BaseModel)
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
 # What OpenAI's and llama-server's `input` may be: a text, texts, token ids, lists of ids.
@@ -75,18 +77,21 @@ def as_inputs(value: EmbedInput) -> list[str] | list[list[int]]:
     return value  # type: ignore[return-value]
 
 
-async def embed_with(
+async def embed_answer(
     request: Request,
     name: str | None,
     inputs: list[str] | list[list[int]],
+    shape: Callable[[Service, Embeddings], Any],
     *,
     keep_alive: Any = None,
     truncate: bool = False,
     normalize: bool = True,
     pooled: bool = True,
-) -> tuple[Service, Embeddings]:
-    """The registry's embedding model for `name`, held for the request, and its vectors.
-    `pooled`: the route's shape has one vector per input (pooling none is refused)."""
+) -> JSONResponse:
+    """Embed `inputs` on the registry's embedding model for `name` (held for the request) and
+    answer `shape(service, result)`. The answer grows with the vectors (64 x 4096 floats), so
+    it is built and serialised on a worker, not the event loop. `pooled`: the route's shape
+    has one vector per input (pooling none is refused)."""
     entry = registry_of(request).embedding_entry(name)
     service = await use_model(request, entry.id, keep_alive)
     result = await service.embed(inputs, truncate=truncate, normalize=normalize, request=request)
@@ -95,7 +100,12 @@ async def embed_with(
             "pooling 'none' gives one vector per token, which this route cannot return: "
             "use POST /embeddings, or start the server with another --pooling"
         )
-    return service, result
+    return await service.off_loop(lambda _cancel: JSONResponse(shape(service, result)))
+
+
+def b64_floats(vec: list[float]) -> str:
+    """OpenAI's base64 encoding: little-endian float32s."""
+    return base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode("ascii")
 
 
 # ---- OpenAI ----------------------------------------------------------------------------------
@@ -103,22 +113,22 @@ async def embed_with(
 async def openai_embeddings(request: Request, body: OpenAIEmbeddingBody) -> JSONResponse:
     if body.encoding_format not in ("float", "base64"):
         raise ApiError(400, "encoding_format must be float or base64")
-    service, result = await embed_with(request, body.model, as_inputs(body.input))
-    data = []
-    for i, vec in enumerate(result.vectors):
-        item: Any = vec
-        if body.encoding_format == "base64":
-            item = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode("ascii")
-        data.append({"object": "embedding", "index": i, "embedding": item})
-    n = result.total_tokens
-    return JSONResponse(
-        {
+    encode = b64_floats if body.encoding_format == "base64" else None
+
+    def shape(service: Service, result: Embeddings) -> dict[str, Any]:
+        data = [
+            {"object": "embedding", "index": i, "embedding": encode(vec) if encode else vec}
+            for i, vec in enumerate(result.vectors)
+        ]
+        n = result.total_tokens
+        return {
             "object": "list",
             "data": data,
             "model": body.model or service.model_id,
             "usage": {"prompt_tokens": n, "total_tokens": n},
         }
-    )
+
+    return await embed_answer(request, body.model, as_inputs(body.input), shape)
 
 
 # ---- llama-server ----------------------------------------------------------------------------
@@ -128,19 +138,21 @@ async def llama_embeddings(request: Request, body: LlamaEmbeddingBody) -> JSONRe
         raise ApiError(400, '"input" or "content" must be provided')
     if body.embd_normalize not in (-1, 2):
         raise ApiError(400, "embd_normalize: this server supports -1 (none) and 2 (Euclidean)")
-    _, result = await embed_with(
-        request,
-        body.model,
-        as_inputs(value),
-        normalize=body.embd_normalize == 2,
-        pooled=False,
-    )
-    per_token = result.pooling == "none"
-    return JSONResponse(
-        [
+
+    def shape(_service: Service, result: Embeddings) -> list[dict[str, Any]]:
+        per_token = result.pooling == "none"  # then every token's vector, as llama-server
+        return [
             {"index": i, "embedding": vec if per_token else [vec]}
             for i, vec in enumerate(result.vectors)
         ]
+
+    return await embed_answer(
+        request,
+        body.model,
+        as_inputs(value),
+        shape,
+        normalize=body.embd_normalize == 2,
+        pooled=False,
     )
 
 
@@ -153,12 +165,12 @@ def ollama_error(status: int, message: str, headers: dict[str, str] | None = Non
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def ollama_body(request: Request, model: type[BaseModel]) -> Any:
+async def ollama_body(request: Request, model: type[B]) -> B:
     """The body as `model`, parsed off the event loop when large (Ollama's routes take it
     raw so that a bad one gets Ollama's error shape)."""
     raw = await request.body()
 
-    def parse() -> Any:
+    def parse() -> B:
         try:
             return model.model_validate(json.loads(raw))
         except json.JSONDecodeError as exc:
@@ -172,11 +184,12 @@ async def ollama_body(request: Request, model: type[BaseModel]) -> Any:
     return parse()
 
 
-async def ollama_route(request: Request, model: type[BaseModel], answer: Any) -> JSONResponse:
+async def ollama_route(
+    request: Request, model: type[B], answer: Callable[[B], Awaitable[JSONResponse]]
+) -> JSONResponse:
     """Run an Ollama route, every refusal as `{"error": msg}` with its status."""
     try:
-        body = await ollama_body(request, model)
-        return JSONResponse(await answer(body))
+        return await answer(await ollama_body(request, model))
     except ServingError as exc:
         err = from_serving(exc)
         return ollama_error(err.status, err.message, err.headers)
@@ -186,27 +199,30 @@ async def ollama_route(request: Request, model: type[BaseModel], answer: Any) ->
 
 @router.post("/api/embed", response_model=None)
 async def ollama_embed(request: Request) -> JSONResponse:
-    async def answer(body: OllamaEmbedBody) -> dict[str, Any]:
+    async def answer(body: OllamaEmbedBody) -> JSONResponse:
         t0 = time.monotonic()
         entry = registry_of(request).embedding_entry(body.model)
         was_loaded = entry.ready
-        service = await use_model(request, entry.id, body.keep_alive)
-        t1 = time.monotonic()
-        _, result = await embed_with(
+        await use_model(request, entry.id, body.keep_alive)
+        loaded = time.monotonic()
+
+        def shape(service: Service, result: Embeddings) -> dict[str, Any]:
+            return {
+                "model": body.model or service.model_id,
+                "embeddings": result.vectors,
+                "total_duration": int((time.monotonic() - t0) * 1e9),
+                "load_duration": 0 if was_loaded else int((loaded - t0) * 1e9),
+                "prompt_eval_count": result.total_tokens,
+            }
+
+        return await embed_answer(
             request,
             body.model,
             as_inputs(body.input),
+            shape,
             keep_alive=body.keep_alive,
             truncate=body.truncate,
         )
-        done = time.monotonic()
-        return {
-            "model": body.model or service.model_id,
-            "embeddings": result.vectors,
-            "total_duration": int((done - t0) * 1e9),
-            "load_duration": 0 if was_loaded else int((t1 - t0) * 1e9),
-            "prompt_eval_count": result.total_tokens,
-        }
 
     return await ollama_route(request, OllamaEmbedBody, answer)
 
@@ -215,17 +231,17 @@ async def ollama_embed(request: Request) -> JSONResponse:
 async def ollama_embeddings_legacy(request: Request) -> JSONResponse:
     """Ollama's older route: one prompt, one vector, not normalised (as Ollama answers it)."""
 
-    async def answer(body: OllamaLegacyBody) -> dict[str, Any]:
+    async def answer(body: OllamaLegacyBody) -> JSONResponse:
         if not body.prompt:
-            return {"embedding": []}  # Ollama's answer to an empty prompt
-        _, result = await embed_with(
+            return JSONResponse({"embedding": []})  # Ollama's answer to an empty prompt
+        return await embed_answer(
             request,
             body.model,
             [body.prompt],
+            lambda _service, result: {"embedding": result.vectors[0]},
             keep_alive=body.keep_alive,
             truncate=True,
             normalize=False,
         )
-        return {"embedding": result.vectors[0]}
 
     return await ollama_route(request, OllamaLegacyBody, answer)

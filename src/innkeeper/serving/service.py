@@ -41,6 +41,7 @@ OFF_LOOP_THREADS = 2
 COUNT_LIMIT_CONTEXTS = 4
 GRAMMARS_REMEMBERED = 64  # grammars already checked: a chat resending one is not re-parsed
 MAX_EMBED_INPUTS = 2048  # inputs in one embeddings request (OpenAI's own cap)
+EMBED_CHARS_PER_TOKEN = 64  # more characters than any token of a real vocabulary covers
 
 T = TypeVar("T")
 
@@ -284,23 +285,26 @@ class Service:
 
         def work(cancel: threading.Event) -> Embeddings:
             embedder = self.engine.embedder  # a chat model's is created on first use
-            # Tokenising stops past what could be used: the context, or (truncating) what
-            # this server tokenises at all.
-            limit = self.count_limit if truncate else embedder.limit
+            # Tokenising stops past what could be used (truncating: the text is cut below).
+            limit = None if truncate else embedder.limit
             token_lists = []
             for i, item in enumerate(inputs):
                 if not isinstance(item, str):
                     token_lists.append(item)
                     continue
+                if truncate:
+                    # Only the first `embedder.limit` tokens are kept: a prefix of the text
+                    # holds them (no token spans EMBED_CHARS_PER_TOKEN characters), so a 1 MB
+                    # input costs no more to tokenise than a context's worth.
+                    item = item[: embedder.limit * EMBED_CHARS_PER_TOKEN]
                 try:
                     token_lists.append(
                         self.engine.tokenize(item, add_special=True, cancel=cancel, limit=limit)
                     )
                 except TooManyTokens as exc:
                     raise ParamError(
-                        f"input {i} has at least {exc.at_least} tokens but this server embeds "
-                        f"at most {limit} tokens of one input"
-                        + ("" if truncate else " (shorten it, or ask for truncation)")
+                        f"input {i} has at least {exc.at_least} tokens but the embedding "
+                        f"context holds {limit}: shorten it (or ask for truncation)"
                     ) from exc
                 except TokenizeCancelled as exc:
                     raise ClientGone("the client went away") from exc
