@@ -201,7 +201,7 @@ STATUS_TEXT = {
 
 
 # Fields whose integers are token ids; lengths in tokens, bounded by the context.
-TOKEN_ID_FIELDS = frozenset({"prompt", "tokens", "custom_token_bans"})
+TOKEN_ID_FIELDS = frozenset({"prompt", "tokens", "custom_token_bans", "input", "content"})
 # Text with a language of its own, named as a string `format` (tests register generators)
 TEXT_FORMATS = {
     "grammar": "gbnf",
