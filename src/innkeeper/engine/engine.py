@@ -80,19 +80,25 @@ def context_params(config: EngineConfig, n_ctx_train: int) -> ContextParams:
 
 
 def embedding_params(config: EngineConfig, n_ctx_train: int, chat_ctx: int | None) -> ContextParams:
-    """The embeddings context: an embedding model's whole context; beside a chat model, one
-    physical batch (--ubatch-size, raise it for longer inputs), never more than its context.
+    """The embeddings context. It decodes each input whole (an encoder must see a sequence in
+    one ubatch), so its size is also its ubatch: for an embedding model its context up to
+    one logical batch (--batch-size); beside a chat model one physical batch (--ubatch-size,
+    raise it for longer inputs), never more than the generation context.
 
     The memory plan (models/memory) does not model this context; it approximates it. For an
     embedding model it plans the usual context: a KV cache of n_ctx cells that an encoder
     does not have (an overestimate) and a compute buffer for min(--ubatch-size, n_ctx) tokens
-    where the embeddings context runs n_ctx at once (equal at the default 512 for BERT-sized
-    models). Beside a chat model, the context is created on the first embedding request and
-    the plan does not count it: it costs about one more compute buffer of --ubatch-size tokens
-    (the size the plan already counts once for generation) plus --ubatch-size KV cells.
+    where the embeddings context runs up to --batch-size at once (equal for a BERT of 512
+    tokens at the defaults; an underestimate for a long-context embedding model). Beside a
+    chat model the context is created on the first embedding request and the plan does not
+    count it: about one more compute buffer of --ubatch-size tokens (the size the plan counts
+    once for generation) plus --ubatch-size KV cells.
     """
     params = context_params(config, n_ctx_train)
-    n_ctx = params.n_ctx if chat_ctx is None else min(chat_ctx, config.ubatch_size)
+    if chat_ctx is None:
+        n_ctx = min(params.n_ctx, config.batch_size)
+    else:
+        n_ctx = min(chat_ctx, config.ubatch_size)
     if n_ctx_train:
         n_ctx = min(n_ctx, n_ctx_train)
     return replace(params, n_ctx=n_ctx, n_seq=EMBED_SEQS)
