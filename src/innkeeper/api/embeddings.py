@@ -27,8 +27,9 @@ from innkeeper.api.offload import OFF_LOOP_BODY_BYTES, OffLoopBodyRoute
 from innkeeper.api.params import JsonBody
 from innkeeper.api.state import registry_of, use_model
 from innkeeper.engine.embeddings import Embeddings
+from innkeeper.serving.embeddings import MAX_EMBED_INPUTS
 from innkeeper.serving.errors import ParamError, ServingError
-from innkeeper.serving.service import MAX_EMBED_INPUTS, Service
+from innkeeper.serving.service import Service
 
 router = APIRouter(tags=["embeddings"], route_class=OffLoopBodyRoute)
 B = TypeVar("B", bound=BaseModel)

@@ -66,13 +66,18 @@ class InputTooLong(EmbeddingError):
 
 
 def model_kind(meta: Callable[[str], object | None]) -> str:
-    """ "embedding" or "chat" from a model's metadata (`meta(key)` -> value or None).
+    """The kind of a model, "chat", "embedding" or "rerank", from its metadata (`meta(key)`:
+    the value or None).
 
     One rule for the catalog (which reads the GGUF header) and the engine (which asks
-    llama.cpp): an encoder architecture, a `{arch}.pooling_type`, or non-causal attention.
+    llama.cpp): an encoder architecture, a `{arch}.pooling_type` (rank: a reranker), or
+    non-causal attention. Only "chat" models generate.
     """
     arch = str(meta("general.architecture") or "")
-    if arch in ENCODER_ARCHS or meta(f"{arch}.pooling_type") is not None:
+    pooling = meta(f"{arch}.pooling_type")
+    if pooling is not None and str(pooling) == str(C.LLAMA_POOLING_TYPE_RANK):
+        return "rerank"
+    if arch in ENCODER_ARCHS or pooling is not None:
         return "embedding"
     causal = meta(f"{arch}.attention.causal")
     return "embedding" if causal is not None and str(causal).lower() in ("0", "false") else "chat"
@@ -87,6 +92,30 @@ def pooling_for(model: Model, setting: str | None) -> int:
     if own is not None and own.lstrip("-").isdigit() and int(own) in POOLING_NAMES:
         return int(own)
     return C.LLAMA_POOLING_TYPE_MEAN
+
+
+def rerank_prompt(model: Model, query: str, document: str) -> list[int]:
+    """One (query, document) pair as llama-server's reranking feeds it: the model's "rerank"
+    chat template if it has one, else [BOS] query [EOS] [SEP] document [EOS] with each special
+    token where the vocabulary asks for it (EOS falls back to SEP)."""
+    template = C.llama_model_chat_template(model.ptr, b"rerank")
+    if template:
+        text = template.decode("utf-8", "replace")
+        text = text.replace("{query}", query).replace("{document}", document)
+        return model.tokenize(text, add_special=False, parse_special=True)
+    vocab = model.vocab
+    eos = int(C.llama_vocab_eos(vocab))
+    sep = int(C.llama_vocab_sep(vocab))
+    if eos == C.LLAMA_TOKEN_NULL:
+        eos = sep
+    add_eos = bool(C.llama_vocab_get_add_eos(vocab))
+    out = [model.bos] if model.add_bos else []
+    out += model.tokenize(query, add_special=False, parse_special=False)
+    out += [eos] if add_eos else []
+    out += [sep] if C.llama_vocab_get_add_sep(vocab) else []
+    out += model.tokenize(document, add_special=False, parse_special=False)
+    out += [eos] if add_eos else []
+    return out
 
 
 @dataclass(frozen=True)

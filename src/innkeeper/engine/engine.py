@@ -118,7 +118,7 @@ class Engine:
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
         try:
-            if self.kind == "embedding":
+            if self.kind != "chat":  # an embedding model or a reranker: no generation
                 self._embedder = self._new_embedder()
             else:
                 self.ctx = Context(self.model, context_params(config, self.model.info.n_ctx_train))
@@ -189,7 +189,7 @@ class Engine:
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request (any thread); raises QueueFullError at --max-queue."""
         if self.scheduler is None:
-            raise NotAChatModel(f"{self.model.info.path.name} is an embedding model")
+            raise NotAChatModel(f"{self.model.info.path.name} is an {self.kind} model")
         self.scheduler.submit(request)
 
     def cancel_all(self) -> int:

@@ -62,7 +62,7 @@ class ModelEntry:
     plan_cache: tuple[tuple[Any, ...], AutoSettings | None] | None = None
     chat_template: str | None = None  # --chat-template applies to the model serve was given
     load_seconds: float | None = None
-    kind: str = "chat"  # "embedding": an encoder / pooling model (from its GGUF header)
+    kind: str = "chat"  # "embedding" / "rerank": a pooling model (from its GGUF header)
 
     @property
     def status(self) -> str:
@@ -197,7 +197,7 @@ def scan(
 
 
 def kind_of_file(path: Path) -> str:
-    """ "embedding" or "chat" from the GGUF header alone (a few KB read; "chat" when unreadable:
+    """The model's kind (engine/embeddings.py `model_kind`) from the GGUF header alone (a few KB read; "chat" when unreadable:
     loading the file reports what is wrong with it)."""
     try:
         with FileSource(path) as src:

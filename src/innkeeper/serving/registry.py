@@ -458,23 +458,17 @@ class ModelRegistry:
         e.service.touch()
         return e.service
 
-    def embedding_entry(self, name: str | None) -> ModelEntry:
-        """The model an embedding request is served by: the one it names; with no name, the
-        loaded embedding model used last, else the default (a chat model embeds with mean
-        pooling). A request never loads an embedding model it did not name."""
+    def embedding_entry(self, name: str | None, kind: str = "embedding") -> ModelEntry:
+        """The model an embedding (or, with kind "rerank", a reranking) request is served by:
+        the one it names; with no name, the loaded model of that kind used last, else the
+        default (a chat model embeds with mean pooling). A request never loads an embedding
+        model it did not name."""
         if name:
             return self.entry_for(name)
-        ready = [e for e in self.loaded() if e.kind == "embedding" and e.ready]
+        ready = [e for e in self.loaded() if e.kind == kind and e.ready]
         if ready:
             return max(ready, key=lambda e: e.service.last_used if e.service else 0.0)
         return self.default
-
-    async def embedding_service_for(
-        self, name: str | None, keep_alive: Any = None, *, caller: Caller
-    ) -> Service:
-        """`service_for` with the embedding routing rule (`embedding_entry`)."""
-        e = self.embedding_entry(name)
-        return await self.service_for(e.id, keep_alive, caller=caller)
 
     async def _wait_idle_lock(self) -> None:
         async with self.lock:

@@ -19,13 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 from innkeeper.engine.backend import ModelInfo
-from innkeeper.engine.embeddings import EmbeddingCancelled, EmbeddingError, Embeddings
+from innkeeper.engine.embeddings import Embeddings
 from innkeeper.engine.engine import Engine, EngineStats
 from innkeeper.engine.events import Event, FinishEvent, GenerationRequest
 from innkeeper.engine.sampling import GrammarError, check_grammar
 from innkeeper.engine.scheduler import QueueFullError
 from innkeeper.engine.templates import ChatTemplate
 from innkeeper.engine.tokenizer import TokenizeCancelled, TooManyTokens
+from innkeeper.serving import embeddings
 from innkeeper.serving.errors import ClientGone, ModelBusy, ParamError
 from innkeeper.serving.generation import Generation, RunningGeneration
 
@@ -40,8 +41,6 @@ OFF_LOOP_THREADS = 2
 # to fit (truncation_length, max_context_length) may hold this many contexts' worth of tokens.
 COUNT_LIMIT_CONTEXTS = 4
 GRAMMARS_REMEMBERED = 64  # grammars already checked: a chat resending one is not re-parsed
-MAX_EMBED_INPUTS = 2048  # inputs in one embeddings request (OpenAI's own cap)
-EMBED_CHARS_PER_TOKEN = 64  # more characters than any token of a real vocabulary covers
 
 T = TypeVar("T")
 
@@ -82,8 +81,6 @@ class Service:
         self.users = 0  # requests holding this model now (the registry unloads at 0)
         self.last_used = time.monotonic()  # for LRU eviction and idle unload
         self.closed = False  # set by the registry when it unloads the model
-        # Embedding decodes get their own thread: a batch of 64 inputs must not hold one of
-        # the few workers that tokenise every other request.
         self._embed_pool: ThreadPoolExecutor | None = None
 
     # ---- what routes may read about the model (they never touch the engine itself) --------
@@ -101,7 +98,7 @@ class Service:
 
     @property
     def kind(self) -> str:
-        """ "chat" or "embedding" (an embedding model serves no generation)."""
+        """ "chat", "embedding" or "rerank" (only a chat model generates)."""
         return self.engine.kind
 
     @property
@@ -261,16 +258,22 @@ class Service:
         normalize: bool = True,
         request: Disconnectable | None = None,
     ) -> Embeddings:
-        """Embed texts or token lists: tokenising and decoding on worker threads, never on
-        the event loop. Too many inputs, an empty or too long one are ParamErrors (with
-        `truncate`, a long input is cut to the embedding context instead)."""
-        if not inputs:
-            raise ParamError("the input is empty: give at least one text")
-        if len(inputs) > MAX_EMBED_INPUTS:
-            raise ParamError(
-                f"{len(inputs)} inputs in one request; this server embeds at most "
-                f"{MAX_EMBED_INPUTS} at once"
-            )
+        """Embed texts or token lists, off the event loop (serving/embeddings.py)."""
+        return await embeddings.embed(
+            self, inputs, truncate=truncate, normalize=normalize, request=request
+        )
+
+    async def rerank(
+        self, query: str, documents: list[str], *, request: Disconnectable | None = None
+    ) -> Embeddings:
+        """Score `documents` against `query` with a reranker (serving/embeddings.py)."""
+        return await embeddings.rerank(self, query, documents, request=request)
+
+    async def off_loop_embed(
+        self, work: Callable[[threading.Event], T], request: Disconnectable | None = None
+    ) -> T:
+        """`off_loop` on the embedding thread: a batch of 64 inputs must not hold one of the
+        few workers that tokenise every other request."""
         if self.closed:
             raise ModelBusy(
                 f"model {self.model_id!r} was just unloaded; send the request again",
@@ -279,47 +282,6 @@ class Service:
         self.touch()
         if self._embed_pool is None:
             self._embed_pool = ThreadPoolExecutor(1, thread_name_prefix="innkeeper-embed")
-        texts = [t for t in inputs if isinstance(t, str)]
-        if texts and len(texts) != len(inputs):
-            raise ParamError("the input mixes texts and token ids: give one kind")
-
-        def work(cancel: threading.Event) -> Embeddings:
-            embedder = self.engine.embedder  # a chat model's is created on first use
-            # Tokenising stops past what could be used (truncating: the text is cut below).
-            limit = None if truncate else embedder.limit
-            token_lists = []
-            for i, item in enumerate(inputs):
-                if not isinstance(item, str):
-                    token_lists.append(item)
-                    continue
-                if truncate:
-                    # Only the first `embedder.limit` tokens are kept: a prefix of the text
-                    # holds them (no token spans EMBED_CHARS_PER_TOKEN characters), so a 1 MB
-                    # input costs no more to tokenise than a context's worth.
-                    item = item[: embedder.limit * EMBED_CHARS_PER_TOKEN]
-                try:
-                    token_lists.append(
-                        self.engine.tokenize(item, add_special=True, cancel=cancel, limit=limit)
-                    )
-                except TooManyTokens as exc:
-                    raise ParamError(
-                        f"input {i} has at least {exc.at_least} tokens but the embedding "
-                        f"context holds {limit}: shorten it (or ask for truncation)"
-                    ) from exc
-                except TokenizeCancelled as exc:
-                    raise ClientGone("the client went away") from exc
-            try:
-                return embedder.embed(
-                    token_lists,  # type: ignore[arg-type]
-                    normalize=normalize,
-                    truncate=truncate,
-                    cancel=cancel,
-                )
-            except EmbeddingError as exc:
-                raise ParamError(str(exc)) from exc
-            except EmbeddingCancelled as exc:
-                raise ClientGone("the client went away") from exc
-
         return await self.off_loop(work, request, pool=self._embed_pool)
 
     def check_grammar_now(self, grammar: str | None) -> None:
@@ -405,10 +367,10 @@ class Service:
         n_logprobs: int = 0,
         genkey: str | None = None,
     ) -> RunningGeneration:
-        if self.kind == "embedding":
+        if self.kind != "chat":
             raise ParamError(
-                f"model {self.model_id!r} is an embedding model: it answers /v1/embeddings, "
-                "/embedding and /api/embed, not generation"
+                f"model {self.model_id!r} is an {self.kind} model: it answers /v1/embeddings, "
+                "/embedding, /api/embed (and /rerank), not generation"
             )
         prompt, max_tokens = self.prepare(prompt, gen, default_max_tokens)
         # Routes check the grammar off the loop first (`check_grammar`); this is then a lookup.
