@@ -2,7 +2,7 @@
 `openai` SDK), llama-server and Ollama shapes; bad input per route; which model answers.
 
 One server: the embedded SmolLM2 (a chat model, the default) and a --models-dir holding the
-tiny BERT embedding model, room for both (--models-max 2).
+tiny BERT embedding model and a tiny BERT reranker, room for all three (--models-max 3).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from gguf import PoolingType
 
 from innkeeper.models.store import default_model_path
 from tests.helpers import ServerProcess, run_server
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.slow  # starts a real server
 
 SMOL = default_model_path().name.removesuffix(".gguf")
 BERT = "tiny-bert"
+RERANKER = "tiny-reranker"
 SMOL_DIM, BERT_DIM = 576, 64
 TEXTS = ["hello world", "the cat sat on the mat.", "old chats become vectors"]
 
@@ -30,6 +32,7 @@ TEXTS = ["hello world", "the cat sat on the mat.", "old chats become vectors"]
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     models = tmp_path_factory.mktemp("models")
     write_tiny_bert(models / f"{BERT}.gguf")
+    write_tiny_bert(models / f"{RERANKER}.gguf", pooling=PoolingType.RANK, classifier=True)
     store = tmp_path_factory.mktemp("store")
     with run_server(
         "--ctx-size",
@@ -39,7 +42,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         "--models-dir",
         str(models),
         "--models-max",
-        "2",
+        "3",
         env={"INNKEEPER_MODELS": str(store)},
         name="embeddings",
     ) as server:
@@ -67,7 +70,7 @@ def test_routing_named_then_loaded_embedding_model_then_default(http: httpx.Clie
     a name loads that model; afterwards no name means the loaded embedding model."""
     assert dims(http.post("/v1/embeddings", json={"input": "hello"})) == SMOL_DIM
     kinds = {m["id"]: m["kind"] for m in http.get("/api/innkeeper/models").json()["models"]}
-    assert kinds == {SMOL: "chat", BERT: "embedding"}
+    assert kinds == {SMOL: "chat", BERT: "embedding", RERANKER: "rerank"}
     named = http.post("/v1/embeddings", json={"model": BERT, "input": "hello"})
     assert dims(named) == BERT_DIM and named.json()["model"] == BERT
     assert dims(http.post("/v1/embeddings", json={"input": "hello"})) == BERT_DIM
@@ -193,3 +196,31 @@ def test_long_input_truncated_where_asked(http: httpx.Client) -> None:
     assert huge.json()["prompt_eval_count"] == 2 * 256
     legacy = http.post("/api/embeddings", json={"model": BERT, "prompt": LONG})
     assert legacy.status_code == 200 and len(legacy.json()["embedding"]) == BERT_DIM
+
+
+def test_rerank_jina_and_tei_shapes(http: httpx.Client) -> None:
+    docs = ["a cat is an animal", "rivers flow to the sea", "cats purr", ""]
+    # no reranker loaded and none named: the default chat model, which does not rerank
+    refused = http.post("/rerank", json={"query": "cats", "documents": docs})
+    assert refused.status_code == 409 and "rerank" in refused.json()["error"]["message"]
+    out = http.post("/rerank", json={"model": RERANKER, "query": "cats", "documents": docs})
+    assert out.status_code == 200, out.text
+    body = out.json()
+    scores = [r["relevance_score"] for r in body["results"]]
+    assert sorted(r["index"] for r in body["results"]) == [0, 1, 2, 3]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == 4
+    assert body["usage"]["prompt_tokens"] > 4 and body["model"] == RERANKER
+    # once loaded, a reranking request without a name goes to it; top_n keeps the best
+    top = http.post("/v1/rerank", json={"query": "cats", "documents": docs, "top_n": 2})
+    assert top.json()["results"] == body["results"][:2]
+    tei = http.post("/reranking", json={"query": "cats", "texts": docs, "return_text": True})
+    assert [(r["index"], r["score"], r["text"]) for r in tei.json()] == [
+        (r["index"], r["relevance_score"], docs[r["index"]]) for r in body["results"]
+    ]
+    # a reranker gives no embeddings, and a chat route refuses it
+    r = http.post("/v1/embeddings", json={"model": RERANKER, "input": "x"})
+    assert r.status_code == 400 and "reranker" in r.json()["error"]["message"]
+    bad = http.post("/v1/rerank", json={"model": RERANKER, "query": "x", "documents": []})
+    assert bad.status_code == 400 and bad.json()["error"]["message"]
+    bad = http.post("/rerank", json={"model": RERANKER, "query": "x"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == 400

@@ -13,8 +13,9 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 import pytest
+from gguf import GGUFReader, PoolingType
 
-from innkeeper.engine.embeddings import EmbeddingError, InputTooLong, model_kind
+from innkeeper.engine.embeddings import EmbeddingError, InputTooLong, model_kind, rerank_prompt
 from innkeeper.engine.engine import Engine, EngineConfig, NotAChatModel
 from innkeeper.models.store import default_model_path
 from innkeeper.serving.catalog import kind_of_file
@@ -181,3 +182,29 @@ def test_embedding_beside_generation_changes_nothing(chat: Engine) -> None:
         stop.set()
         worker.join()
     assert with_embeds == alone
+
+
+def test_rerank_scores_are_the_classifier_head_on_cls(tmp_path: Path) -> None:
+    """A reranker's score (pooling rank) is its classifier head applied to the [CLS] vector:
+    checked against the same model pooled with cls and the head done in numpy."""
+    path = write_tiny_bert(tmp_path / "rr.gguf", pooling=PoolingType.RANK, classifier=True)
+    head = {t.name: np.asarray(t.data, dtype=np.float64) for t in GGUFReader(path).tensors}
+    rr = Engine(EngineConfig(model_path=path, threads=1))
+    cls = Engine(EngineConfig(model_path=path, threads=1, pooling="cls"))
+    try:
+        assert rr.kind == kind_of_file(path) == "rerank"
+        docs = ["a cat is an animal", "rivers flow to the sea", ""]
+        pairs = [rerank_prompt(rr.model, "what is a cat?", d) for d in docs]
+        sep = [t for t in pairs[0] if t == 3]
+        assert pairs[0][0] == rr.model.bos and len(sep) == 1  # [CLS] query [SEP] document
+        scores = [v[0] for v in rr.embed(pairs, normalize=False).vectors]
+        hidden = cls.embed(pairs, normalize=False).vectors
+        for score, h in zip(scores, hidden, strict=True):
+            inner = np.tanh(head["cls.weight"] @ np.asarray(h) + head["cls.bias"])
+            want = float((head["cls.output.weight"] @ inner + head["cls.output.bias"])[0])
+            assert abs(score - want) < 1e-3 * max(1.0, abs(want))
+        with pytest.raises(NotAChatModel):
+            Runner(rr).submit(pairs[0])
+    finally:
+        rr.close()
+        cls.close()

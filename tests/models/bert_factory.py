@@ -29,8 +29,10 @@ def write_tiny_bert(
     n_ctx: int = 256,
     pooling: PoolingType = PoolingType.MEAN,
     seed: int = 1234,
+    classifier: bool = False,
 ) -> Path:
-    """A BERT-shaped GGUF (F32 weights, ~0.5 MB) with `pooling` as its `bert.pooling_type`."""
+    """A BERT-shaped GGUF (F32 weights, ~0.5 MB) with `pooling` as its `bert.pooling_type`;
+    with `classifier`, a reranker's head (`cls`, `cls.output`: one score) as bge-reranker's."""
     rng = np.random.default_rng(seed)
     tokens = SPECIALS + [f"\u2581{p}" for p in PIECES] + PIECES
     n_vocab = len(tokens)
@@ -81,6 +83,11 @@ def write_tiny_bert(
         t(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
         t(f"blk.{i}.ffn_down.bias", n_embd, scale=0.05)
         norm(f"blk.{i}.layer_output_norm", n_embd)
+    if classifier:
+        t("cls.weight", n_embd, n_embd)
+        t("cls.bias", n_embd, scale=0.05)
+        t("cls.output.weight", 1, n_embd, scale=1.0)
+        t("cls.output.bias", 1, scale=0.05)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

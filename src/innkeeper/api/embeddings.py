@@ -1,11 +1,13 @@
-"""Embedding routes, each family in its own shape (SillyTavern's Vector Storage uses them all).
+"""Embedding and reranking routes, each family in its own shape (SillyTavern's Vector
+Storage uses the embedding ones).
 
 OpenAI: `POST /v1/embeddings`. llama-server: `POST /embedding` and `/embeddings` (a list of
 `{"index", "embedding": [[...]]}`; per-token vectors with `--pooling none`). Ollama:
 `POST /api/embed` and the older `/api/embeddings`, whose errors are `{"error": "..."}`: those
 two routes parse their own bodies and format their own errors, so the app-wide handlers (which
-give /api/* KoboldAI's shape) never see them. Which model answers is the registry's rule
-(`ModelRegistry.embedding_entry`); the decode runs on serving's threads.
+give /api/* KoboldAI's shape) never see them. llama-server's reranking: `POST /rerank` (and
+/reranking, /v1/rerank, /v1/reranking) with a reranker (pooling rank). Which model answers is
+the registry's rule (`ModelRegistry.embedding_entry`); the decode runs on serving's threads.
 """
 
 from __future__ import annotations
@@ -64,6 +66,24 @@ class LlamaEmbeddingBody(JsonBody):
     input: EmbedInput = None  # type: ignore[assignment]
     model: str | None = None
     embd_normalize: Literal[-1, 2] = 2  # none or Euclidean (llama-server also has p-norms)
+
+
+Documents = Annotated[list[str], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+
+
+class RerankBody(JsonBody):
+    """llama-server's /rerank body: Jina's `documents`, or TEI's `texts` (TEI's answer)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"anyOf": [{"required": ["documents"]}, {"required": ["texts"]}]}
+    )
+
+    query: str
+    documents: Documents = None  # type: ignore[assignment]  # absent, never null
+    texts: Documents = None  # type: ignore[assignment]
+    top_n: Annotated[int, Field(ge=0)] | None = None
+    return_text: bool = False  # TEI: each result carries its text
+    model: str | None = None
 
 
 class OllamaEmbedBody(JsonBody):
@@ -167,6 +187,47 @@ async def llama_embeddings(request: Request, body: LlamaEmbeddingBody) -> JSONRe
 
 router.add_api_route("/embedding", llama_embeddings, methods=["POST"])
 router.add_api_route("/embeddings", llama_embeddings, methods=["POST"])
+
+
+# ---- reranking (llama-server's routes) -------------------------------------------------------
+async def rerank(request: Request, body: RerankBody) -> JSONResponse:
+    """Documents by relevance to the query, best first: Jina's answer for `documents`, TEI's
+    for `texts`, as llama-server answers them (raw scores, `top_n` of them)."""
+    tei = body.texts is not None and body.documents is None
+    documents = body.texts if tei else body.documents
+    if documents is None:
+        raise ApiError(400, '"documents" must be a non-empty string array')
+    entry = registry_of(request).embedding_entry(body.model, kind="rerank")
+    service = await use_model(request, entry.id)
+    result = await service.rerank(body.query, documents, request=request)
+    label = "score" if tei else "relevance_score"
+
+    def answer(_cancel: object) -> JSONResponse:
+        items: list[dict[str, Any]] = []
+        for i, vec in enumerate(result.vectors):
+            item: dict[str, Any] = {"index": i, label: vec[0]}
+            if tei and body.return_text:
+                item["text"] = documents[i]
+            items.append(item)
+        items.sort(key=lambda item: -item[label])
+        items = items[: body.top_n if body.top_n is not None else len(items)]
+        if tei:
+            return JSONResponse(items)
+        n = result.total_tokens
+        return JSONResponse(
+            {
+                "model": body.model or service.model_id,
+                "object": "list",
+                "usage": {"prompt_tokens": n, "total_tokens": n},
+                "results": items,
+            }
+        )
+
+    return await service.off_loop(answer)
+
+
+for _path in ("/rerank", "/reranking", "/v1/rerank", "/v1/reranking"):
+    router.add_api_route(_path, rerank, methods=["POST"], tags=["reranking"])
 
 
 # ---- Ollama ----------------------------------------------------------------------------------
