@@ -8,6 +8,7 @@ tiny BERT embedding model and a tiny BERT reranker, room for all three (--models
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -224,3 +225,22 @@ def test_rerank_jina_and_tei_shapes(http: httpx.Client) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["message"]
     bad = http.post("/rerank", json={"model": RERANKER, "query": "x"})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == 400
+
+
+def test_pooling_none_per_token_vectors(tmp_path: Path) -> None:
+    """`serve BERT --pooling none`: /embeddings answers every token's vector (unnormalised,
+    as llama-server); the routes whose shape has one vector per input refuse."""
+    path = write_tiny_bert(tmp_path / f"{BERT}.gguf")
+    with (
+        run_server(str(path), "--pooling", "none", name="embeddings-none") as server,
+        httpx.Client(base_url=server.url, timeout=60) as c,
+    ):
+        n = len(c.post("/tokenize", json={"content": "hi", "add_special": True}).json()["tokens"])
+        out = c.post("/embeddings", json={"input": ["hi", "hi"]})
+        assert out.status_code == 200, out.text
+        assert [len(item["embedding"]) for item in out.json()] == [n, n]
+        assert len(out.json()[0]["embedding"][0]) == BERT_DIM
+        r = c.post("/v1/embeddings", json={"input": "hi"})
+        assert r.status_code == 400 and "pooling" in r.json()["error"]["message"]
+        r = c.post("/api/embed", json={"input": "hi"})
+        assert r.status_code == 400 and "pooling" in r.json()["error"]
