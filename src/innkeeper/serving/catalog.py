@@ -197,8 +197,8 @@ def scan(
 
 
 def kind_of_file(path: Path) -> str:
-    """The model's kind (engine/embeddings.py `model_kind`) from the GGUF header alone (a few KB read; "chat" when unreadable:
-    loading the file reports what is wrong with it)."""
+    """The model's kind (`model_kind`: chat, embedding, rerank) from the GGUF header alone,
+    a few KB read; "chat" when unreadable (loading the file reports what is wrong with it)."""
     try:
         with FileSource(path) as src:
             meta = read_header(src).metadata

@@ -98,7 +98,7 @@ class Service:
 
     @property
     def kind(self) -> str:
-        """ "chat", "embedding" or "rerank" (only a chat model generates)."""
+        """The model's kind: chat, embedding or rerank (only a chat model generates)."""
         return self.engine.kind
 
     @property
