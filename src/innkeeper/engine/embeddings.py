@@ -13,7 +13,9 @@ next input would overflow the context's tokens (n_batch) or sequences (n_seq_max
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -47,6 +49,7 @@ ENCODER_ARCHS = frozenset(
         "t5encoder",
     }
 )
+log = logging.getLogger("innkeeper.engine")
 EMBED_SEQS = 64  # sequences per decode: enough for SillyTavern's batches of chunks
 
 
@@ -192,6 +195,7 @@ class Embedder:
         inputs = self.prepare(inputs, truncate)
         out: list[object] = [None] * len(inputs)
         with self._lock:
+            t0, decodes = time.monotonic(), self.decodes
             group: list[int] = []
             used = 0
             for i, tokens in enumerate(inputs):
@@ -201,9 +205,17 @@ class Embedder:
                 group.append(i)
                 used += len(tokens)
             self._decode(inputs, group, out, normalize, cancel)
+            n_tokens = [len(t) for t in inputs]
+            log.info(
+                "embedded %d inputs (%d tokens) in %d decodes, %.0f ms",
+                len(inputs),
+                sum(n_tokens),
+                self.decodes - decodes,
+                (time.monotonic() - t0) * 1000,
+            )
         return Embeddings(
             vectors=out,  # type: ignore[arg-type]
-            n_tokens=[len(t) for t in inputs],
+            n_tokens=n_tokens,
             pooling=self.pooling,
         )
 
