@@ -68,6 +68,10 @@ class InputTooLong(EmbeddingError):
         self.index, self.n_tokens, self.limit = index, n_tokens, limit
 
 
+class EmbeddingCancelled(Exception):
+    """The caller gave up (its client hung up) between two decodes."""
+
+
 def model_kind(meta: Callable[[str], object | None]) -> str:
     """The kind of a model, "chat", "embedding" or "rerank", from its metadata (`meta(key)`:
     the value or None).
@@ -150,6 +154,7 @@ class Embedder:
         n = params.n_ctx
         ctx_params = replace(params, n_batch=n, n_ubatch=n, n_seq=max(1, params.n_seq))
         self.ctx = Context(model, ctx_params, embeddings=True, pooling_type=self.pooling_type)
+        self.pooling_type = int(C.llama_pooling_type(self.ctx.ptr))  # what llama.cpp runs
         self.n_ctx = self.ctx.n_ctx
         self.n_batch = int(C.llama_n_batch(self.ctx.ptr))
         self.n_seq = int(C.llama_n_seq_max(self.ctx.ptr))
@@ -263,10 +268,6 @@ class Embedder:
         with self._lock:
             self._batch.free()
             self.ctx.close()
-
-
-class EmbeddingCancelled(Exception):
-    """The caller gave up (its client hung up) between two decodes."""
 
 
 def _copy(ptr: object, ptr_type: type) -> np.ndarray:
