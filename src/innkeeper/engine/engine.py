@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from dataclasses import dataclass, replace
 
 from innkeeper.engine.backend import (
+    BackendError,
     Context,
     ContextParams,
     Model,
@@ -20,6 +22,8 @@ from innkeeper.engine.scheduler import Perf, QueueFullError, Scheduler
 from innkeeper.engine.templates import ChatTemplate, resolve_template
 from innkeeper.engine.tokenizer import Tokenizer
 from innkeeper.settings.engine import DEFAULT_CTX, EngineConfig
+
+log = logging.getLogger("innkeeper.engine")
 
 __all__ = [
     "DEFAULT_CTX",
@@ -79,29 +83,26 @@ def context_params(config: EngineConfig, n_ctx_train: int) -> ContextParams:
     )
 
 
-def embedding_params(config: EngineConfig, n_ctx_train: int, chat_ctx: int | None) -> ContextParams:
-    """The embeddings context. It decodes each input whole (an encoder must see a sequence in
-    one ubatch), so its size is also its ubatch: for an embedding model its context up to
-    one logical batch (--batch-size); beside a chat model one physical batch (--ubatch-size,
-    raise it for longer inputs), never more than the generation context.
+def embedding_sizes(config: EngineConfig, n_ctx_train: int, chat_ctx: int | None) -> list[int]:
+    """Sizes to try for the embeddings context, largest first. It decodes each input whole
+    (pooling needs a sequence in one ubatch), so its size is also its ubatch and the longest
+    input: up to one logical batch (--batch-size), else one physical batch (--ubatch-size)
+    when the larger one cannot be created (a GPU the plan filled); never more than the
+    model's context (an embedding model's) or the generation context (a chat model's).
 
     The memory plan (models/memory) does not model this context; it approximates it. For an
     embedding model it plans the usual context: a KV cache of n_ctx cells that an encoder
     does not have (an overestimate) and a compute buffer for min(--ubatch-size, n_ctx) tokens
     where the embeddings context runs up to --batch-size at once (equal for a BERT of 512
-    tokens at the defaults; an underestimate for a long-context embedding model). Beside a
-    chat model the context is created on the first embedding request and the plan does not
-    count it: about one more compute buffer of --ubatch-size tokens (the size the plan counts
-    once for generation) plus --ubatch-size KV cells.
+    tokens; an underestimate for a long-context embedding model). Beside a chat model the
+    context is created on the first embedding request and the plan does not count it: one
+    more compute buffer of up to --batch-size tokens, and as many KV cells.
     """
-    params = context_params(config, n_ctx_train)
-    if chat_ctx is None:
-        n_ctx = min(params.n_ctx, config.batch_size)
-    else:
-        n_ctx = min(chat_ctx, config.ubatch_size)
+    ctx = chat_ctx or context_params(config, n_ctx_train).n_ctx
     if n_ctx_train:
-        n_ctx = min(n_ctx, n_ctx_train)
-    return replace(params, n_ctx=n_ctx, n_seq=EMBED_SEQS)
+        ctx = min(ctx, n_ctx_train)
+    sizes = (min(ctx, config.batch_size), min(ctx, config.ubatch_size))
+    return sorted(set(sizes), reverse=True)
 
 
 class Engine:
@@ -141,8 +142,15 @@ class Engine:
 
     def _new_embedder(self) -> Embedder:
         chat_ctx = self.ctx.n_ctx if self.ctx is not None else None
-        params = embedding_params(self.config, self.model.info.n_ctx_train, chat_ctx)
-        return Embedder(self.model, params, self.config.pooling)
+        sizes = embedding_sizes(self.config, self.model.info.n_ctx_train, chat_ctx)
+        base = context_params(self.config, self.model.info.n_ctx_train)
+        pooling = self.config.pooling
+        for n in sizes[:-1]:
+            try:
+                return Embedder(self.model, replace(base, n_ctx=n, n_seq=EMBED_SEQS), pooling)
+            except BackendError as exc:
+                log.warning("no embeddings context of %d tokens (%s): trying smaller", n, exc)
+        return Embedder(self.model, replace(base, n_ctx=sizes[-1], n_seq=EMBED_SEQS), pooling)
 
     @property
     def embedder(self) -> Embedder:
