@@ -15,6 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from innkeeper import __version__
 from innkeeper.api import (
+    embeddings,
     kobold,
     llamacpp,
     metrics,
@@ -83,7 +84,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     app.state.registry = registry
     app.state.config = config
     install_handlers(app)
-    for module in (model_routes, openai, kobold, ooba, llamacpp, status, metrics):
+    for module in (model_routes, openai, embeddings, kobold, ooba, llamacpp, status, metrics):
         app.include_router(module.router)
     app.include_router(store_routes.router)  # pull and delete, for the page's Models panel
     app.include_router(ollama.router)  # Ollama's API (SillyTavern's Ollama type)
@@ -202,7 +203,7 @@ STATUS_TEXT = {
 
 
 # Fields whose integers are token ids; lengths in tokens, bounded by the context.
-TOKEN_ID_FIELDS = frozenset({"prompt", "tokens", "custom_token_bans"})
+TOKEN_ID_FIELDS = frozenset({"prompt", "tokens", "custom_token_bans", "input", "content"})
 # Text with a language of its own, named as a string `format` (tests register generators)
 TEXT_FORMATS = {
     "grammar": "gbnf",

@@ -380,7 +380,16 @@ class Batch:
 class Context:
     """One llama.cpp context: the KV cache shared by every slot, and the decode call."""
 
-    def __init__(self, model: Model, params: ContextParams) -> None:
+    def __init__(
+        self,
+        model: Model,
+        params: ContextParams,
+        *,
+        embeddings: bool = False,
+        pooling_type: int | None = None,
+    ) -> None:
+        """`embeddings`: a context whose decode yields vectors, not logits (engine/embeddings.py),
+        pooled with `pooling_type` (llama.cpp's enum; None: the model's own)."""
         self.model = model
         self.params = params
         cp = C.llama_context_default_params()
@@ -403,7 +412,10 @@ class Context:
             # Sliding-window layers keep only their window (plus a ubatch) unless asked
             # otherwise; the context checkpoints (kv_stash.py) keep prompt reuse working.
             swa_full=params.swa_full,
+            embeddings=embeddings,
         )
+        if pooling_type is not None:
+            set_fields(cp, pooling_type=pooling_type)
         _recent_errors.clear()
         ptr = C.llama_init_from_model(model.ptr, cp)
         if not ptr:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from innkeeper.engine.backend import (
+    BackendError,
     Context,
     ContextParams,
     Model,
@@ -14,13 +16,28 @@ from innkeeper.engine.backend import (
     ModelParams,
     default_threads,
 )
+from innkeeper.engine.embeddings import EMBED_SEQS, Embedder, Embeddings, model_kind
 from innkeeper.engine.events import GenerationRequest
 from innkeeper.engine.scheduler import Perf, QueueFullError, Scheduler
 from innkeeper.engine.templates import ChatTemplate, resolve_template
 from innkeeper.engine.tokenizer import Tokenizer
 from innkeeper.settings.engine import DEFAULT_CTX, EngineConfig
 
-__all__ = ["DEFAULT_CTX", "Engine", "EngineConfig", "EngineStats", "Perf", "QueueFullError"]
+log = logging.getLogger("innkeeper.engine")
+
+__all__ = [
+    "DEFAULT_CTX",
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "NotAChatModel",
+    "Perf",
+    "QueueFullError",
+]
+
+
+class NotAChatModel(RuntimeError):
+    """A generation was submitted to an embedding model (it has no generation context)."""
 
 
 @dataclass(frozen=True)
@@ -66,30 +83,94 @@ def context_params(config: EngineConfig, n_ctx_train: int) -> ContextParams:
     )
 
 
+def embedding_sizes(config: EngineConfig, n_ctx_train: int, chat_ctx: int | None) -> list[int]:
+    """Sizes to try for the embeddings context, largest first. It decodes each input whole
+    (pooling needs a sequence in one ubatch), so its size is also its ubatch and the longest
+    input: up to one logical batch (--batch-size), else one physical batch (--ubatch-size)
+    when the larger one cannot be created (a GPU the plan filled); never more than the
+    model's context (an embedding model's) or the generation context (a chat model's).
+
+    The memory plan (models/memory) does not model this context; it approximates it. For an
+    embedding model it plans the usual context: a KV cache of n_ctx cells that an encoder
+    does not have (an overestimate) and a compute buffer for min(--ubatch-size, n_ctx) tokens
+    where the embeddings context runs up to --batch-size at once (equal for a BERT of 512
+    tokens; an underestimate for a long-context embedding model). Beside a chat model the
+    context is created on the first embedding request and the plan does not count it: one
+    more compute buffer of up to --batch-size tokens, and as many KV cells.
+    """
+    ctx = chat_ctx or context_params(config, n_ctx_train).n_ctx
+    if n_ctx_train:
+        ctx = min(ctx, n_ctx_train)
+    sizes = (min(ctx, config.batch_size), min(ctx, config.ubatch_size))
+    return sorted(set(sizes), reverse=True)
+
+
 class Engine:
-    """Loads the model and runs generations; knows nothing about HTTP."""
+    """Loads the model and runs generations (a chat model) or embeddings; knows nothing
+    about HTTP. An embedding model gets no generation context and no scheduler."""
 
     def __init__(self, config: EngineConfig) -> None:
         config.validate()  # ConfigError (a ValueError) names the flag at fault
         self.config = config
         self.model = Model(config.model_path, model_params(config))
+        self.kind = model_kind(self.model.meta)
+        self.ctx: Context | None = None
+        self.scheduler: Scheduler | None = None
+        self._embedder: Embedder | None = None
+        self._embedder_lock = threading.Lock()
         try:
-            self.ctx = Context(self.model, context_params(config, self.model.info.n_ctx_train))
+            if self.kind != "chat":  # an embedding model or a reranker: no generation
+                self._embedder = self._new_embedder()
+            else:
+                self.ctx = Context(self.model, context_params(config, self.model.info.n_ctx_train))
         except Exception:
             self.model.close()
             raise
         self.template: ChatTemplate = resolve_template(config.chat_template, self.model.info)
         self.tokenizer = Tokenizer(self.model)
-        self.scheduler = Scheduler(
-            self.model,
-            self.ctx,
-            config.parallel,
-            cache_reuse=config.cache_reuse,
-            max_queue=config.max_queue,
-            cache_ram=config.cache_ram_mib * 2**20,
-            ctx_checkpoints=config.ctx_checkpoints,
-        )
-        self.scheduler.start()
+        if self.ctx is not None:
+            self.scheduler = Scheduler(
+                self.model,
+                self.ctx,
+                config.parallel,
+                cache_reuse=config.cache_reuse,
+                max_queue=config.max_queue,
+                cache_ram=config.cache_ram_mib * 2**20,
+                ctx_checkpoints=config.ctx_checkpoints,
+            )
+            self.scheduler.start()
+
+    def _new_embedder(self) -> Embedder:
+        chat_ctx = self.ctx.n_ctx if self.ctx is not None else None
+        sizes = embedding_sizes(self.config, self.model.info.n_ctx_train, chat_ctx)
+        base = context_params(self.config, self.model.info.n_ctx_train)
+        pooling = self.config.pooling
+        for n in sizes[:-1]:
+            try:
+                return Embedder(self.model, replace(base, n_ctx=n, n_seq=EMBED_SEQS), pooling)
+            except BackendError as exc:
+                log.warning("no embeddings context of %d tokens (%s): trying smaller", n, exc)
+        return Embedder(self.model, replace(base, n_ctx=sizes[-1], n_seq=EMBED_SEQS), pooling)
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embeddings context; a chat model's is created on first use (any thread), so a
+        server that never embeds never pays for its buffers."""
+        with self._embedder_lock:
+            if self._embedder is None:
+                self._embedder = self._new_embedder()
+            return self._embedder
+
+    def embed(
+        self,
+        inputs: list[list[int]],
+        *,
+        normalize: bool = True,
+        truncate: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> Embeddings:
+        """Embed token lists on the calling thread (serving's workers, never the event loop)."""
+        return self.embedder.embed(inputs, normalize=normalize, truncate=truncate, cancel=cancel)
 
     @property
     def info(self) -> ModelInfo:
@@ -97,7 +178,7 @@ class Engine:
 
     @property
     def n_ctx(self) -> int:
-        return self.ctx.n_ctx
+        return self.ctx.n_ctx if self.ctx is not None else self.embedder.n_ctx
 
     def tokenize(
         self,
@@ -115,16 +196,22 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request (any thread); raises QueueFullError at --max-queue."""
+        if self.scheduler is None:
+            raise NotAChatModel(f"{self.model.info.path.name} is an {self.kind} model")
         self.scheduler.submit(request)
 
     def cancel_all(self) -> int:
         """Abort every running and queued request (any thread); returns how many."""
-        return self.scheduler.cancel_all()
+        return self.scheduler.cancel_all() if self.scheduler is not None else 0
 
     def stats(self) -> EngineStats:
         """Counters and slot occupancy now (any thread; each field is read without a lock,
         so they may be a step apart, as the perf endpoints always were)."""
         sched = self.scheduler
+        if sched is None:
+            ctx = self.embedder.ctx
+            return EngineStats(0, 0, 0, (), ctx.threads, ctx.threads_batch, Perf())
+        assert self.ctx is not None
         return EngineStats(
             slots=len(sched.slots),
             busy_slots=sched.busy_slots,
@@ -136,6 +223,10 @@ class Engine:
         )
 
     def close(self) -> None:
-        self.scheduler.stop()
-        self.ctx.close()
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        if self._embedder is not None:
+            self._embedder.close()
+        if self.ctx is not None:
+            self.ctx.close()
         self.model.close()

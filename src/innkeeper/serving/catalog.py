@@ -16,9 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from innkeeper.engine.embeddings import model_kind
 from innkeeper.engine.planning import model_id_for
 from innkeeper.models import store
 from innkeeper.models.filenames import quant_label, shard_of, unsharded
+from innkeeper.models.gguf_meta import read_header
+from innkeeper.models.sources import FileSource
+from innkeeper.models.spec import ModelFormatError
 
 if TYPE_CHECKING:
     from innkeeper.models.memory import AutoSettings, MemoryPlan
@@ -58,6 +62,7 @@ class ModelEntry:
     plan_cache: tuple[tuple[Any, ...], AutoSettings | None] | None = None
     chat_template: str | None = None  # --chat-template applies to the model serve was given
     load_seconds: float | None = None
+    kind: str = "chat"  # "embedding" / "rerank": a pooling model (from its GGUF header)
 
     @property
     def status(self) -> str:
@@ -191,6 +196,18 @@ def scan(
     return found, default
 
 
+def kind_of_file(path: Path) -> str:
+    """The model's kind (`model_kind`: chat, embedding, rerank) from the GGUF header alone,
+    a few KB read; "chat" when unreadable (loading the file reports what is wrong with it)."""
+    try:
+        with FileSource(path) as src:
+            meta = read_header(src).metadata
+    except (ModelFormatError, OSError) as exc:
+        log.debug("cannot read the header of %s: %s", path, exc)
+        return "chat"
+    return model_kind(meta.get)
+
+
 def merge(found: list[ModelEntry], old: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
     """The new list by id: an entry found again keeps its runtime state; a file reached by
     a second path (a symlink, a second folder) adds its names to the first entry; a model in
@@ -211,6 +228,8 @@ def merge(found: list[ModelEntry], old: dict[str, ModelEntry]) -> dict[str, Mode
             previous.names |= e.names
             previous.size_bytes = e.size_bytes or previous.size_bytes
             e = previous  # keep state, service and settings
+        else:
+            e.kind = kind_of_file(e.path)  # read once per file found, not per scan
         new[e.id] = e
         kept.append(e)
     for e in old.values():

@@ -143,6 +143,7 @@ class ModelRegistry:
             "quantization": e.quantization,
             "size_bytes": e.size_bytes,
             "status": e.status,
+            "kind": e.kind,
             "is_default": e.id == self.default_id,
             "error": self.shown(e.error, caller),
         }
@@ -456,6 +457,18 @@ class ModelRegistry:
             e.keep_alive = ka
         e.service.touch()
         return e.service
+
+    def embedding_entry(self, name: str | None, kind: str = "embedding") -> ModelEntry:
+        """The model an embedding (or, with kind "rerank", a reranking) request is served by:
+        the one it names; with no name, the loaded model of that kind used last, else the
+        default (a chat model embeds with mean pooling). A request never loads an embedding
+        model it did not name."""
+        if name:
+            return self.entry_for(name)
+        ready = [e for e in self.loaded() if e.kind == kind and e.ready]
+        if ready:
+            return max(ready, key=lambda e: e.service.last_used if e.service else 0.0)
+        return self.default
 
     async def _wait_idle_lock(self) -> None:
         async with self.lock:

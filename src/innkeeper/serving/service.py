@@ -19,12 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 from innkeeper.engine.backend import ModelInfo
+from innkeeper.engine.embeddings import Embeddings
 from innkeeper.engine.engine import Engine, EngineStats
 from innkeeper.engine.events import Event, FinishEvent, GenerationRequest
 from innkeeper.engine.sampling import GrammarError, check_grammar
 from innkeeper.engine.scheduler import QueueFullError
 from innkeeper.engine.templates import ChatTemplate
 from innkeeper.engine.tokenizer import TokenizeCancelled, TooManyTokens
+from innkeeper.serving import embeddings
 from innkeeper.serving.errors import ClientGone, ModelBusy, ParamError
 from innkeeper.serving.generation import Generation, RunningGeneration
 
@@ -79,6 +81,7 @@ class Service:
         self.users = 0  # requests holding this model now (the registry unloads at 0)
         self.last_used = time.monotonic()  # for LRU eviction and idle unload
         self.closed = False  # set by the registry when it unloads the model
+        self._embed_pool: ThreadPoolExecutor | None = None
 
     # ---- what routes may read about the model (they never touch the engine itself) --------
     @property
@@ -92,6 +95,11 @@ class Service:
     @property
     def info(self) -> ModelInfo:
         return self.engine.info
+
+    @property
+    def kind(self) -> str:
+        """The model's kind: chat, embedding or rerank (only a chat model generates)."""
+        return self.engine.kind
 
     @property
     def template(self) -> ChatTemplate:
@@ -142,18 +150,25 @@ class Service:
     def close(self) -> None:
         """Free the model (any thread); requests still holding it get a 503 on start."""
         self.closed = True
+        if self._embed_pool is not None:
+            self._embed_pool.shutdown(wait=True)  # no decode may outlive the model
         self.engine.close()
 
     async def off_loop(
-        self, work: Callable[[threading.Event], T], request: Disconnectable | None = None
+        self,
+        work: Callable[[threading.Event], T],
+        request: Disconnectable | None = None,
+        *,
+        pool: ThreadPoolExecutor | None = None,
     ) -> T:
-        """Run `work(cancel)` on the service's worker threads instead of the event loop.
+        """Run `work(cancel)` on the service's worker threads (or `pool`) instead of the event
+        loop.
 
         When the client of `request` hangs up (or the awaiting task is cancelled), `cancel`
         is set; work that comes in pieces (tokenising) stops at the next piece.
         """
         cancel = threading.Event()
-        future = asyncio.get_running_loop().run_in_executor(self._pool, work, cancel)
+        future = asyncio.get_running_loop().run_in_executor(pool or self._pool, work, cancel)
         watcher = asyncio.create_task(_wait_disconnect(request)) if request is not None else None
         try:
             if watcher is not None:
@@ -234,6 +249,40 @@ class Service:
 
     async def detokenize(self, tokens: list[int], request: Disconnectable | None = None) -> str:
         return await self.off_loop(lambda _cancel: self.detokenize_now(tokens), request)
+
+    async def embed(
+        self,
+        inputs: list[list[int]] | list[str],
+        *,
+        truncate: bool = False,
+        normalize: bool = True,
+        request: Disconnectable | None = None,
+    ) -> Embeddings:
+        """Embed texts or token lists, off the event loop (serving/embeddings.py)."""
+        return await embeddings.embed(
+            self, inputs, truncate=truncate, normalize=normalize, request=request
+        )
+
+    async def rerank(
+        self, query: str, documents: list[str], *, request: Disconnectable | None = None
+    ) -> Embeddings:
+        """Score `documents` against `query` with a reranker (serving/embeddings.py)."""
+        return await embeddings.rerank(self, query, documents, request=request)
+
+    async def off_loop_embed(
+        self, work: Callable[[threading.Event], T], request: Disconnectable | None = None
+    ) -> T:
+        """`off_loop` on the embedding thread: a batch of 64 inputs must not hold one of the
+        few workers that tokenise every other request."""
+        if self.closed:
+            raise ModelBusy(
+                f"model {self.model_id!r} was just unloaded; send the request again",
+                retry_after=1,
+            )
+        self.touch()
+        if self._embed_pool is None:
+            self._embed_pool = ThreadPoolExecutor(1, thread_name_prefix="innkeeper-embed")
+        return await self.off_loop(work, request, pool=self._embed_pool)
 
     def check_grammar_now(self, grammar: str | None) -> None:
         """Bound and compile a client grammar (a ParamError if it is bad or too costly)."""
@@ -318,6 +367,11 @@ class Service:
         n_logprobs: int = 0,
         genkey: str | None = None,
     ) -> RunningGeneration:
+        if self.kind != "chat":
+            raise ParamError(
+                f"model {self.model_id!r} is an {self.kind} model: it answers /v1/embeddings, "
+                "/embedding, /api/embed (and /rerank), not generation"
+            )
         prompt, max_tokens = self.prepare(prompt, gen, default_max_tokens)
         # Routes check the grammar off the loop first (`check_grammar`); this is then a lookup.
         self.check_grammar_now(gen.params.grammar)

@@ -62,6 +62,7 @@ CACHE_TYPE_NAMES = tuple(CACHE_TYPES)
 QUANTIZED_CACHE_TYPES = tuple(name for name, t in CACHE_TYPES.items() if t.quantized)
 FLASH_ATTN_MODES = ("auto", "on", "off")
 SPLIT_MODES = ("none", "layer", "row")
+POOLING_MODES = ("none", "mean", "cls", "last", "rank")  # llama.cpp's --pooling names
 DEFAULT_CTX = 4096
 MAX_CTX = 2**20  # what a client may ask for (Qwen2.5-1M's trained context fits)
 # llama.cpp's --cpu-moe pattern (common.h LLM_FFN_EXPS_REGEX): MoE expert tensors.
@@ -272,6 +273,16 @@ class EngineConfig:
         metavar="NAME|FILE",
         help="built-in name (alpaca, chatml, mistral, llama3, gemma, phi3, vicuna, metharme) "
         "or a Jinja file (default: the model's own)",
+        panel=PANEL_MODEL,
+    )
+    pooling: str | None = setting(
+        None,
+        "--pooling",
+        parse=lower,
+        choices=POOLING_MODES,
+        metavar="TYPE",
+        help="how embeddings pool token vectors: none, mean, cls, last or rank (default: the "
+        "model's own; mean for chat models)",
         panel=PANEL_MODEL,
     )
     cache_reuse: int = setting(
