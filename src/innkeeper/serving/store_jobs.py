@@ -1,6 +1,6 @@
 """Background pulls into the model store, and deleting store models, for the runtime.
 
-A pull runs `innkeeper pull`'s own code (`hub.list_repo`, `hub.select`, `hub.pull`: resumable,
+A pull runs `innkeeper pull`'s own code (`hub.resolve`: the same choice, resumable,
 sha256-verified, manifest written atomically last) in a worker thread, so the event loop never
 downloads or hashes. A client polls the job for progress and may cancel it: the download stops
 at the next chunk and keeps its `.incomplete` file, so pulling the same ref again resumes it.
@@ -139,27 +139,24 @@ class PullJobs:
 
     def _run(self, job: PullJob, ref: hub.HubRef) -> None:
         """The worker: the same steps as `innkeeper pull`, reporting into the job."""
-        try:
-            listing = hub.list_repo(ref.repo_id, ref.revision)
-            machine = hub.Machine.for_serve(self.hardware)
-            sel = hub.select(listing, quant=ref.quant, filename=ref.filename, machine=machine)
-            if sel.format != "gguf":
-                raise hub.HubError(
-                    f"{sel.repo_id} has no GGUF files ({sel.format} weights): innkeeper serves"
-                    " GGUF models; pull a GGUF repo, or this one with `innkeeper pull` to inspect"
-                )
+
+        def on_selected(sel: hub.Selection) -> None:
             job.bytes_total = sel.size
             job.model = store.store_name(sel.repo_id, sel.variant, sel.format)
 
-            def on_file(n: int, total: int, f: hub.RepoFile) -> None:
-                job.file = f.path
+        def on_file(n: int, total: int, f: hub.RepoFile) -> None:
+            job.file = f.path
 
-            def on_bytes(done: int, total: int) -> None:
-                job.bytes_done, job.bytes_total = done, total
+        def on_bytes(done: int, total: int) -> None:
+            job.bytes_done, job.bytes_total = done, total
 
-            result = hub.pull(
-                sel,
+        try:
+            result = hub.resolve(
+                ref,
                 self.root,
+                machine=hub.Machine.for_serve(self.hardware),
+                gguf_only=True,
+                on_selected=on_selected,
                 progress=False,
                 on_file=on_file,
                 on_bytes=on_bytes,

@@ -36,3 +36,7 @@ class PullCancelled(HubError):
 
     def __init__(self) -> None:
         super().__init__("pull cancelled: the same pull resumes where this one stopped")
+
+
+class NotPulledError(HubError):
+    """The model is not in the store and downloading was refused (`serve --no-pull`)."""
