@@ -206,6 +206,7 @@ def print_banner(
         f"{service.model_id}  ({info.architecture}, {format_params(info.n_params)} parameters, "
         f"{info.size_bytes / 2**20:.0f} MiB)",
     )
+    table.add_row("file", str(config.model_path))  # where a pulled model is stored
     table.add_row(
         "context",
         f"{engine.n_ctx} tokens (trained {info.n_ctx_train}), KV {engine.config.cache_type_k}/"
