@@ -143,7 +143,9 @@ def _from_hub(ref: hub.HubRef, config: ServerConfig, no_pull: bool) -> Path:
             use_store=True,
             download=not no_pull,
             gguf_only=True,
-            on_selected=lambda sel: console.print(f"pulling {hub.describe(sel)}", highlight=False),
+            on_selected=lambda sel: console.print(
+                f"pulling {hub.describe(sel)}", highlight=False, soft_wrap=True
+            ),
         )
     except (hub.HubError, ModelNotFoundError, ValueError) as exc:
         fail(str(exc))
@@ -155,7 +157,7 @@ def _from_hub(ref: hub.HubRef, config: ServerConfig, no_pull: bool) -> Path:
     if entry.format != "gguf":
         fail(f"{entry.name} is {entry.format} weights: innkeeper serves GGUF models")
     verb = "pulled, sha256 verified" if resolved.result is not None else "from the store"
-    console.print(f"[green]✓[/] {entry.name} {verb}: {entry.path}", highlight=False)
+    console.print(f"[green]✓[/] {entry.name} {verb}: {entry.path}", highlight=False, soft_wrap=True)
     return entry.path
 
 

@@ -200,7 +200,7 @@ def print_banner(
     base = f"http://{shown if ':' not in shown else f'[{shown}]'}:{config.port}"
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold cyan")
-    table.add_column()
+    table.add_column(overflow="fold")  # a path is shown whole, folded, never cut to `…`
     table.add_row(
         "model",
         f"{service.model_id}  ({info.architecture}, {format_params(info.n_params)} parameters, "

@@ -42,7 +42,9 @@ def _names(entry: store.StoreEntry, ref: HubRef) -> bool:
         return False
     if ref.filename is not None and ref.filename.lower() not in {f.lower() for f in entry.files}:
         return False
-    return ref.revision is None or (entry.revision or "").startswith(ref.revision)
+    if ref.revision in (None, "main"):  # a URL's `blob/main/`: the branch plain refs mean too
+        return True
+    return (entry.revision or "").startswith(ref.revision)
 
 
 def pulled_entry(ref: HubRef, root: Path) -> store.StoreEntry | None:
