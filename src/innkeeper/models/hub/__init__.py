@@ -31,6 +31,7 @@ from innkeeper.models.hub.errors import (
     NotPulledError,
     PullCancelled,
     QuantNotFoundError,
+    RepoNotFoundError,
 )
 from innkeeper.models.hub.fetch import Resolved, describe, pulled_entry, resolve
 from innkeeper.models.hub.listing import RepoFile, format_bytes, list_repo, read_json, source
@@ -53,6 +54,7 @@ __all__ = [
     "PullResult",
     "QuantNotFoundError",
     "RepoFile",
+    "RepoNotFoundError",
     "Resolved",
     "Selection",
     "Variant",

@@ -15,6 +15,10 @@ class HubAccessError(HubError):
     """The hub refused access: a gated or private repo, or a bad token."""
 
 
+class RepoNotFoundError(HubAccessError):
+    """No such repo on the hub (or a private one the token cannot see)."""
+
+
 class QuantNotFoundError(HubError):
     """No file in the repo matches the quantization or file name asked for."""
 
