@@ -177,3 +177,32 @@ def test_ctrl_c_mid_download_leaves_a_resumable_partial(fake_hub: FakeHub, tmp_p
     assert again.returncode == 0, again.stderr
     result = json.loads(again.stdout)
     assert (result["resumed_from_bytes"], result["downloaded_bytes"]) == (kept, size - kept)
+
+
+@pytest.mark.parametrize(
+    ("text", "repo"),
+    [
+        ("owner/Repo-GGUF", "owner/Repo-GGUF"),
+        ("owner/Repo-GGUF:Q6_K", "owner/Repo-GGUF"),
+        ("owner/Repo-GGUF/sub/file.gguf", "owner/Repo-GGUF"),
+        ("https://huggingface.co/owner/Repo-GGUF/blob/main/f.gguf", "owner/Repo-GGUF"),
+        ("models/typo.gguf", None),  # a missing file, not a repo named typo.gguf
+        ("Tiny:Q4_K_M", None),  # a store name
+    ],
+)
+def test_what_serve_takes_for_a_hub_model(text: str, repo: str | None) -> None:
+    from innkeeper.cli.serve import hub_ref
+
+    parsed = hub_ref(text)
+    assert (parsed.repo_id if parsed else None) == repo
+
+
+def test_a_path_under_an_existing_folder_is_a_missing_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from innkeeper.cli.serve import hub_ref
+
+    monkeypatch.chdir(tmp_path)
+    assert hub_ref("models/llama/typo.gguf") is not None  # no such folder here: a hub file
+    (tmp_path / "models" / "llama").mkdir(parents=True)
+    assert hub_ref("models/llama/typo.gguf") is None
