@@ -206,3 +206,5 @@ def test_a_path_under_an_existing_folder_is_a_missing_file(
     assert hub_ref("models/llama/typo.gguf") is not None  # no such folder here: a hub file
     (tmp_path / "models" / "llama").mkdir(parents=True)
     assert hub_ref("models/llama/typo.gguf") is None
+    assert hub_ref("models/llama") is not None  # a folder named like a repo: still the hub's
+    assert hub_ref("models/llama:Q4_K_M") is not None

@@ -118,8 +118,9 @@ def _model_path(ref: str | None, config: ServerConfig, no_pull: bool) -> Path:
 
 def hub_ref(text: str) -> hub.HubRef | None:
     """The hub model `text` names (owner/repo[:QUANT], owner/repo/file.gguf, a hub URL);
-    None for anything else. A missing file is not a repo: `dir/model.gguf`, or any path
-    whose folder exists here (`models/llama/typo.gguf`), fails as a file, not on the hub."""
+    None for anything else. A missing file is not a repo: `dir/model.gguf`, or a file path
+    whose folder exists here (`models/llama/typo.gguf`), fails as a file, not on the hub; a
+    local folder named like the owner does not stop `owner/repo`."""
     try:
         parsed = hub.parse_ref(text)
     except hub.HubRefError:
@@ -127,7 +128,7 @@ def hub_ref(text: str) -> hub.HubRef | None:
     plain = parsed.quant is None and parsed.filename is None
     if plain and parsed.repo_id.lower().endswith(".gguf"):
         return None
-    if "://" not in text and Path(text).expanduser().parent.is_dir():
+    if parsed.filename and "://" not in text and Path(text).expanduser().parent.is_dir():
         return None
     return parsed
 
