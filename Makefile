@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
+MODEL  ?=
 GPU    ?=
 PYTEST_ARGS ?=
 LLAMA_CPP_PYTHON := $(shell sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml | head -n1)
@@ -26,11 +27,12 @@ install: $(BIN)/python
 	fi
 
 ## serve: install, then serve the embedded default model on http://127.0.0.1:5001
-## serve ARGS="MODEL --port 8080 ...": the same, with arguments for `innkeeper serve`
+## serve MODEL=owner/repo[:QUANT]: the same, pulling that hub model first (once; then from the store)
+## serve ARGS="--port 8080 ...": the same, with more arguments for `innkeeper serve`
 ## serve GPU=cuda|vulkan|metal: first rebuild the pinned llama-cpp-python for that GPU (once)
 serve: install
 	@if [ -n "$(GPU)" ]; then ./scripts/gpu-build.sh "$(GPU)" "$(BIN)"; fi
-	$(BIN)/innkeeper serve $(ARGS)
+	$(BIN)/innkeeper serve $(MODEL) $(ARGS)
 
 ## dev: the dev extras plus Debian's chromium for the browser tests
 dev: install

@@ -15,10 +15,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from pydantic import Field
 
+from innkeeper.api.admin import caller_of
 from innkeeper.api.errors import ApiError, check_finish, finish_error
 from innkeeper.api.offload import OffLoopBodyRoute
 from innkeeper.api.params import Generation, JsonBody, ParamError, SamplerFields, normalise
 from innkeeper.api.state import registry_of, use_model
+from innkeeper.api.store_routes import jobs_of
 from innkeeper.api.streaming import sse, sse_runs_response
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent, TokenLogprob
 from innkeeper.engine.templates import TemplateRenderError, message_text, template_by_name
@@ -27,6 +29,7 @@ from innkeeper.serving.generation import RunningGeneration
 from innkeeper.serving.load_settings import KEEP_ALIVE_PATTERN
 from innkeeper.serving.registry import ModelRegistry
 from innkeeper.serving.service import Service
+from innkeeper.serving.store_jobs import autopull
 
 router = APIRouter(tags=["OpenAI"], route_class=OffLoopBodyRoute)
 
@@ -299,10 +302,17 @@ def _model_card(registry: ModelRegistry, e: ModelEntry) -> dict[str, Any]:
     return card
 
 
+async def _pulled(request: Request, name: str | None) -> str | None:
+    """The model to serve: an unpulled `owner/repo[:QUANT]` is pulled first (an admin action,
+    with autoload on), the rest is the registry's (serving/store_jobs.autopull)."""
+    pulled = await autopull(registry_of(request), jobs_of(request), name, caller_of(request))
+    return pulled or name
+
+
 @router.post("/v1/completions")
 @router.post("/v1/completion", include_in_schema=False)
 async def completions(request: Request, body: CompletionBody) -> Any:
-    service = await use_model(request, body.model, body.keep_alive)
+    service = await use_model(request, await _pulled(request, body.model), body.keep_alive)
     gen = _generation(service, body)
     prompts = await _prompts(service, body.prompt, gen, request)
     await _check_grammar(service, gen)
@@ -397,7 +407,7 @@ def render_chat(service: Service, body: ChatBody) -> tuple[str, tuple[str, ...]]
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, body: ChatBody) -> Any:
-    service = await use_model(request, body.model, body.keep_alive)
+    service = await use_model(request, await _pulled(request, body.model), body.keep_alive)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true")
     gen = _generation(service, body)

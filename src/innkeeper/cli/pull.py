@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -56,10 +57,8 @@ def pull(
         hardware = hardware_with_overrides(vram=vram, ram=ram)
     except ValueError as exc:
         fail(str(exc))
-    try:
-        listing = hub.list_repo(parsed.repo_id, parsed.revision)
-        machine = hub.Machine.for_serve(hardware, ctx_size)
-        sel = hub.select(listing, quant=wanted, filename=parsed.filename, machine=machine)
+
+    def on_selected(sel: hub.Selection) -> None:
         if wanted is None and parsed.filename is None and sel.format == "gguf":
             say.print(f"chose {sel.variant}: {sel.reason}", highlight=False)
         say.print(
@@ -68,17 +67,28 @@ def pull(
             highlight=False,
         )
 
-        def on_file(n: int, total: int, f: hub.RepoFile) -> None:
-            if not json_out:
-                say.print(f"[{n}/{total}] {f.path} ({hub.format_bytes(f.size)})", highlight=False)
+    def on_file(n: int, total: int, f: hub.RepoFile) -> None:
+        if not json_out:
+            say.print(f"[{n}/{total}] {f.path} ({hub.format_bytes(f.size)})", highlight=False)
 
-        result = hub.pull(sel, root, progress=not json_out, on_file=on_file)
+    try:
+        machine = hub.Machine.for_serve(hardware, ctx_size)
+        resolved = hub.resolve(
+            dataclasses.replace(parsed, quant=wanted),
+            root,
+            machine=machine,
+            on_selected=on_selected,
+            progress=not json_out,
+            on_file=on_file,
+        )
     except (hub.HubError, ValueError) as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"could not write to the store {root}: {exc}")
     except KeyboardInterrupt:
         fail("interrupted: run the same pull again to resume", code=130)
+    result = resolved.result
+    assert result is not None  # pull always asks the hub
     entry = result.entry
     if json_out:
         out = {

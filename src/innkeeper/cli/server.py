@@ -200,12 +200,13 @@ def print_banner(
     base = f"http://{shown if ':' not in shown else f'[{shown}]'}:{config.port}"
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold cyan")
-    table.add_column()
+    table.add_column(overflow="fold")  # a path is shown whole, folded, never cut to `…`
     table.add_row(
         "model",
         f"{service.model_id}  ({info.architecture}, {format_params(info.n_params)} parameters, "
         f"{info.size_bytes / 2**20:.0f} MiB)",
     )
+    table.add_row("file", str(config.model_path))  # where a pulled model is stored
     table.add_row(
         "context",
         f"{engine.n_ctx} tokens (trained {info.n_ctx_train}), KV {engine.config.cache_type_k}/"

@@ -1,6 +1,6 @@
 """Background pulls into the model store, and deleting store models, for the runtime.
 
-A pull runs `innkeeper pull`'s own code (`hub.list_repo`, `hub.select`, `hub.pull`: resumable,
+A pull runs `innkeeper pull`'s own code (`hub.resolve`: the same choice, resumable,
 sha256-verified, manifest written atomically last) in a worker thread, so the event loop never
 downloads or hashes. A client polls the job for progress and may cancel it: the download stops
 at the next chunk and keeps its `.incomplete` file, so pulling the same ref again resumes it.
@@ -25,13 +25,20 @@ from innkeeper.models.hardware import Hardware
 from innkeeper.models.spec import ModelFormatError
 from innkeeper.serving.catalog import ModelState, same_file
 from innkeeper.serving.errors import (
+    AdminRequired,
     BadLoadRequest,
     Conflict,
+    LoadFailed,
+    ModelBusy,
+    ModelNotFound,
+    ModelNotLoaded,
     NotFound,
+    ServingError,
     StoreFailed,
     TooManyJobs,
 )
-from innkeeper.serving.registry import ModelRegistry
+from innkeeper.serving.policy import Caller
+from innkeeper.serving.registry import LOAD_WAIT_SECONDS, ModelRegistry
 
 log = logging.getLogger("innkeeper.serving.store")
 
@@ -57,6 +64,8 @@ class PullJob:
     model: str | None = None
     finished_at: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    path: Path | None = None  # the pulled file, once done: a request served after autopull
+    failure: Exception | None = None  # why it failed, by type (autopull's status)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -139,33 +148,30 @@ class PullJobs:
 
     def _run(self, job: PullJob, ref: hub.HubRef) -> None:
         """The worker: the same steps as `innkeeper pull`, reporting into the job."""
-        try:
-            listing = hub.list_repo(ref.repo_id, ref.revision)
-            machine = hub.Machine.for_serve(self.hardware)
-            sel = hub.select(listing, quant=ref.quant, filename=ref.filename, machine=machine)
-            if sel.format != "gguf":
-                raise hub.HubError(
-                    f"{sel.repo_id} has no GGUF files ({sel.format} weights): innkeeper serves"
-                    " GGUF models; pull a GGUF repo, or this one with `innkeeper pull` to inspect"
-                )
+
+        def on_selected(sel: hub.Selection) -> None:
             job.bytes_total = sel.size
             job.model = store.store_name(sel.repo_id, sel.variant, sel.format)
 
-            def on_file(n: int, total: int, f: hub.RepoFile) -> None:
-                job.file = f.path
+        def on_file(n: int, total: int, f: hub.RepoFile) -> None:
+            job.file = f.path
 
-            def on_bytes(done: int, total: int) -> None:
-                job.bytes_done, job.bytes_total = done, total
+        def on_bytes(done: int, total: int) -> None:
+            job.bytes_done, job.bytes_total = done, total
 
-            result = hub.pull(
-                sel,
+        try:
+            result = hub.resolve(
+                ref,
                 self.root,
+                machine=hub.Machine.for_serve(self.hardware),
+                gguf_only=True,
+                on_selected=on_selected,
                 progress=False,
                 on_file=on_file,
                 on_bytes=on_bytes,
                 cancel=job.cancel,
             )
-            job.model = result.entry.name
+            job.model, job.path = result.entry.name, result.entry.path
             job.bytes_done = job.bytes_total
             try:
                 self.on_pulled()
@@ -175,6 +181,7 @@ class PullJobs:
         except hub.PullCancelled:
             self._finish(job, "cancelled")
         except (hub.HubError, ModelFormatError, ValueError) as exc:
+            job.failure = exc
             self._finish(job, "failed", str(exc))
         except OSError as exc:
             self._finish(job, "failed", f"could not write to the store {self.root}: {exc}")
@@ -190,6 +197,100 @@ class PullJobs:
             log.warning("pull of %s failed: %s", job.ref, error)
         else:
             log.info("pull of %s %s", job.ref, state)
+
+
+AUTOPULL_WAIT_SECONDS = LOAD_WAIT_SECONDS
+"""How long a request naming an unpulled hub model waits for its download, as it would for a
+loading model; then a 503 with Retry-After and the job's id (a retry joins the same job)."""
+AUTOPULL_RETRY_SECONDS = 10.0
+
+
+def _autopull_ref(registry: ModelRegistry, name: str | None) -> hub.HubRef | None:
+    """The hub model a request's `model` asks to pull: a hub ref the server does not list.
+
+    Where a name picks nothing (one model: `entry_for` serves it whatever the client sends,
+    "openai/gpt-4o" included), only a ref that can only mean a hub GGUF (`:QUANT`, a .gguf
+    file, a repo named …GGUF) pulls; elsewhere autopull answers what would be a 404.
+    """
+    if not name or "/" not in name:
+        return None
+    try:
+        registry.resolve(name)
+        return None
+    except ModelNotFound:
+        pass
+    try:
+        ref = hub.parse_ref(name)
+    except hub.HubRefError:
+        return None
+    gguf = ref.quant is not None or "gguf" in f"{ref.repo_id}/{ref.filename or ''}".lower()
+    return ref if gguf or len(registry.entries_by_id) > 1 else None
+
+
+def _listed(registry: ModelRegistry, path: Path) -> str:
+    """The registry's id for a store file (re-scanned if the list is behind the store)."""
+    for _ in range(2):
+        for e in registry.entries():
+            if same_file(e.path, path):
+                return e.id
+        registry.refresh()
+    raise LoadFailed(f"{path.name} was pulled but is not in the model list")
+
+
+def _job_failure(job: PullJob, name: str) -> ServingError:
+    if isinstance(job.failure, (hub.RepoNotFoundError, hub.QuantNotFoundError)):
+        return ModelNotFound(f"model {name!r}: {job.error}")
+    if job.state == "cancelled":
+        return ModelBusy(f"the pull of {name!r} was cancelled", retry_after=AUTOPULL_RETRY_SECONDS)
+    return LoadFailed(f"pulling {name!r} failed: {job.error}")
+
+
+async def autopull(
+    registry: ModelRegistry, jobs: PullJobs, name: str | None, caller: Caller
+) -> str | None:
+    """For a request naming an unpulled `owner/repo[:QUANT]` (or file, or URL): pull it as
+    `innkeeper pull` would, in a `PullJobs` job, and return the id to serve it by; None when
+    the name is not such a request (the registry answers it as always).
+
+    An admin action, as autoload is: refused to other callers (403) and with --no-autoload
+    (409). A model already pulled is served from the store without asking the hub (to any
+    caller: loading it is then the registry's admin rule, as for any listed model). The
+    request waits up to AUTOPULL_WAIT_SECONDS for the download, then gets a 503 with
+    Retry-After naming the job (GET /api/innkeeper/pull/{job} shows its progress).
+    """
+    ref = _autopull_ref(registry, name)
+    if ref is None or name is None:
+        return None
+    try:
+        found = await registry.off_loop(lambda: hub.pulled_entry(ref, jobs.root))
+    except store.ModelNotFoundError as exc:
+        raise ModelNotFound(str(exc)) from None
+    if found is not None:
+        return _listed(registry, found.path)
+    if not caller.admin:
+        raise AdminRequired(
+            f"model {name!r} is not in the store, and pulling it from the hub is an admin "
+            "action: send the server's --admin-key, or ask the admin to pull it"
+        )
+    if not registry.config.autoload:
+        raise ModelNotLoaded(
+            f"model {name!r} is not in the store and this server does not load models on "
+            "demand (--no-autoload): pull it first (POST /api/innkeeper/pull, or the page)"
+        )
+    job, _new = jobs.start(name)
+    deadline = time.monotonic() + AUTOPULL_WAIT_SECONDS
+    while job.state == "running" and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    if job.state == "running":
+        got = f"{hub.format_bytes(job.bytes_done)} of {hub.format_bytes(job.bytes_total)}"
+        raise ModelBusy(
+            f"model {name!r} is being pulled from the hub ({got}, job {job.id}: "
+            f"GET /api/innkeeper/pull/{job.id}); try again shortly",
+            retry_after=AUTOPULL_RETRY_SECONDS,
+        )
+    if job.state != "done" or job.path is None:
+        raise _job_failure(job, name)
+    return _listed(registry, job.path)
 
 
 async def delete_model(registry: ModelRegistry, jobs: PullJobs, name: str, root: Path) -> None:

@@ -14,6 +14,7 @@ else `DEFAULT_QUANT`). One module per job:
     choice     the one rule for which variant fits this machine
     selection  what a pull fetches (a variant, a named file, or transformers weights)
     download   resume, verify, move into the store
+    fetch      a ref to a store entry, pulling if needed: `pull`, `serve` and pull jobs
 
 Callers use `from innkeeper.models import hub` and `hub.NAME`: the names they use are here.
 """
@@ -27,12 +28,15 @@ from innkeeper.models.hub.errors import (
     HubRefError,
     IntegrityError,
     MissingShardError,
+    NotPulledError,
     PullCancelled,
     QuantNotFoundError,
+    RepoNotFoundError,
 )
+from innkeeper.models.hub.fetch import Resolved, describe, pulled_entry, resolve
 from innkeeper.models.hub.listing import RepoFile, format_bytes, list_repo, read_json, source
 from innkeeper.models.hub.refs import HubRef, parse_ref
-from innkeeper.models.hub.selection import select
+from innkeeper.models.hub.selection import Selection, select
 from innkeeper.models.hub.variants import Variant, gguf_variants, read_spec
 
 __all__ = [
@@ -45,20 +49,27 @@ __all__ = [
     "IntegrityError",
     "Machine",
     "MissingShardError",
+    "NotPulledError",
     "PullCancelled",
     "PullResult",
     "QuantNotFoundError",
     "RepoFile",
+    "RepoNotFoundError",
+    "Resolved",
+    "Selection",
     "Variant",
     "choose",
+    "describe",
     "detected_machine",
     "format_bytes",
     "gguf_variants",
     "list_repo",
     "parse_ref",
     "pull",
+    "pulled_entry",
     "read_json",
     "read_spec",
+    "resolve",
     "select",
     "source",
 ]

@@ -64,18 +64,23 @@ class Machine:
         settings = replace(self.settings, ctx_size=self.context(spec))
         return plan_for_files(spec, file_bytes, settings, self.hardware, self.gpu_layers)
 
-    def describe(self, spec: ModelSpec | None) -> str:
+    def describe(self, spec: ModelSpec | None, need: int | None = None) -> str:
+        """The plan in words; with `need` (the chosen plan's bytes) it leads with how much of
+        this machine the model takes: `7.2 GiB of 24 GiB RAM + 12 GiB VRAM (…)`."""
         from innkeeper.models.hardware import format_size
 
         s, hw = self.settings, self.hardware
         where = f"{format_size(hw.ram_available_bytes)} RAM"
         if hw.gpus:
             where += f" + {format_size(sum(g.free_bytes for g in hw.gpus))} VRAM"
-        text = (
+        plan = (
             f"memory plan at context {self.context(spec)}, {s.engine.parallel} slot(s),"
-            f" KV {s.engine.cache_type_k}/{s.engine.cache_type_v}, on {where}"
+            f" KV {s.engine.cache_type_k}/{s.engine.cache_type_v}"
         )
-        return text if spec is not None else text + ", model shape estimated from its size"
+        guess = ", model shape estimated from its size" if spec is None else ""
+        if need is not None:
+            return f"{format_size(need)} of {where} ({plan}{guess})"
+        return f"{plan}, on {where}{guess}"
 
 
 def detected_machine() -> Machine | None:
@@ -147,8 +152,9 @@ def choose(
     if spec is not None and not (spec.n_layer and spec.n_vocab):
         spec = None  # nothing to plan with: estimate from the sizes
     for v in reversed(pool):
-        if machine.plan(spec, v.size).fits:
-            reason = f"the largest that fits ({machine.describe(spec)})"
+        plan = machine.plan(spec, v.size)
+        if plan.fits:
+            reason = f"the largest that fits: {machine.describe(spec, plan.total_bytes)}"
             return Choice(v, reason, spec if v is probe else None)
     reason = f"{fallback_why}: none fits ({machine.describe(spec)})"
     return Choice(fallback, reason, spec if fallback is probe else None)

@@ -14,7 +14,12 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from innkeeper.models.hub.errors import HubAccessError, HubError, MissingShardError
+from innkeeper.models.hub.errors import (
+    HubAccessError,
+    HubError,
+    MissingShardError,
+    RepoNotFoundError,
+)
 from innkeeper.models.spec import ModelFormatError
 
 HUB_WEB = "https://huggingface.co"
@@ -64,7 +69,7 @@ def hub_errors(repo_id: str, *, has_token: bool) -> Iterator[None]:
         raise HubAccessError(f"{repo_id} is a gated repo ({page}): {how}") from exc
     except RepositoryNotFoundError as exc:
         hint = "check the name" + ("" if has_token else ", or set HF_TOKEN if it is private")
-        raise HubAccessError(f"repo {repo_id} not found on {endpoint()}: {hint}") from exc
+        raise RepoNotFoundError(f"repo {repo_id} not found on {endpoint()}: {hint}") from exc
     except RevisionNotFoundError as exc:
         raise HubError(f"{repo_id}: revision not found") from exc
     except LocalEntryNotFoundError as exc:

@@ -15,6 +15,10 @@ class HubAccessError(HubError):
     """The hub refused access: a gated or private repo, or a bad token."""
 
 
+class RepoNotFoundError(HubAccessError):
+    """No such repo on the hub (or a private one the token cannot see)."""
+
+
 class QuantNotFoundError(HubError):
     """No file in the repo matches the quantization or file name asked for."""
 
@@ -36,3 +40,7 @@ class PullCancelled(HubError):
 
     def __init__(self) -> None:
         super().__init__("pull cancelled: the same pull resumes where this one stopped")
+
+
+class NotPulledError(HubError):
+    """The model is not in the store and downloading was refused (`serve --no-pull`)."""
