@@ -103,6 +103,7 @@ class GenerationRequest:
     banned_strings: list[str] = field(default_factory=list)
     n_logprobs: int = 0
     min_tokens: int = 0
+    slot: int = -1  # the slot it must run on (llama-server's id_slot); -1: any free one
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False
 
