@@ -317,7 +317,9 @@ class Service:
         default_max_tokens: int | None = None,
         n_logprobs: int = 0,
         genkey: str | None = None,
+        slot: int = -1,
     ) -> RunningGeneration:
+        """Queue one generation; `slot` pins it to that slot (waiting for it), -1: any."""
         prompt, max_tokens = self.prepare(prompt, gen, default_max_tokens)
         # Routes check the grammar off the loop first (`check_grammar`); this is then a lookup.
         self.check_grammar_now(gen.params.grammar)
@@ -336,6 +338,7 @@ class Service:
             banned_strings=gen.banned_strings,
             n_logprobs=max(n_logprobs, gen.n_probs),
             min_tokens=gen.min_tokens,
+            slot=slot,
         )
         running = RunningGeneration(request=req, queue=queue, genkey=genkey)
         if self.closed:

@@ -205,6 +205,13 @@ class ServerConfig:
         panel=PANEL_MEMORY,
         memory=True,
     )
+    slot_save_path: str | None = setting(
+        None,
+        "--slot-save-path",
+        metavar="DIR",
+        help="folder for /slots/{id}?action=save|restore files (unset: those actions answer 501)",
+        panel=PANEL_RUNTIME,
+    )
     allow_pickle: bool = setting(
         False,
         "--allow-pickle",
