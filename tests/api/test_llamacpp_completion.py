@@ -208,6 +208,7 @@ def test_closed_stream_frees_its_slot(server: ServerProcess, client: httpx.Clien
         {"prompt": "hi", "logit_bias": [[1, 2, 3]]},
         {"prompt": "hi", "id_slot": 99},
         {"prompt": [[1.5]]},
+        {"prompt": "hi", "logit_bias": [["a", "b"]]},
         {"prompt": ["x"] * 10_000},
         {"prompt": "word " * 200_000},
     ],
@@ -225,11 +226,14 @@ def test_not_json_is_a_llama_error(client: httpx.Client) -> None:
 
 
 def test_infill_needs_fim_tokens(client: httpx.Client) -> None:
-    """The embedded SmolLM2 has no FIM_PRE/SUF/MID tokens: a clear 400 (no code model with
-    FIM tokens is available to the test suite for the happy path)."""
+    """The embedded SmolLM2 has no FIM_PRE/SUF/MID tokens: a 409 (llama-server: 501) with
+    llama-server's error type (no code model with FIM tokens is available to the test suite
+    for the happy path)."""
     r = client.post("/infill", json={"input_prefix": "def f(", "input_suffix": "):"})
-    assert_llama_error(r, 400)
-    assert "fill-in-the-middle" in r.json()["error"]["message"]
+    assert r.status_code == 409
+    err = r.json()["error"]
+    assert err["type"] == "not_supported_error" and err["code"] == 409
+    assert "fill-in-the-middle" in err["message"]
 
 
 def test_apply_template(client: httpx.Client) -> None:
@@ -238,6 +242,8 @@ def test_apply_template(client: httpx.Client) -> None:
     prompt = r.json()["prompt"]
     assert "Hi there" in prompt and prompt.rstrip().endswith("assistant")
     assert_llama_error(client.post("/apply-template", json={"messages": []}), 400)
+    bad_length = {"messages": [{"role": "user", "content": "Hi"}], "max_length": 0}
+    assert_llama_error(client.post("/apply-template", json=bad_length), 400)
 
 
 def test_slots_report_state(client: httpx.Client) -> None:
@@ -249,4 +255,4 @@ def test_slots_report_state(client: httpx.Client) -> None:
         assert {"n_decoded", "n_remain", "has_next_token"} <= set(s["next_token"])
     # save and restore need --slot-save-path, as in llama-server
     r = client.post("/slots/0?action=save", json={"filename": "x.bin"})
-    assert r.status_code == 501 and r.json()["error"]["type"] == "not_supported_error"
+    assert r.status_code == 403 and r.json()["error"]["type"] == "not_supported_error"

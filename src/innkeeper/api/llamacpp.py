@@ -18,7 +18,7 @@ from innkeeper.api.admin import caller_of
 from innkeeper.api.errors import ApiError
 from innkeeper.api.offload import OffLoopBodyRoute
 from innkeeper.api.openai import ChatBody, render_chat
-from innkeeper.api.params import JsonBody, ParamError
+from innkeeper.api.params import JsonBody, ParamError, normalise
 from innkeeper.api.state import registry_of, use_model
 
 router = APIRouter(tags=["llama.cpp"], route_class=OffLoopBodyRoute)
@@ -116,6 +116,8 @@ async def detokenize(request: Request, body: DetokenizeBody) -> dict[str, str]:
 async def apply_template(request: Request, body: ChatBody) -> dict[str, str]:
     """The prompt a chat would send, rendered with the model's template (no generation)."""
     service = await use_model(request, body.model)
+    # the body /v1/chat/completions takes: the same checks, though nothing is generated
+    service.check_lengths(normalise(body, n_vocab=service.n_vocab))
 
     def work(_cancel: threading.Event) -> dict[str, str]:
         return {"prompt": render_chat(service, body)[0]}

@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
-from pydantic import Field
+from pydantic import Field, Strict
 
-from innkeeper.api.errors import check_finish, finish_error
+from innkeeper.api.errors import ApiError, check_finish, finish_error
 from innkeeper.api.offload import OffLoopBodyRoute
 from innkeeper.api.openai import timings
 from innkeeper.api.params import Generation, JsonBody, ParamError, SamplerFields, normalise
@@ -26,6 +26,7 @@ from innkeeper.api.state import use_model
 from innkeeper.api.streaming import sse, sse_runs_response
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent, TokenLogprob, TopLogprob
 from innkeeper.engine.sampling import DEFAULT_ORDER, SamplingParams
+from innkeeper.serving.errors import NotFound
 from innkeeper.serving.generation import RunningGeneration
 from innkeeper.serving.service import Service
 
@@ -38,7 +39,9 @@ SAMPLER_NAMES = {"typ_p": "typical_p", "penalties": "repetition_penalty"}
 
 Piece = int | str
 OnePrompt = str | list[Piece]
-LogitBias = dict[str, float | bool] | list[list[int | str | float | bool]]
+# [[id or text, bias or false]] pairs: a JSON array read as a tuple (its items stay strict)
+BiasPair = Annotated[tuple[int | str, float | bool], Strict(False)]
+LogitBias = dict[str, float | bool] | list[BiasPair]
 
 
 class LlamaCompletionBody(SamplerFields):
@@ -136,16 +139,11 @@ def _logit_bias(service: Service, value: LogitBias | None) -> dict[str, float] |
         return None
     pairs = list(value.items()) if isinstance(value, dict) else value
     out: dict[str, float] = {}
-    for pair in pairs:
-        if len(pair) != 2:
-            raise ParamError("logit_bias entries must be [token or text, bias] pairs")
-        key, bias = pair
+    for key, bias in pairs:
         if isinstance(bias, bool):
             if bias:
                 continue  # true: llama-server leaves the token alone
             bias = -100.0
-        if not isinstance(bias, int | float) or isinstance(key, float | bool):
-            raise ParamError("logit_bias entries must be [token or text, number or false] pairs")
         if isinstance(key, str) and not key.lstrip("-").isdigit():
             ids = service.tokenize_now(key, False, limit=1024)
         else:
@@ -168,7 +166,7 @@ def _start(
 ) -> list[RunningGeneration]:
     """Every prompt checked, then every run started; all or none (as /v1/completions)."""
     if body.id_slot >= service.stats().slots:
-        raise ParamError(f"id_slot {body.id_slot} does not exist (slots: {service.stats().slots})")
+        raise NotFound(f"id_slot {body.id_slot} does not exist (slots: {service.stats().slots})")
     runs: list[RunningGeneration] = []
     gens: list[Generation] = []
     for prompt in prompts:
@@ -356,21 +354,27 @@ async def complete(
 async def completion(request: Request, body: LlamaCompletionBody) -> Any:
     service = await use_model(request, body.model)
     many = not _single(body.prompt)
-    prompts: list[OnePrompt] = [body.prompt] if not many else list(body.prompt)  # type: ignore[arg-type]
+    prompts: list[OnePrompt] = [body.prompt]  # type: ignore[list-item]
+    if many:  # in a list of prompts, a bare id is a prompt of one token
+        prompts = [p if isinstance(p, str | list) else [p] for p in body.prompt]
     return await complete(request, service, body, prompts, many)
 
 
 @router.post("/infill")
 async def infill(request: Request, body: InfillBody) -> Any:
-    """Code infilling for models with fill-in-the-middle tokens (a 400 for others)."""
+    """Code infilling for models with fill-in-the-middle tokens (a 409 for others)."""
     service = await use_model(request, body.model)
     fim = service.info.fim_tokens
     missing = [k for k in ("pre", "suf", "mid") if k not in fim]
     if missing:
-        raise ParamError(
-            f"model {service.model_id!r} has no fill-in-the-middle tokens "
-            f"({', '.join('FIM_' + k.upper() for k in missing)} missing): /infill needs a "
-            "code model with FIM tokens"
+        # llama-server answers 501; innkeeper keeps 5xx for its own failures (a valid request
+        # that this model cannot serve is a conflict with what is loaded)
+        raise ApiError(
+            409,
+            f"Infill is not supported by this model: {service.model_id!r} has no "
+            f"fill-in-the-middle tokens ({', '.join('FIM_' + k.upper() for k in missing)} "
+            "missing); /infill needs a code model with FIM tokens",
+            "not_supported_error",
         )
     prompt: list[Piece] = []
     if "rep" in fim and "sep" in fim:

@@ -3,9 +3,10 @@
 Not admin actions: they change no model and no setting, only one slot's prompt cache (what
 the next request on that slot reuses), which any client's requests change all the time. So
 the API key suffices, and the Origin check applies as to every other POST. Save and restore
-need `--slot-save-path` (a 501 without it, as llama-server answers) and take a file name,
-never a path. A status read never loads a model: /slots describes the loaded default model
-(or `?model=`), and a model that is not loaded has no slots to show.
+need `--slot-save-path` (without it a 403: llama-server answers 501, but here a 5xx always
+means the server failed) and take a file name, never a path. A status read never loads a
+model: /slots describes the loaded default model (or `?model=`); one that is not loaded has
+no slots to show.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ async def slots(
 def _folder(request: Request) -> Path:
     folder = request.app.state.config.slot_save_path
     if not folder:
-        raise ApiError(
-            501,
+        raise ApiError(  # llama-server's 501; innkeeper keeps 5xx for its own failures
+            403,
             "slot save and restore are off: start the server with --slot-save-path DIR",
             "not_supported_error",
         )

@@ -24,7 +24,7 @@ from innkeeper.serving.errors import Conflict, NotFound, ParamError, ServingErro
 from innkeeper.serving.service import Service
 
 SIDECAR = ".innkeeper.json"  # beside each saved file: which model wrote it
-MAX_NAME_BYTES = 255
+MAX_NAME_BYTES = 255 - len(SIDECAR)  # the sidecar's name must fit the file system's 255
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,12 @@ class SlotFileResult:
 def slot_path(directory: Path, name: str) -> Path:
     """The file `name` inside `directory`, or a ParamError for a name that is not a plain
     file name (a path, `..`, a hidden or control character, a sidecar's name)."""
-    if not name or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        raise ParamError(f"filename must be 1 to {MAX_NAME_BYTES} bytes")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError as exc:  # a lone surrogate: no file can have that name
+        raise ParamError("filename is not valid Unicode text") from exc
+    if not 0 < size <= MAX_NAME_BYTES:
+        raise ParamError(f"filename must be 1 to {MAX_NAME_BYTES} bytes of UTF-8")
     if any(c in name for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise ParamError("filename must be a plain file name: no path separators or control bytes")
     if name.startswith(".") or name != name.strip() or name.endswith(SIDECAR):

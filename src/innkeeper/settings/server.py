@@ -209,7 +209,7 @@ class ServerConfig:
         None,
         "--slot-save-path",
         metavar="DIR",
-        help="folder for /slots/{id}?action=save|restore files (unset: those actions answer 501)",
+        help="folder for /slots/{id}?action=save|restore files (unset: refused)",
         panel=PANEL_RUNTIME,
     )
     allow_pickle: bool = setting(
