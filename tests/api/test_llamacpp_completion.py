@@ -118,6 +118,26 @@ def test_sillytavern_string_breakers_and_pairs(client: httpx.Client) -> None:
     )
 
 
+def test_json_schema_constrains_the_output(client: httpx.Client) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+    out = client.post(
+        "/completion",
+        json={"prompt": "A person as JSON:", "n_predict": 48, "json_schema": schema, **GREEDY},
+    ).json()
+    assert out["generation_settings"]["grammar"]
+    assert out["stop_type"] == "eos"  # the grammar ended with the object
+    value = json.loads(out["content"])
+    assert isinstance(value["name"], str) and isinstance(value["age"], int)
+    too_many = {"type": "array", "minItems": 10**9}
+    assert_llama_error(client.post("/completion", json={"prompt": "x", "json_schema": too_many}))
+    remote = {"$ref": "https://example.com/schema.json"}
+    assert_llama_error(client.post("/completion", json={"prompt": "x", "json_schema": remote}))
+
+
 def test_prompt_forms(client: httpx.Client) -> None:
     """A string, its token ids, and a list of prompts (which answers a list)."""
     ids = client.post("/tokenize", json={"content": PROMPT, "add_special": True}).json()["tokens"]

@@ -25,6 +25,7 @@ from innkeeper.api.params import Generation, JsonBody, ParamError, SamplerFields
 from innkeeper.api.state import use_model
 from innkeeper.api.streaming import sse, sse_runs_response
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent, TokenLogprob, TopLogprob
+from innkeeper.engine.json_schema import SchemaError, schema_grammar
 from innkeeper.engine.sampling import DEFAULT_ORDER, SamplingParams
 from innkeeper.serving.errors import NotFound
 from innkeeper.serving.generation import RunningGeneration
@@ -59,6 +60,9 @@ class LlamaCompletionBody(SamplerFields):
     min_keep: int | None = Field(None, description="accepted; not applied")
     t_max_predict_ms: int | None = Field(None, description="accepted; not applied")
     logit_bias: LogitBias | None = None  # type: ignore[assignment]
+    json_schema: dict[str, Any] | None = Field(
+        None, description="constrain the output to JSON matching this schema (unless grammar)"
+    )
 
 
 class InfillExtra(JsonBody):
@@ -156,6 +160,11 @@ def _logit_bias(service: Service, value: LogitBias | None) -> dict[str, float] |
 def _body_fields(service: Service, body: LlamaCompletionBody) -> LlamaCompletionBody:
     """The body with llama-server's spellings turned into the ones `normalise` reads."""
     update: dict[str, Any] = {"logit_bias": _logit_bias(service, body.logit_bias)}
+    if body.json_schema and not (body.grammar or body.grammar_string):
+        try:
+            update["grammar"] = schema_grammar(body.json_schema)
+        except SchemaError as exc:
+            raise ParamError(str(exc)) from exc
     if body.samplers is not None and body.sampler_priority is None:
         update["sampler_priority"] = [SAMPLER_NAMES.get(s, s) for s in body.samplers]
     return body.model_copy(update=update)
