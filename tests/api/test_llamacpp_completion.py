@@ -160,6 +160,15 @@ def test_prompt_forms(client: httpx.Client) -> None:
     assert {e["index"] for e in streamed if e["stop"]} == {0, 1}
 
 
+def test_left_trimmed_prompt_is_reported_truncated(client: httpx.Client) -> None:
+    """SillyTavern sends truncation_length: a prompt trimmed to fit says so."""
+    out = client.post(
+        "/completion", json={"prompt": PROMPT * 4, "n_predict": 2, "truncation_length": 16}
+    ).json()
+    assert out["truncated"] is True
+    assert out["tokens_evaluated"] <= 16
+
+
 def test_n_probs_in_llama_shape(client: httpx.Client) -> None:
     out = client.post(
         "/completion", json={"prompt": PROMPT, "n_predict": 3, "n_probs": 2, **GREEDY}

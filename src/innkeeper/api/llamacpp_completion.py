@@ -255,17 +255,23 @@ class _Answer:
     """Builds the events and final objects of one request's runs."""
 
     def __init__(
-        self, service: Service, body: LlamaCompletionBody, runs: list[RunningGeneration]
+        self,
+        service: Service,
+        body: LlamaCompletionBody,
+        runs: list[RunningGeneration],
+        asked: list[int],
     ) -> None:
         self.service = service
         self.body = body
         self.runs = runs
+        self.asked = asked  # each prompt's length as sent, before any left-trim
         self.predicted = [0] * len(runs)
 
     def final(self, i: int, ev: FinishEvent, content: str) -> dict[str, Any]:
         running = self.runs[i]
         req = running.request
         t = ev.timings
+        n_ctx = self.service.n_ctx
         settings = {
             "n_ctx": self.service.n_ctx,
             "n_predict": req.max_tokens,
@@ -287,8 +293,8 @@ class _Answer:
             "tokens_evaluated": t.prompt_tokens,
             "generation_settings": settings,
             "has_new_line": "\n" in running.text,
-            "truncated": ev.reason == "length"
-            and t.prompt_tokens + t.completion_tokens >= self.service.n_ctx,
+            "truncated": len(req.prompt) < self.asked[i]  # left-trimmed (truncation_length)
+            or (ev.reason == "length" and t.prompt_tokens + t.completion_tokens >= n_ctx),
             "stop_type": _stop_type(ev),
             "stopping_word": ev.stop_string or "",
             "tokens_cached": t.cached_tokens,
@@ -345,7 +351,7 @@ async def complete(
     """Run `prompts` and answer as llama-server: one object, a list, or an SSE stream."""
     fixed, ids = await _prepare(request, service, body, prompts)
     runs = _start(service, ids, fixed)
-    answer = _Answer(service, fixed, runs)
+    answer = _Answer(service, fixed, runs, [len(p) for p in ids])
     if body.stream:
         return sse_runs_response(service, runs, answer.frame, tail=None)
     finals = await asyncio.gather(*(service.collect(request, r) for r in runs))
