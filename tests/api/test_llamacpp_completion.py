@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.api.sillytavern import st_body
 from tests.helpers import ServerProcess
 
 pytestmark = pytest.mark.slow  # uses the session's real server
@@ -136,6 +137,34 @@ def test_json_schema_constrains_the_output(client: httpx.Client) -> None:
     assert_llama_error(client.post("/completion", json={"prompt": "x", "json_schema": too_many}))
     remote = {"$ref": "https://example.com/schema.json"}
     assert_llama_error(client.post("/completion", json={"prompt": "x", "json_schema": remote}))
+
+
+def test_sillytavern_llamacpp_body(client: httpx.Client) -> None:
+    """SillyTavern's llama.cpp type: its whole generate body (every alias, ST's own keys),
+    `samplers` instead of `sampler_priority`, empty logit_bias pairs, cache_prompt."""
+    body = st_body("llamacpp", stream=True, length=8)
+    body.pop("sampler_priority")
+    body.update(
+        {
+            "samplers": ["top_k", "tfs_z", "typical_p", "top_p", "min_p", "temperature"],
+            "logit_bias": [],
+            "grammar": "",
+            "cache_prompt": True,
+        }
+    )
+    evs = events(client, body)
+    assert evs[-1]["stop"] is True and evs[-1]["tokens_predicted"] <= 8
+    assert evs[-1]["generation_settings"]["samplers"] == [
+        "top_k",
+        "typical_p",
+        "top_p",
+        "min_p",
+        "temperature",
+    ]
+    text = "".join(e["content"] for e in evs)
+    assert "\nUser:" not in text  # ST's stop strings apply
+    r = client.post("/completion", json={**body, "stream": False})
+    assert r.status_code == 200 and isinstance(r.json()["content"], str)
 
 
 def test_prompt_forms(client: httpx.Client) -> None:
