@@ -244,16 +244,32 @@ def test_closed_stream_frees_its_slot(server: ServerProcess, client: httpx.Clien
         httpx.Client(base_url=server.url, timeout=60) as c,
         c.stream("POST", "/completion", json=body) as r,
     ):
+        lines = r.iter_lines()  # held: a generator dropped by `break` closes the connection
         n = 0
-        for line in r.iter_lines():
-            n += line.startswith("data: {")
-            if n >= 5:
-                break  # the client hangs up mid-stream
+        while n < 5:
+            n += next(lines).startswith("data: {")
+        busy = [s for s in client.get("/slots").json() if s["is_processing"]]
+        assert len(busy) == 1 and busy[0]["id_task"] > 0
+        assert busy[0]["next_token"]["n_decoded"] >= 4
+        assert busy[0]["params"]["n_predict"] == 1500
+        # leaving the block closes the stream mid-way: the client hangs up
     t0 = time.monotonic()
     p = wait_idle(client)
     assert time.monotonic() - t0 < 2
     assert p["total_aborted"] == before + 1
     assert all(not s["is_processing"] for s in client.get("/slots").json())
+
+
+def test_id_slot_pins_the_request(client: httpx.Client) -> None:
+    for slot in (1, 0):
+        prompt = f"Slot {slot} remembers this sentence about lanterns."
+        out = client.post("/completion", json={"prompt": prompt, "n_predict": 3, "id_slot": slot})
+        assert out.status_code == 200, out.text
+        body = out.json()
+        assert body["id_slot"] == slot
+        cached = client.get("/slots").json()[slot]["n_cached"]
+        # the prompt and every generated token but the last, which was never decoded
+        assert cached == body["tokens_evaluated"] + body["tokens_predicted"] - 1
 
 
 @pytest.mark.parametrize(

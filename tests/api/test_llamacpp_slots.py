@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,3 +122,23 @@ def test_unknown_slot_and_action(client: httpx.Client) -> None:
     assert client.post("/slots/7?action=erase").status_code == 404
     assert client.post("/slots/0?action=explode").status_code == 400
     assert client.post("/slots/0?action=restore", json={"filename": "none.bin"}).status_code == 404
+
+
+def test_busy_slot_is_a_conflict(client: httpx.Client) -> None:
+    body = {"prompt": PROMPT, "n_predict": 400, "ignore_eos": True, "stream": True}
+    with (
+        httpx.Client(base_url=str(client.base_url), timeout=60) as other,
+        other.stream("POST", "/completion", json=body) as r,
+    ):
+        lines = r.iter_lines()  # held: a generator dropped by `break` closes the connection
+        while not next(lines).startswith("data: {"):
+            pass  # generating once the first token is out
+        for name, filename in (("save", "busy.bin"), ("erase", None)):
+            answer = action(client, name, filename)
+            assert answer.status_code == 409, answer.text
+            assert "processing" in answer.json()["error"]["message"]
+    deadline = time.monotonic() + 10  # the closed stream frees the slot
+    while client.get("/slots").json()[0]["is_processing"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert action(client, "erase").status_code == 200
