@@ -54,6 +54,7 @@ def test_greedy_output_equals_openai_completions(client: httpx.Client) -> None:
     assert body["prompt"].endswith(PROMPT)
     assert body["generation_settings"]["n_ctx"] == 2048
     assert body["generation_settings"]["temperature"] == 0
+    assert body["id_slot"] in (0, 1)  # the slot that ran it
 
 
 def test_stream_events_and_final_fields(client: httpx.Client) -> None:

@@ -286,7 +286,7 @@ class _Answer:
             "index": i,
             "content": content,
             "tokens": running.tokens if self.body.return_tokens else [],
-            "id_slot": self.body.id_slot,
+            "id_slot": ev.slot,
             "stop": True,
             "model": self.service.model_id,
             "tokens_predicted": t.completion_tokens,
@@ -326,7 +326,7 @@ class _Answer:
                 "content": ev.text,
                 "tokens": list(ev.tokens),
                 "stop": False,
-                "id_slot": self.body.id_slot,
+                "id_slot": self.body.id_slot,  # as asked (-1: any); the final event's is real
                 "tokens_predicted": self.predicted[i],
                 "tokens_evaluated": len(self.runs[i].request.prompt),
             }

@@ -86,6 +86,7 @@ class FinishEvent:
     error: str | None = None  # a message for the client when reason == "error"
     eos: bool = False
     error_kind: ErrorKind | None = None  # set whenever reason == "error"
+    slot: int = -1  # the slot that ran it (-1: it never got one)
 
 
 Event = TokenEvent | FinishEvent
