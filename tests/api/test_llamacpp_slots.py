@@ -84,10 +84,15 @@ def test_restore_refuses_another_models_file(client: httpx.Client, folder: Path)
     assert action(client, "save", "mine.bin").status_code == 200
     sidecar = folder / "mine.bin.innkeeper.json"
     record = json.loads(sidecar.read_text())
-    sidecar.write_text(json.dumps({**record, "model": "other-model.gguf"}))
+    sidecar.write_text(json.dumps({**record, "model": "renamed.gguf"}))
+    assert action(client, "restore", "mine.bin").status_code == 200  # a rename is no matter
+    record = {**record, "model": "other-model.gguf", "n_params": record["n_params"] + 1}
+    sidecar.write_text(json.dumps(record))
     r = action(client, "restore", "mine.bin")
     assert r.status_code == 400
     assert "other-model.gguf" in r.json()["error"]["message"]
+    sidecar.write_text("[1, 2]")
+    assert action(client, "restore", "mine.bin").status_code == 400
     (folder / "junk.bin").write_bytes(b"not a slot file" * 10)
     r = action(client, "restore", "junk.bin")
     assert r.status_code == 400, r.text

@@ -54,10 +54,10 @@ def slot_path(directory: Path, name: str) -> Path:
     return path
 
 
-def _fingerprint(service: Service) -> dict[str, Any]:
+def _identity(service: Service) -> dict[str, Any]:
+    """What tells models apart (not the file name: a renamed model is the same model)."""
     info = service.info
     return {
-        "model": info.path.name,
         "description": info.description,
         "n_vocab": info.n_vocab,
         "n_params": info.n_params,
@@ -91,7 +91,8 @@ async def save(service: Service, slot_id: int, path: Path) -> SlotFileResult:
     except SlotFileError as exc:
         raise ServingError(str(exc)) from exc
     sidecar = path.with_name(path.name + SIDECAR)
-    sidecar.write_text(json.dumps(_fingerprint(service)), encoding="utf-8")
+    record = {"model": service.info.path.name, **_identity(service)}
+    sidecar.write_text(json.dumps(record), encoding="utf-8")
     return SlotFileResult(tokens, size, (time.monotonic() - t0) * 1000)
 
 
@@ -105,7 +106,10 @@ async def restore(service: Service, slot_id: int, path: Path) -> SlotFileResult:
             saved = json.loads(sidecar.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ParamError(f"the slot file's model record is unreadable: {exc}") from exc
-        if saved != _fingerprint(service):
+        if not isinstance(saved, dict):
+            raise ParamError("the slot file's model record is not a JSON object")
+        ours = _identity(service)
+        if {k: saved.get(k) for k in ours} != ours:
             raise ParamError(
                 f"slot file {path.name!r} was saved with model {saved.get('model')!r}, "
                 f"not {service.info.path.name!r}"
