@@ -284,6 +284,8 @@ def test_id_slot_pins_the_request(client: httpx.Client) -> None:
         {"prompt": "hi", "id_slot": 99},
         {"prompt": [[1.5]]},
         {"prompt": "hi", "logit_bias": [["a", "b"]]},
+        {"prompt": "hi", "logit_bias": {"9" * 5000: 1.0}},
+        {"prompt": "hi", "logit_bias": [[10**12, 1.0]]},
         {"prompt": ["x"] * 10_000},
         {"prompt": "word " * 200_000},
     ],

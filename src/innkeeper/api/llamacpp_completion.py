@@ -11,6 +11,7 @@ llama-server's `to_json_non_oaicompat` shapes (server-task.cpp).
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import Iterable
 from typing import Annotated, Any
@@ -38,6 +39,8 @@ MAX_PROMPTS = 64  # prompts in one request: more could only fill the queue (--ma
 # as `sampler_priority`, which `normalise` already knows)
 SAMPLER_NAMES = {"typ_p": "typical_p", "penalties": "repetition_penalty"}
 
+MAX_BIAS_TEXT = 1000  # characters of one logit_bias text (as a stop string's bound)
+TOKEN_ID = re.compile(r"-?[0-9]{1,10}")
 Piece = int | str
 OnePrompt = str | list[Piece]
 # [[id or text, bias or false]] pairs: a JSON array read as a tuple (its items stay strict)
@@ -148,10 +151,14 @@ def _logit_bias(service: Service, value: LogitBias | None) -> dict[str, float] |
             if bias:
                 continue  # true: llama-server leaves the token alone
             bias = -100.0
-        if isinstance(key, str) and not key.lstrip("-").isdigit():
-            ids = service.tokenize_now(key, False, limit=1024)
-        else:
+        if isinstance(key, int):
+            ids = [key]
+        elif TOKEN_ID.fullmatch(key):  # an object's keys are ids written as text
             ids = [int(key)]
+        elif len(key) > MAX_BIAS_TEXT:
+            raise ParamError(f"logit_bias: a text is at most {MAX_BIAS_TEXT} characters")
+        else:
+            ids = service.tokenize_now(key, False)
         for tok in ids:
             out[str(tok)] = float(bias)
     return out
