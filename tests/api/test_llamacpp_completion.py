@@ -4,6 +4,7 @@ SillyTavern's "llama.cpp" Text Completion type and llama.cpp clients call them."
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -271,6 +272,38 @@ def test_id_slot_pins_the_request(client: httpx.Client) -> None:
         cached = client.get("/slots").json()[slot]["n_cached"]
         # the prompt and every generated token but the last, which was never decoded
         assert cached == body["tokens_evaluated"] + body["tokens_predicted"] - 1
+
+
+def test_pinned_request_waits_without_holding_up_others(
+    server: ServerProcess, client: httpx.Client
+) -> None:
+    """A request pinned to a busy slot waits for it; a later unpinned one takes the free
+    slot meanwhile instead of queueing behind it."""
+    long = {"prompt": PROMPT, "n_predict": 1500, "ignore_eos": True, "stream": True, "id_slot": 0}
+    pinned: dict[str, Any] = {}
+
+    def send_pinned() -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            pinned["out"] = c.post(
+                "/completion", json={"prompt": "Hi", "n_predict": 2, "id_slot": 0}
+            )
+
+    with (
+        httpx.Client(base_url=server.url, timeout=60) as c,
+        c.stream("POST", "/completion", json=long) as r,
+    ):
+        lines = r.iter_lines()  # held: a generator dropped by `break` closes the connection
+        while not next(lines).startswith("data: {"):
+            pass
+        waiter = threading.Thread(target=send_pinned)
+        waiter.start()
+        time.sleep(0.3)  # the pinned request is queued behind the busy slot 0
+        free = client.post("/completion", json={"prompt": "Hello", "n_predict": 2})
+        assert free.status_code == 200 and free.json()["id_slot"] == 1
+        assert "out" not in pinned  # still waiting for slot 0
+        assert client.get("/slots").json()[0]["is_processing"] is True
+    waiter.join(timeout=30)
+    assert pinned["out"].status_code == 200 and pinned["out"].json()["id_slot"] == 0
 
 
 @pytest.mark.parametrize(

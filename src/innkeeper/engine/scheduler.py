@@ -301,13 +301,10 @@ class Scheduler:
     def _admit(self) -> None:
         while True:
             with self._cond:
-                if not self._queue:
+                picked = self._next_admissible()
+                if picked is None:
                     return
-                req, t_submit = self._queue[0]
-                free = [s for s in self.slots if s.state is IDLE and req.slot in (-1, s.id)]
-                if not free and not req.cancelled:
-                    return
-                self._queue.popleft()
+                req, t_submit, free = picked
             if req.cancelled:
                 self.tokens.finish_unstarted(req, "abort")
                 continue
@@ -321,6 +318,20 @@ class Scheduler:
                 self.tokens.finish_unstarted(
                     req, "error", f"engine error: {exc}", ErrorKind.INTERNAL
                 )
+
+    def _next_admissible(self) -> tuple[GenerationRequest, float, list[Slot]] | None:
+        """Take the oldest queued request that can start now, with the free slots it may
+        use (under the lock). FIFO, except that a request pinned to a busy slot (id_slot)
+        lets later ones take the other free slots instead of holding them up."""
+        idle = [s for s in self.slots if s.state is IDLE]
+        for i, (req, t_submit) in enumerate(self._queue):
+            free = [s for s in idle if req.slot in (-1, s.id)]
+            if free or req.cancelled:
+                del self._queue[i]
+                return req, t_submit, free
+            if not idle:
+                return None  # no slot is free: only a cancelled head could leave now
+        return None
 
     def _choose_slot(self, free: list[Slot], prompt: list[int]) -> Slot:
         """The free slot whose cache (live, or parked in RAM) shares most with the prompt."""
