@@ -56,10 +56,8 @@ async def slots(
                 "state": s.state,
                 "n_cached": s.n_cached,
                 "params": params,
-                "prompt": "",
                 "next_token": {
                     "has_next_token": busy,
-                    "has_new_line": False,
                     "n_remain": s.max_tokens - s.n_decoded if busy else -1,
                     "n_decoded": s.n_decoded,
                 },
