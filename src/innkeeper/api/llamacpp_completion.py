@@ -398,15 +398,23 @@ async def infill(request: Request, body: InfillBody) -> Any:
             "missing); /infill needs a code model with FIM tokens",
             "not_supported_error",
         )
-    prompt: list[Piece] = []
+    bos = service.bos if service.info.add_bos else None
+    return await complete(request, service, body, [infill_prompt(fim, bos, body)], False)
+
+
+def infill_prompt(fim: dict[str, int], bos: int | None, body: InfillBody) -> list[Piece]:
+    """llama-server's infill layout (format_prompt_infill): the repo-level pattern when the
+    model has FIM_REP and FIM_SEP, else the extra chunks' text first; then
+    FIM_PRE prefix FIM_SUF suffix FIM_MID prompt."""
+    prompt: list[Piece] = [] if bos is None else [bos]
     if "rep" in fim and "sep" in fim:
         prompt += [fim["rep"], "myproject\n"]
         for extra in body.input_extra:
-            prompt += [fim["sep"], f"{extra.filename}\n{extra.text}"]
+            prompt += [fim["sep"], f"{extra.filename}\n", extra.text]
         prompt += [fim["sep"], "filename\n"]
     else:
         prompt += [e.text for e in body.input_extra if e.text]
     prompt += [fim["pre"], body.input_prefix, fim["suf"], body.input_suffix, fim["mid"]]
     if body.prompt:
         prompt.append(body.prompt)
-    return await complete(request, service, body, [prompt], False)
+    return [p for p in prompt if p != ""]
