@@ -3,7 +3,7 @@ route's 409 for one without is in test_llamacpp_completion.py)."""
 
 from __future__ import annotations
 
-from innkeeper.api.llamacpp_completion import InfillBody, InfillExtra, infill_prompt
+from innkeeper.api.llamacpp_request import InfillBody, InfillExtra, infill_prompt
 
 PRE, SUF, MID, REP, SEP, BOS = 101, 102, 103, 104, 105, 1
 
