@@ -147,3 +147,11 @@ def test_busy_slot_is_a_conflict(client: httpx.Client) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert action(client, "erase").status_code == 200
+
+
+def test_slot_actions_follow_the_origin_rule(client: httpx.Client) -> None:
+    """Not admin actions (the API key suffices), but a foreign page may not erase a slot."""
+    r = client.post("/slots/0?action=erase", headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403
+    ok = client.post("/slots/0?action=erase", headers={"Origin": str(client.base_url)})
+    assert ok.status_code == 200
