@@ -153,7 +153,14 @@ ERROR_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 # Routes that queue a generation: they may answer 503 (queue full) or 504 (--request-timeout).
 GENERATE_PATHS = frozenset(
-    {"/v1/completions", "/v1/chat/completions", "/api/v1/generate", "/api/extra/generate/stream"}
+    {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/api/v1/generate",
+        "/api/extra/generate/stream",
+        "/completion",
+        "/infill",
+    }
 )
 # One server-sent event (OpenAPI 3.1: the `schema` of an event stream describes each event):
 # `data` is a JSON chunk in the family's shape, or `[DONE]`; keep-alive comments carry none.

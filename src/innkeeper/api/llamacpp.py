@@ -1,4 +1,8 @@
-"""llama.cpp server routes that newer SillyTavern and llama.cpp clients read."""
+"""llama.cpp server routes that newer SillyTavern and llama.cpp clients read.
+
+Generation (/completion, /infill) lives in llamacpp_completion.py and the slot routes in
+llamacpp_slots.py; their routers are included in this one, which the app registers.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from innkeeper import __version__
+from innkeeper.api import llamacpp_completion, llamacpp_slots
 from innkeeper.api.admin import caller_of
 from innkeeper.api.errors import ApiError
 from innkeeper.api.offload import OffLoopBodyRoute
-from innkeeper.api.params import JsonBody, ParamError
+from innkeeper.api.openai import ChatBody, render_chat
+from innkeeper.api.params import JsonBody, ParamError, normalise
 from innkeeper.api.state import registry_of, use_model
 
 router = APIRouter(tags=["llama.cpp"], route_class=OffLoopBodyRoute)
+router.include_router(llamacpp_completion.router)
+router.include_router(llamacpp_slots.router)
 
 
 class TokenizeBody(JsonBody):
@@ -102,3 +110,16 @@ async def detokenize(request: Request, body: DetokenizeBody) -> dict[str, str]:
         return {"content": await service.detokenize(body.tokens, request)}
     except ParamError as exc:
         raise ApiError(400, str(exc)) from exc
+
+
+@router.post("/apply-template")
+async def apply_template(request: Request, body: ChatBody) -> dict[str, str]:
+    """The prompt a chat would send, rendered with the model's template (no generation)."""
+    service = await use_model(request, body.model)
+    # the body /v1/chat/completions takes: the same checks, though nothing is generated
+    service.check_lengths(normalise(body, n_vocab=service.n_vocab))
+
+    def work(_cancel: threading.Event) -> dict[str, str]:
+        return {"prompt": render_chat(service, body)[0]}
+
+    return await service.off_loop(work, request)

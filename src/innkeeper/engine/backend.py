@@ -187,6 +187,7 @@ class ModelInfo:
     add_bos: bool
     architecture: str
     file_type: str | None
+    fim_tokens: dict[str, int]  # fill-in-the-middle tokens: pre, suf, mid, rep, sep (if any)
 
 
 class Model:
@@ -245,6 +246,7 @@ class Model:
             add_bos=self.add_bos,
             architecture=self.meta("general.architecture") or "unknown",
             file_type=self.meta("general.file_type"),
+            fim_tokens=self._fim_tokens(),
         )
 
     def _desc(self) -> str:
@@ -305,6 +307,18 @@ class Model:
 
     def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
         return b"".join(self.piece(t, special=special) for t in tokens).decode("utf-8", "replace")
+
+    def _fim_tokens(self) -> dict[str, int]:
+        """The fill-in-the-middle tokens the vocabulary has (pre, suf, mid, rep, sep; a
+        missing one is left out)."""
+        found = {
+            "pre": C.llama_vocab_fim_pre(self.vocab),
+            "suf": C.llama_vocab_fim_suf(self.vocab),
+            "mid": C.llama_vocab_fim_mid(self.vocab),
+            "rep": C.llama_vocab_fim_rep(self.vocab),
+            "sep": C.llama_vocab_fim_sep(self.vocab),
+        }
+        return {k: int(t) for k, t in found.items() if t >= 0}
 
     def valid_token(self, token: int) -> bool:
         return 0 <= token < self.n_vocab
@@ -490,6 +504,24 @@ class Context:
         """
         flags = C.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if partial else 0
         return int(C.llama_state_seq_set_data_ext(self.ptr, data, size, seq, flags)) > 0
+
+    def seq_save_file(self, seq: int, path: Path, tokens: list[int]) -> int:
+        """Write one sequence's tokens and state to `path` (llama-server's slot files);
+        returns the bytes written, 0 on failure."""
+        arr = (C.llama_token * max(len(tokens), 1))(*tokens)
+        return int(C.llama_state_seq_save_file(self.ptr, str(path).encode(), seq, arr, len(tokens)))
+
+    def seq_load_file(self, seq: int, path: Path, capacity: int) -> tuple[list[int], int] | None:
+        """Load a slot file into `seq`: (its tokens, bytes read), or None when llama.cpp
+        refuses it (another model's shapes, a damaged file, more than `capacity` tokens)."""
+        arr = (C.llama_token * capacity)()
+        count = ctypes.c_size_t(0)
+        n = int(
+            C.llama_state_seq_load_file(
+                self.ptr, str(path).encode(), seq, arr, capacity, ctypes.byref(count)
+            )
+        )
+        return (list(arr[: count.value]), n) if n > 0 else None
 
     def close(self) -> None:
         if self.ptr:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from pathlib import Path
 
+from innkeeper.engine import slots as slot_ops
 from innkeeper.engine.backend import (
     BackendError,
     Context,
@@ -18,6 +21,7 @@ from innkeeper.engine.backend import (
 )
 from innkeeper.engine.embeddings import EMBED_SEQS, Embedder, Embeddings, model_kind
 from innkeeper.engine.events import GenerationRequest
+from innkeeper.engine.sampling import SamplingParams
 from innkeeper.engine.scheduler import Perf, QueueFullError, Scheduler
 from innkeeper.engine.templates import ChatTemplate, resolve_template
 from innkeeper.engine.tokenizer import Tokenizer
@@ -33,6 +37,7 @@ __all__ = [
     "NotAChatModel",
     "Perf",
     "QueueFullError",
+    "SlotView",
 ]
 
 
@@ -51,6 +56,20 @@ class EngineStats:
     threads: int
     threads_batch: int
     perf: Perf  # a copy of the scheduler's counters
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """One slot as /slots reports it: what it holds and the request it runs, if any."""
+
+    id: int
+    state: str  # "idle", "prompt" (evaluating the prompt) or "generating"
+    n_cached: int  # tokens in its KV cache now
+    request_id: int | None
+    params: SamplingParams | None
+    max_tokens: int
+    n_prompt: int
+    n_decoded: int  # tokens generated so far
 
 
 def model_params(config: EngineConfig) -> ModelParams:
@@ -221,6 +240,51 @@ class Engine:
             threads_batch=self.ctx.threads_batch,
             perf=copy.copy(sched.perf),
         )
+
+    def slots(self) -> tuple[SlotView, ...]:
+        """Each slot's state now (any thread; read without a lock, like `stats`); an
+        embedding model has none."""
+        if self.scheduler is None:
+            return ()
+        out = []
+        for slot in self.scheduler.slots:
+            gen = slot.gen
+            req = gen.req if gen is not None else None
+            out.append(
+                SlotView(
+                    id=slot.id,
+                    state=slot.state.value,
+                    n_cached=len(slot.cache),
+                    request_id=req.id if req else None,
+                    params=req.params if req else None,
+                    max_tokens=req.max_tokens if req else 0,
+                    n_prompt=len(req.prompt) if req else 0,
+                    n_decoded=len(gen.stream.tokens) if gen is not None else 0,
+                )
+            )
+        return tuple(out)
+
+    def _slot(self, slot_id: int) -> slot_ops.Slot:
+        if self.scheduler is None:
+            raise NotAChatModel(f"{self.model.info.path.name} is an {self.kind} model")
+        return self.scheduler.slots[slot_id]
+
+    def save_slot(self, slot_id: int, path: Path) -> Future[tuple[int, int]]:
+        """Write an idle slot's tokens and KV state to a file (on the engine thread);
+        the future gives (tokens, bytes) or raises SlotBusy / SlotFileError."""
+        slot = self._slot(slot_id)
+        return self.scheduler.call(lambda: slot_ops.save_file(slot, self.ctx, path))
+
+    def restore_slot(self, slot_id: int, path: Path) -> Future[tuple[int, int]]:
+        """Load a slot file into an idle slot (engine thread): (tokens, bytes)."""
+        slot = self._slot(slot_id)
+        n_vocab = self.model.n_vocab
+        return self.scheduler.call(lambda: slot_ops.load_file(slot, self.ctx, path, n_vocab))
+
+    def erase_slot(self, slot_id: int) -> Future[int]:
+        """Drop an idle slot's cache (engine thread): the tokens it held."""
+        slot = self._slot(slot_id)
+        return self.scheduler.call(lambda: slot_ops.erase(slot, self.ctx))
 
     def close(self) -> None:
         if self.scheduler is not None:

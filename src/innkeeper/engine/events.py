@@ -86,6 +86,7 @@ class FinishEvent:
     error: str | None = None  # a message for the client when reason == "error"
     eos: bool = False
     error_kind: ErrorKind | None = None  # set whenever reason == "error"
+    slot: int = -1  # the slot that ran it (-1: it never got one)
 
 
 Event = TokenEvent | FinishEvent
@@ -103,6 +104,7 @@ class GenerationRequest:
     banned_strings: list[str] = field(default_factory=list)
     n_logprobs: int = 0
     min_tokens: int = 0
+    slot: int = -1  # the slot it must run on (llama-server's id_slot); -1: any free one
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False
 

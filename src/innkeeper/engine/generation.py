@@ -293,6 +293,7 @@ class TokenPipeline:
                 error=error,
                 eos=gen.eos,
                 error_kind=kind,
+                slot=slot.id,
             ),
         )
 

@@ -19,6 +19,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 from innkeeper.engine.backend import Batch, Context, Model
 from innkeeper.engine.events import ErrorKind, GenerationRequest
@@ -71,6 +74,7 @@ class Scheduler:
         self.perf = Perf()
         self.tokens = TokenPipeline(model, ctx, self.stash, self.perf)
         self._queue: deque[tuple[GenerationRequest, float]] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._cond = threading.Condition()
         self._stop = False
         self._batch = Batch(max(ctx.params.n_batch, n_slots))
@@ -87,6 +91,19 @@ class Scheduler:
                 raise QueueFullError(f"{len(self._queue)} requests are already waiting")
             self._queue.append((req, time.monotonic()))
             self._cond.notify()
+
+    def call(self, work: Callable[[], Any]) -> Future[Any]:
+        """Run `work` on the engine thread between two steps (slot files, erase): it may
+        touch the context and the slots, which no other thread may. Its result or
+        exception arrives through the future."""
+        future: Future[Any] = Future()
+        with self._cond:
+            if self._stop:
+                future.set_exception(RuntimeError("the engine is stopping"))
+                return future
+            self._calls.append((work, future))
+            self._cond.notify()
+        return future
 
     def cancel_all(self) -> int:
         """Abort every running and queued request; returns how many were asked to stop."""
@@ -123,11 +140,15 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and not self._queue and self.busy_slots == 0:
+                while (
+                    not self._stop and not self._queue and not self._calls and self.busy_slots == 0
+                ):
                     self.perf.idle_since = time.time()
                     self._cond.wait()
                 if self._stop and self.busy_slots == 0:
                     break
+            if self._calls:
+                self._run_calls()
             try:
                 self._step()
             except Exception as exc:  # one bad step must not kill the server
@@ -137,6 +158,23 @@ class Scheduler:
                         gen, "error", error=f"engine error: {exc}", kind=ErrorKind.INTERNAL
                     )
         self._batch.free()
+        with self._cond:
+            for _, future in self._calls:
+                future.set_exception(RuntimeError("the engine stopped"))
+            self._calls.clear()
+
+    def _run_calls(self) -> None:
+        while True:
+            with self._cond:
+                if not self._calls:
+                    return
+                work, future = self._calls.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(work())
+            except BaseException as exc:  # the caller gets it; the loop goes on
+                future.set_exception(exc)
 
     def _running(self) -> list[Generation]:
         return [s.gen for s in self.slots if s.gen is not None]
@@ -263,13 +301,10 @@ class Scheduler:
     def _admit(self) -> None:
         while True:
             with self._cond:
-                if not self._queue:
+                picked = self._next_admissible()
+                if picked is None:
                     return
-                free = [s for s in self.slots if s.state is IDLE]
-                req, t_submit = self._queue[0]
-                if not free and not req.cancelled:
-                    return
-                self._queue.popleft()
+                req, t_submit, free = picked
             if req.cancelled:
                 self.tokens.finish_unstarted(req, "abort")
                 continue
@@ -283,6 +318,20 @@ class Scheduler:
                 self.tokens.finish_unstarted(
                     req, "error", f"engine error: {exc}", ErrorKind.INTERNAL
                 )
+
+    def _next_admissible(self) -> tuple[GenerationRequest, float, list[Slot]] | None:
+        """Take the oldest queued request that can start now, with the free slots it may
+        use (under the lock). FIFO, except that a request pinned to a busy slot (id_slot)
+        lets later ones take the other free slots instead of holding them up."""
+        idle = [s for s in self.slots if s.state is IDLE]
+        for i, (req, t_submit) in enumerate(self._queue):
+            free = [s for s in idle if req.slot in (-1, s.id)]
+            if free or req.cancelled:
+                del self._queue[i]
+                return req, t_submit, free
+            if not idle:
+                return None  # no slot is free: only a cancelled head could leave now
+        return None
 
     def _choose_slot(self, free: list[Slot], prompt: list[int]) -> Slot:
         """The free slot whose cache (live, or parked in RAM) shares most with the prompt."""

@@ -7,7 +7,9 @@ several request fields happen to be set.
 
 from __future__ import annotations
 
+import time
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -65,6 +67,57 @@ class Slot:
         ctx.seq_rm(self.id, -1, -1)
         self.cache.clear()
         self.checkpoints.clear()
+
+
+class SlotBusy(Exception):
+    """A slot file operation on a slot that is running a request."""
+
+
+class SlotFileError(Exception):
+    """llama.cpp could not write or read a slot file, or the file is not this model's."""
+
+
+def save_file(slot: Slot, ctx: Context, path: Path) -> tuple[int, int]:
+    """Write an idle slot's tokens and KV state to `path` (engine thread); returns
+    (tokens, bytes). What the slot holds now is saved: a cache parked in RAM is not."""
+    if slot.state is not IDLE:
+        raise SlotBusy(f"slot {slot.id} is processing a request")
+    tokens = list(slot.cache)
+    written = ctx.seq_save_file(slot.id, path, tokens)
+    if written <= 0:
+        raise SlotFileError(f"llama.cpp could not write the state of slot {slot.id}")
+    return len(tokens), written
+
+
+def load_file(slot: Slot, ctx: Context, path: Path, n_vocab: int) -> tuple[int, int]:
+    """Replace an idle slot's cache with a slot file's tokens and state (engine thread);
+    returns (tokens, bytes). A file llama.cpp refuses leaves the slot empty."""
+    if slot.state is not IDLE:
+        raise SlotBusy(f"slot {slot.id} is processing a request")
+    slot.forget(ctx)
+    loaded = ctx.seq_load_file(slot.id, path, ctx.n_ctx)
+    if loaded is None:
+        slot.forget(ctx)
+        raise SlotFileError(
+            "llama.cpp refused the slot file: it is damaged, holds more tokens than the "
+            "context, or was saved with another model or cache type"
+        )
+    tokens, read = loaded
+    if any(not 0 <= t < n_vocab for t in tokens):
+        slot.forget(ctx)
+        raise SlotFileError("the slot file holds token ids outside this model's vocabulary")
+    slot.cache[:] = tokens
+    slot.last_used = time.monotonic()
+    return len(tokens), read
+
+
+def erase(slot: Slot, ctx: Context) -> int:
+    """Drop an idle slot's cache (engine thread); returns the tokens it held."""
+    if slot.state is not IDLE:
+        raise SlotBusy(f"slot {slot.id} is processing a request")
+    n = len(slot.cache)
+    slot.forget(ctx)
+    return n
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

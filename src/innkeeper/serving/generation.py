@@ -55,6 +55,7 @@ class RunningGeneration:
     created: float = field(default_factory=time.time)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     parts: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # generated ids, as delivered
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: FinishEvent | None = None
     deadline: float | None = None  # time.monotonic() after which the request is cancelled
@@ -95,6 +96,7 @@ class RunningGeneration:
             else:
                 ev = await self.queue.get()
             if isinstance(ev, TokenEvent):
+                self.tokens.extend(ev.tokens)
                 if ev.text:
                     self.parts.append(ev.text)
                 if ev.logprobs:

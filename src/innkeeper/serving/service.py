@@ -366,7 +366,9 @@ class Service:
         default_max_tokens: int | None = None,
         n_logprobs: int = 0,
         genkey: str | None = None,
+        slot: int = -1,
     ) -> RunningGeneration:
+        """Queue one generation; `slot` pins it to that slot (waiting for it), -1: any."""
         if self.kind != "chat":
             raise ParamError(
                 f"model {self.model_id!r} is an {self.kind} model: it answers /v1/embeddings, "
@@ -390,6 +392,7 @@ class Service:
             banned_strings=gen.banned_strings,
             n_logprobs=max(n_logprobs, gen.n_probs),
             min_tokens=gen.min_tokens,
+            slot=slot,
         )
         running = RunningGeneration(request=req, queue=queue, genkey=genkey)
         if self.closed:

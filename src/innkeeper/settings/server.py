@@ -205,6 +205,13 @@ class ServerConfig:
         panel=PANEL_MEMORY,
         memory=True,
     )
+    slot_save_path: str | None = setting(
+        None,
+        "--slot-save-path",
+        metavar="DIR",
+        help="folder for /slots/{id}?action=save|restore files (unset: refused)",
+        panel=PANEL_RUNTIME,
+    )
     allow_pickle: bool = setting(
         False,
         "--allow-pickle",
