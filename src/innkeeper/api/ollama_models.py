@@ -174,7 +174,7 @@ async def tags(request: Request) -> dict[str, Any]:
 
 def _expires_at(registry: ModelRegistry, e: ModelEntry) -> str:
     """When idle unload will take the model if nobody uses it meanwhile."""
-    limit = registry.idle_limit(e)
+    limit = registry.idle.limit(e)
     now = datetime.now(timezone.utc)
     if limit is None or e.service is None:
         return iso(now + FOREVER)
