@@ -96,6 +96,7 @@ def test_memory_table() -> None:
     assert table[3] == "| 8b | llama-server | 99 | n/a | n/a | n/a | no: exited with 1 |"
 
 
+@pytest.mark.slow  # starts real servers: not in `make test-fast`
 def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     stand_in = tmp_path / "bin" / "llama-server"
     stand_in.parent.mkdir()
