@@ -267,6 +267,15 @@ class EngineConfig:
         help="lock the model in RAM (needs a high enough `ulimit -l`)",
         panel=PANEL_MODEL,
     )
+    mmproj: Path | None = setting(  # noqa: RUF009 (a Path is immutable)
+        None,
+        "--mmproj",
+        parse=Path,
+        metavar="FILE",
+        help="the model's vision projector (mmproj-*.gguf) for image input "
+        "(default: an mmproj*.gguf beside the model)",
+        panel=PANEL_MODEL,
+    )
     chat_template: str | None = setting(
         None,
         "--chat-template",
