@@ -123,3 +123,86 @@ def test_images_to_a_model_without_projector(client: httpx.Client) -> None:
     r = client.post("/v1/chat/completions", json=chat(data_uri(png(1))))
     assert r.status_code == 400, r.text
     assert "vision projector" in r.json()["error"]["message"]
+
+
+def b64png(seed: int) -> str:
+    return base64.b64encode(png(seed)).decode()
+
+
+def test_completion_image_data_and_img_tags(vc: httpx.Client) -> None:
+    """llama-server's `image_data` (SillyTavern's captioning): `[img-ID]` places an image; one
+    the prompt does not name goes first, so both spellings below are the same prompt."""
+    base = {"temperature": 0, "top_k": 1, "n_predict": 8}
+    tagged = vc.post(
+        "/completion",
+        json={
+            "prompt": "[img-7]Describe it.",
+            "image_data": [{"data": b64png(4), "id": 7}],
+            **base,
+        },
+    )
+    assert tagged.status_code == 200, tagged.text
+    unnamed = vc.post(
+        "/completion",
+        json={"prompt": "Describe it.", "image_data": [{"data": b64png(4), "id": 1}], **base},
+    )
+    assert unnamed.json()["content"] == tagged.json()["content"]
+    other = vc.post(
+        "/completion",
+        json={
+            "prompt": "[img-7]Describe it.",
+            "image_data": [{"data": b64png(5), "id": 7}],
+            **base,
+        },
+    )
+    assert other.json()["content"] != tagged.json()["content"]
+    missing = vc.post(
+        "/completion",
+        json={
+            "prompt": "[img-3]Describe it.",
+            "image_data": [{"data": b64png(4), "id": 7}],
+            **base,
+        },
+    )
+    assert missing.status_code == 400 and "img-3" in missing.json()["error"]["message"]
+
+
+def test_ollama_and_kobold_images_match_completion(vc: httpx.Client) -> None:
+    """The same raw prompt with the same image gives the same greedy text in every family."""
+    native = vc.post(
+        "/completion",
+        json={
+            "prompt": "Describe it.",
+            "image_data": [{"data": b64png(6), "id": 0}],
+            "temperature": 0,
+            "top_k": 1,
+            "n_predict": 8,
+        },
+    ).json()["content"]
+    ollama = vc.post(
+        "/api/generate",
+        json={
+            "model": "tiny-vision",
+            "prompt": "Describe it.",
+            "images": [b64png(6)],
+            "raw": True,
+            "stream": False,
+            "options": {"temperature": 0, "top_k": 1, "num_predict": 8},
+        },
+    )
+    assert ollama.status_code == 200, ollama.text
+    assert ollama.json()["response"] == native
+    kobold = vc.post(
+        "/api/v1/generate",
+        json={
+            "prompt": "Describe it.",
+            "images": [b64png(6)],
+            "temperature": 0,
+            "top_k": 1,
+            "rep_pen": 1.0,
+            "max_length": 8,
+        },
+    )
+    assert kobold.status_code == 200, kobold.text
+    assert kobold.json()["results"][0]["text"] == native
+    assert vc.get("/api/extra/version").json()["vision"] is True

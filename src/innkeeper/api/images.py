@@ -13,15 +13,21 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from PIL import Image, UnidentifiedImageError
 
 from innkeeper.api.errors import ApiError
-from innkeeper.engine.vision import MARKER, ImageInput
+from innkeeper.engine.vision import MARKER, ImageInput, MediaPrompt
+
+if TYPE_CHECKING:
+    from innkeeper.serving.service import Service
+
+IMG_TAG = re.compile(r"\[img-(\d+)\]")  # llama-server's (and SillyTavern's) image placeholder
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,34 @@ def _image_url(part: dict[str, Any]) -> str:
     if not isinstance(url, str) or not url:
         raise ImageError("an image_url part needs a url (a data:image/...;base64 URI)")
     return url
+
+
+def tagged_images(prompt: str, images: dict[int, bytes]) -> tuple[str, list[bytes]]:
+    """llama-server's `image_data`: each `[img-ID]` in the prompt becomes the image with that
+    id; images the prompt does not name go before it, in the order sent."""
+    order: list[bytes] = []
+
+    def sub(m: re.Match[str]) -> str:
+        key = int(m.group(1))
+        if key not in images:
+            raise ImageError(f"the prompt names [img-{key}] but image_data has no image {key}")
+        order.append(images[key])
+        return MARKER
+
+    text = IMG_TAG.sub(sub, prompt)
+    named = set(int(k) for k in IMG_TAG.findall(prompt))
+    unnamed = [raw for key, raw in images.items() if key not in named]
+    return MARKER * len(unnamed) + text, unnamed + order
+
+
+def media_prompt(
+    service: Service, text: str, raw: list[bytes], limits: ImageLimits, limit: int
+) -> MediaPrompt:
+    """Decode `raw` and tokenize `text` (one MARKER per image) for `service`'s model (a
+    worker thread); a model without projector is a 400 that says so."""
+    if not service.vision:
+        raise no_vision(service.model_id)
+    return service.tokenize_media_now(text, decode_images(raw, limits), limit=limit)
 
 
 def decode_images(raw: list[bytes], limits: ImageLimits) -> list[ImageInput]:

@@ -431,11 +431,7 @@ async def chat_completions(request: Request, body: ChatBody) -> Any:
         text, stops = render_chat(service, body, messages)
         if not raw:
             return service.tokenize_now(text, limit=limit, cancel=cancel), stops, None
-        if not service.vision:
-            raise images.no_vision(service.model_id)
-        media = service.tokenize_media_now(
-            text, images.decode_images(raw, image_limits), limit=limit
-        )
+        media = images.media_prompt(service, text, raw, image_limits, limit)
         return media.tokens, stops, media
 
     try:  # template, images and tokeniser run off the event loop: all grow with the body
