@@ -23,7 +23,7 @@ from innkeeper.engine.events import FinishEvent, GenerationRequest
 from innkeeper.engine.sampling import SamplingParams
 from innkeeper.engine.vision import MARKER, ImageInput, MediaPrompt, VisionError
 from tests.engine.conftest import Runner, make_engine
-from tests.models.vision_factory import N_IMAGE_TOKENS, write_pair
+from tests.models.vision_factory import N_IMAGE_TOKENS, TEXT_EMBD, write_pair, write_projector
 
 PROMPT = f"<|im_start|>user\nWhat is in this picture? {MARKER}\nTell me.<|im_end|>\n<|im_start|>assistant\n"
 N_GEN = 12
@@ -176,5 +176,19 @@ def test_a_model_without_projector_refuses_images() -> None:
     try:
         with pytest.raises(VisionError):
             e.tokenize_media(PROMPT, [image(1)])
+    finally:
+        e.close()
+
+
+def test_a_projector_that_does_not_fit_leaves_a_text_model(pair, tmp_path: Path) -> None:
+    """libmtmd refuses a projector of another width: the model still serves text, and a
+    request with images is told why it cannot have them."""
+    wrong = write_projector(tmp_path / "mmproj-wrong.gguf", n_out=TEXT_EMBD * 2)
+    e = Engine(EngineConfig(pair[0], mmproj=wrong, ctx_size=512, threads=1, parallel=1))
+    try:
+        assert e.vision is None
+        with pytest.raises(VisionError, match=r"mmproj-wrong\.gguf"):
+            e.tokenize_media(PROMPT, [image(1)])
+        assert Runner(e).run(e.tokenize("hello"), 4)[1].reason != "error"
     finally:
         e.close()

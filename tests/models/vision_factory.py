@@ -70,8 +70,9 @@ def write_text_model(path: Path, tokenizer_source: Path, *, seed: int = 7) -> Pa
     return path
 
 
-def write_projector(path: Path, *, seed: int = 11) -> Path:
-    """A LLaVA-1.5-shaped projector (CLIP ViT + MLP) whose output width is TEXT_EMBD."""
+def write_projector(path: Path, *, seed: int = 11, n_out: int = TEXT_EMBD) -> Path:
+    """A LLaVA-1.5-shaped projector (CLIP ViT + MLP) whose output width is `n_out` (the
+    text model's width; another one makes a projector libmtmd refuses for this model)."""
     V, n_layer, n_head, n_ff = 32, 2, 2, 64
     n_pos = N_IMAGE_TOKENS + 1  # the class embedding's position too
     rng = np.random.default_rng(seed)
@@ -85,7 +86,7 @@ def write_projector(path: Path, *, seed: int = 11) -> Path:
     w.add_uint32("clip.vision.patch_size", PATCH)
     w.add_uint32("clip.vision.embedding_length", V)
     w.add_uint32("clip.vision.feed_forward_length", n_ff)
-    w.add_uint32("clip.vision.projection_dim", TEXT_EMBD)
+    w.add_uint32("clip.vision.projection_dim", n_out)
     w.add_uint32("clip.vision.attention.head_count", n_head)
     w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
     w.add_uint32("clip.vision.block_count", n_layer)
@@ -113,10 +114,10 @@ def write_projector(path: Path, *, seed: int = 11) -> Path:
         w.add_tensor(b + "ffn_up.bias", _rand(rng, n_ff, scale=0.05))
         w.add_tensor(b + "ffn_down.weight", _rand(rng, V, n_ff))
         w.add_tensor(b + "ffn_down.bias", _rand(rng, V, scale=0.05))
-    w.add_tensor("mm.0.weight", _rand(rng, TEXT_EMBD, V))
-    w.add_tensor("mm.0.bias", _rand(rng, TEXT_EMBD, scale=0.05))
-    w.add_tensor("mm.2.weight", _rand(rng, TEXT_EMBD, TEXT_EMBD, scale=0.5))
-    w.add_tensor("mm.2.bias", _rand(rng, TEXT_EMBD, scale=0.05))
+    w.add_tensor("mm.0.weight", _rand(rng, n_out, V))
+    w.add_tensor("mm.0.bias", _rand(rng, n_out, scale=0.05))
+    w.add_tensor("mm.2.weight", _rand(rng, n_out, n_out, scale=0.5))
+    w.add_tensor("mm.2.bias", _rand(rng, n_out, scale=0.05))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -86,7 +86,7 @@ def from_data_uri(url: str) -> bytes:
 
 def b64(text: str) -> bytes:
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ImageError(f"an image is not valid base64: {exc}") from None
 

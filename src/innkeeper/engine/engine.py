@@ -137,6 +137,7 @@ class Engine:
         self.ctx: Context | None = None
         self.scheduler: Scheduler | None = None
         self.vision: Vision | None = None
+        self.vision_error: str | None = None  # why the model's projector did not load
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
         try:
@@ -145,12 +146,7 @@ class Engine:
             else:
                 self.ctx = Context(self.model, context_params(config, self.model.info.n_ctx_train))
                 if config.mmproj is not None:
-                    self.vision = Vision(
-                        self.model,
-                        config.mmproj,
-                        threads=self.ctx.threads_batch,
-                        use_gpu=config.gpu_layers != 0,
-                    )
+                    self.vision = self._load_vision(config.mmproj)
         except Exception:
             if self.ctx is not None:
                 self.ctx.close()
@@ -170,6 +166,22 @@ class Engine:
                 vision=self.vision,
             )
             self.scheduler.start()
+
+    def _load_vision(self, path: Path) -> Vision | None:
+        """The projector, or None (logged, and said to clients who send images): a
+        projector that does not fit the model must not keep its text from being served."""
+        assert self.ctx is not None
+        try:
+            return Vision(
+                self.model,
+                path,
+                threads=self.ctx.threads_batch,
+                use_gpu=self.config.gpu_layers != 0,
+            )
+        except BackendError as exc:
+            self.vision_error = f"its projector {path.name} did not load: {exc}"
+            log.error("%s: %s; serving text only", self.model.info.path.name, self.vision_error)
+            return None
 
     def _new_embedder(self) -> Embedder:
         chat_ctx = self.ctx.n_ctx if self.ctx is not None else None
@@ -226,9 +238,12 @@ class Engine:
         """Text with `vision.MARKER` where each image goes, into tokens and image chunks
         (any thread); VisionError when this model has no projector."""
         if self.vision is None:
+            why = self.vision_error or (
+                "serve it with --mmproj FILE, or put its mmproj-*.gguf beside it"
+            )
             raise VisionError(
                 f"{self.model.info.path.name} has no vision projector: it cannot take images "
-                "(serve it with --mmproj FILE, or put its mmproj-*.gguf beside it)"
+                f"({why})"
             )
         return self.vision.tokenize(text, images)
 
