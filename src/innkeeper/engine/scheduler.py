@@ -11,6 +11,10 @@ the free slot whose cache (or parked state, kv_stash.py) shares the longest pref
 prompt; only the rest is evaluated. When SillyTavern trims old messages from the top of the
 prompt, the chunks that are still there are moved into place with `seq_rm`/`seq_add` (what
 llama-server calls `--cache-reuse`) instead of being evaluated again.
+
+A prompt with images (vision.py) holds markers where the images go: prefix matching treats
+them as tokens, and prompt evaluation decodes each image, when it reaches it, in a decode of
+its own before the step's batch.
 """
 
 from __future__ import annotations

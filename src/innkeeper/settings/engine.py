@@ -358,6 +358,8 @@ class EngineConfig:
         check_v_cache(self.cache_type_v, self.flash_attn != "off")
         if self.tensor_split is not None and self.split_mode == "none":
             raise ConfigError("--tensor-split has no effect with --split-mode none: drop one")
+        if self.mmproj is not None and not self.mmproj.is_file():
+            raise ConfigError(f"--mmproj: {self.mmproj} is not a file")
         return self
 
     @property
