@@ -23,7 +23,14 @@ from pathlib import Path
 import llama_cpp as C
 from llama_cpp import mtmd_cpp as M
 
-from innkeeper.engine.backend import BackendError, Context, Model, set_fields
+from innkeeper.engine.backend import (
+    BackendError,
+    Context,
+    Model,
+    last_error,
+    route_log,
+    set_fields,
+)
 
 log = logging.getLogger("innkeeper.engine")
 
@@ -105,13 +112,14 @@ class Vision:
     a time) and evaluates image chunks into a context (the engine thread)."""
 
     def __init__(self, model: Model, path: Path, *, threads: int, use_gpu: bool) -> None:
+        route_log(M.mtmd_log_set)
+        route_log(M.mtmd_helper_log_set)
         params = M.mtmd_context_params_default()
         set_fields(params, use_gpu=use_gpu, n_threads=threads, print_timings=False, warmup=False)
         ptr = M.mtmd_init_from_file(str(path).encode(), model.ptr, params)
         if not ptr:
-            raise BackendError(
-                f"{path.name} is not a projector for this model (libmtmd refused it; see the log)"
-            )
+            why = " ".join(last_error().split()) or "see the log"
+            raise BackendError(f"{path.name} is not a projector for this model ({why})")
         self.ptr = ptr
         self.path = path
         self._lock = threading.Lock()
