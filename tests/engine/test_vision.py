@@ -124,6 +124,17 @@ def test_image_tokens_layout(engine: Engine) -> None:
     other = engine.tokenize_media(PROMPT, [image(2)])
     assert other.tokens[: span.start] == media.tokens[: span.start]
     assert other.tokens[span.start] != media.tokens[span.start]  # never a match
+    # A cached prefix that ends inside an image is cut back to the image's start.
+    assert media.image_start(span.start + 5) == span.start
+    assert media.image_start(span.end) == span.end
+    assert media.text_run(0) == span.start
+
+
+def test_prompts_that_cannot_be_laid_out(engine: Engine) -> None:
+    with pytest.raises(VisionError):  # nothing after the image to sample from
+        engine.tokenize_media("look: " + MARKER, [image(1)])
+    with pytest.raises(VisionError):  # one marker, two images
+        engine.tokenize_media(PROMPT, [image(1), image(2)])
 
 
 def test_greedy_matches_libmtmd_helper(engine: Engine, pair) -> None:
