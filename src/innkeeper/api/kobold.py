@@ -14,12 +14,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from innkeeper import __version__
+from innkeeper.api import images
 from innkeeper.api.errors import ApiError, check_finish, finish_error
 from innkeeper.api.offload import OffLoopBodyRoute
 from innkeeper.api.params import JsonBody, ParamError, SamplerFields, normalise
 from innkeeper.api.state import registry_of, use_model
 from innkeeper.api.streaming import sse, sse_response
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent
+from innkeeper.engine.vision import MARKER, MediaPrompt
 from innkeeper.serving.service import Service
 
 router = APIRouter(tags=["KoboldAI / KoboldCpp"], route_class=OffLoopBodyRoute)
@@ -35,6 +37,7 @@ class KoboldGenerateBody(SamplerFields):
     trim_stop: bool = False
     genkey: str | None = None
     quiet: bool = False
+    images: list[str] | None = None  # base64, KoboldCpp's: placed after memory, before prompt
 
 
 class GenkeyBody(JsonBody):
@@ -74,15 +77,28 @@ def _model_name(request: Request) -> str:
 async def _start(request: Request, service: Service, body: KoboldGenerateBody) -> Any:
     try:
         gen = normalise(body, n_vocab=service.n_vocab)
-        prompt = await service.tokenize(
-            body.memory + body.prompt, request=request, limit=service.prompt_limit(gen)
-        )
+        limit = service.prompt_limit(gen)
+        media = None
+        if body.images:
+            image_limits = images.limits_of(request)
+            images.check_count(len(body.images), image_limits)
+            text = body.memory + MARKER * len(body.images) + body.prompt
+
+            def work(_cancel: object) -> MediaPrompt:
+                raw = [images.from_data_uri(b) for b in body.images or ()]
+                return images.media_prompt(service, text, raw, image_limits, limit)
+
+            media = await service.off_loop(work, request)
+            prompt = media.tokens
+        else:
+            prompt = await service.tokenize(body.memory + body.prompt, request=request, limit=limit)
         await service.check_grammar(gen.params.grammar)
         return service.start(
             prompt,
             gen,
             default_max_tokens=service.default_max_tokens or DEFAULT_MAX_LENGTH,
             genkey=body.genkey,
+            media=media,
         )
     except ParamError as exc:
         raise ApiError(422, str(exc)) from exc
@@ -194,7 +210,7 @@ async def extra_version(request: Request) -> dict[str, Any]:
         "innkeeper": __version__,
         "protected": bool(request.app.state.config.api_keys),
         "txt2img": False,
-        "vision": False,
+        "vision": registry_of(request).default.mmproj is not None,
         "transcribe": False,
         "multiplayer": False,
     }

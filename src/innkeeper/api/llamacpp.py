@@ -77,7 +77,10 @@ async def props(request: Request, model: str | None = None) -> dict[str, Any]:
         "status": entry.status,
         **template,
         "build_info": f"innkeeper {__version__}",
-        "modalities": {"vision": False, "audio": False},
+        "modalities": {
+            "vision": service.vision if service is not None else entry.mmproj is not None,
+            "audio": False,
+        },
         "n_gpu_layers": settings["gpu_layers"],
         "flash_attn": settings["flash_attn"],
         "cache_type_k": settings["cache_type_k"],

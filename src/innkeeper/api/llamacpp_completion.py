@@ -203,8 +203,8 @@ async def complete(
     many: bool,
 ) -> Any:
     """Run `prompts` and answer as llama-server: one object, a list, or an SSE stream."""
-    fixed, ids = await prepare(request, service, body, prompts)
-    runs = start_runs(service, ids, fixed)
+    fixed, ids, media = await prepare(request, service, body, prompts)
+    runs = start_runs(service, ids, fixed, media)
     answer = _Answer(service, fixed, runs, [len(p) for p in ids])
     if body.stream:
         return sse_runs_response(service, runs, answer.frame, tail=None)
@@ -214,7 +214,10 @@ async def complete(
         check_finish(ev)
         res = answer.final(i, ev, ev.text)
         if not body.response_fields:
-            res["prompt"] = service.detokenize_now(running.request.prompt)
+            req = running.request
+            res["prompt"] = service.detokenize_now(
+                req.media.text_tokens() if req.media else req.prompt
+            )
         results.append(res)
     return results if many else results[0]
 

@@ -15,8 +15,10 @@ from typing import Annotated, Any
 from fastapi import Request
 from pydantic import Field, Strict
 
+from innkeeper.api import images
 from innkeeper.api.params import Generation, JsonBody, ParamError, SamplerFields, normalise
 from innkeeper.engine.json_schema import SchemaError, schema_grammar
+from innkeeper.engine.vision import MediaPrompt
 from innkeeper.serving.errors import NotFound
 from innkeeper.serving.generation import RunningGeneration
 from innkeeper.serving.service import Service
@@ -33,6 +35,13 @@ OnePrompt = str | list[Piece]
 # [[id or text, bias or false]] pairs: a JSON array read as a tuple (its items stay strict)
 BiasPair = Annotated[tuple[int | str, float | bool], Strict(False)]
 LogitBias = dict[str, float | bool] | list[BiasPair]
+
+
+class ImageData(JsonBody):
+    """One of /completion's `image_data`: base64 image bytes, named `[img-ID]` in the prompt."""
+
+    data: str
+    id: int = 0
 
 
 class LlamaCompletionBody(SamplerFields):
@@ -52,6 +61,9 @@ class LlamaCompletionBody(SamplerFields):
     logit_bias: LogitBias | None = None  # type: ignore[assignment]
     json_schema: dict[str, Any] | None = Field(
         None, description="constrain the output to JSON matching this schema (unless grammar)"
+    )
+    image_data: list[ImageData] | None = Field(
+        None, description="images (base64) for a vision model, placed where [img-ID] is"
     )
 
 
@@ -131,7 +143,10 @@ def _body_fields(service: Service, body: LlamaCompletionBody) -> LlamaCompletion
 
 
 def start_runs(
-    service: Service, prompts: list[list[int]], body: LlamaCompletionBody
+    service: Service,
+    prompts: list[list[int]],
+    body: LlamaCompletionBody,
+    media: MediaPrompt | None = None,
 ) -> list[RunningGeneration]:
     """Every prompt checked, then every run started; all or none (as /v1/completions)."""
     if body.id_slot >= service.stats().slots:
@@ -140,13 +155,17 @@ def start_runs(
     gens: list[Generation] = []
     for prompt in prompts:
         gen = normalise(body, n_vocab=service.n_vocab)
-        service.prepare(prompt, gen, service.default_max_tokens)
+        service.prepare(prompt, gen, service.default_max_tokens, media)
         gens.append(gen)
     try:
         for prompt, gen in zip(prompts, gens, strict=True):
             runs.append(
                 service.start(
-                    prompt, gen, default_max_tokens=service.default_max_tokens, slot=body.id_slot
+                    prompt,
+                    gen,
+                    default_max_tokens=service.default_max_tokens,
+                    slot=body.id_slot,
+                    media=media,
                 )
             )
     except BaseException:
@@ -157,22 +176,35 @@ def start_runs(
 
 async def prepare(
     request: Request, service: Service, body: LlamaCompletionBody, prompts: list[OnePrompt]
-) -> tuple[LlamaCompletionBody, list[list[int]]]:
-    """Tokenise the prompts and the logit-bias texts off the event loop; check the grammar."""
+) -> tuple[LlamaCompletionBody, list[list[int]], MediaPrompt | None]:
+    """Tokenise the prompts (with their images) and the logit-bias texts off the event loop;
+    check the grammar."""
     if len(prompts) > MAX_PROMPTS:
         raise ParamError(f"at most {MAX_PROMPTS} prompts in one request (got {len(prompts)})")
+    image_limits = images.limits_of(request)
+    if body.image_data:
+        images.check_count(len(body.image_data), image_limits)
+        if len(prompts) != 1 or not isinstance(prompts[0], str):
+            raise ParamError("image_data goes with one text prompt")
     # the limit only depends on truncation_length: the bias pairs are read on the worker
     limit = service.prompt_limit(
         normalise(body.model_copy(update={"logit_bias": None}), n_vocab=service.n_vocab)
     )
 
-    def work(cancel: threading.Event) -> tuple[LlamaCompletionBody, list[list[int]]]:
+    def work(
+        cancel: threading.Event,
+    ) -> tuple[LlamaCompletionBody, list[list[int]], MediaPrompt | None]:
         fixed = _body_fields(service, body)
-        return fixed, [_tokens(service, p, limit, cancel) for p in prompts]
+        if body.image_data:
+            raw = {d.id: images.from_data_uri(d.data) for d in body.image_data}
+            text, order = images.tagged_images(str(prompts[0]), raw)
+            media = images.media_prompt(service, text, order, image_limits, limit)
+            return fixed, [media.tokens], media
+        return fixed, [_tokens(service, p, limit, cancel) for p in prompts], None
 
-    fixed, ids = await service.off_loop(work, request)
+    fixed, ids, media = await service.off_loop(work, request)
     await service.check_grammar(normalise(fixed, n_vocab=service.n_vocab).params.grammar)
-    return fixed, ids
+    return fixed, ids, media
 
 
 def infill_prompt(fim: dict[str, int], bos: int | None, body: InfillBody) -> list[Piece]:

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from pydantic import Field
 
+from innkeeper.api import images
 from innkeeper.api.admin import caller_of
 from innkeeper.api.errors import ApiError, check_finish, finish_error
 from innkeeper.api.ollama_models import OllamaRoute, now_iso, resolve
@@ -28,6 +29,7 @@ from innkeeper.api.params import JsonBody, SamplerFields, normalise
 from innkeeper.api.state import registry_of, use_model
 from innkeeper.api.streaming import ndjson_response
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent
+from innkeeper.engine.vision import MediaPrompt
 from innkeeper.serving.catalog import ModelEntry
 from innkeeper.serving.errors import ParamError
 from innkeeper.serving.generation import Generation
@@ -192,7 +194,7 @@ def _durations(ev: FinishEvent, started: float, load_s: float) -> dict[str, Any]
 async def _run(
     request: Request,
     body: _OllamaBody,
-    render: Callable[[Service], tuple[str, tuple[str, ...]]],
+    render: Callable[[Service], tuple[str, tuple[str, ...], list[bytes]]],
     shape: Callable[[str], dict[str, Any]],
     context: list[int] | None = None,
 ) -> Any:
@@ -202,18 +204,26 @@ async def _run(
     service, load_s = await _service(request, body)
     gen = generation(service, body)
     limit = service.prompt_limit(gen)
+    image_limits = images.limits_of(request)
 
-    def work(cancel: threading.Event) -> tuple[list[int], tuple[str, ...]]:
-        text, stops = render(service)
+    def work(cancel: threading.Event) -> tuple[list[int], tuple[str, ...], MediaPrompt | None]:
+        text, stops, raw = render(service)
         head = list(context or [])
+        if raw:
+            if head:
+                raise ParamError("images cannot be combined with a context")
+            media = images.media_prompt(service, text, raw, image_limits, limit)
+            return media.tokens, stops, media
         tokens = service.tokenize_now(text, not head, limit=limit, cancel=cancel)
-        return head + tokens, stops
+        return head + tokens, stops, None
 
     try:
-        prompt, stops = await service.off_loop(work, request)
+        prompt, stops, media = await service.off_loop(work, request)
         gen.stop = list(dict.fromkeys([*gen.stop, *(s for s in stops if s)]))
         await service.check_grammar(gen.params.grammar)
-        running = service.start(prompt, gen, default_max_tokens=service.default_max_tokens)
+        running = service.start(
+            prompt, gen, default_max_tokens=service.default_max_tokens, media=media
+        )
     except ParamError as exc:
         raise ApiError(400, str(exc)) from exc
 
@@ -249,16 +259,19 @@ async def _run(
     return final(ev, ev.text)
 
 
-def _refuse_images(images: list[str] | None) -> None:
-    if images:
-        raise ApiError(400, "images are not supported: this server runs text models")
+def _with_images(text: str, b64: list[str] | None) -> tuple[str, list[bytes]]:
+    """Ollama's `images` (base64) for a text: `[img-N]` in it places image N, the others
+    go before it (a worker thread: the base64 is decoded here)."""
+    if not b64:
+        return text, []
+    return images.tagged_images(text, {i: images.from_data_uri(b) for i, b in enumerate(b64)})
 
 
 @router.post("/api/generate", include_in_schema=False)
 async def generate(request: Request, body: GenerateBody) -> Any:
     """Ollama's completion: `prompt` in the model's chat template (with `system`), or as
     given with `raw` (SillyTavern sends its own formatted prompt raw)."""
-    _refuse_images(body.images)
+    images.check_count(len(body.images or ()), images.limits_of(request))
     if body.suffix:
         raise ApiError(400, "suffix (fill-in-the-middle) is not supported by this server")
     if body.template and not body.raw and "{{" in body.template:
@@ -274,13 +287,14 @@ async def generate(request: Request, body: GenerateBody) -> Any:
     if not body.prompt and not body.context:
         return await _load_only(request, body, shape)
 
-    def render(service: Service) -> tuple[str, tuple[str, ...]]:
+    def render(service: Service) -> tuple[str, tuple[str, ...], list[bytes]]:
+        prompt, raw = _with_images(body.prompt, body.images)
         if body.raw:
-            return body.prompt, ()
+            return prompt, (), raw
         messages = [{"role": "system", "content": body.system}] if body.system else []
-        messages.append({"role": "user", "content": body.prompt})
+        messages.append({"role": "user", "content": prompt})
         chat = ChatBody.model_validate({"messages": messages, "chat_template": body.template})
-        return render_chat(service, chat)
+        return (*render_chat(service, chat), raw)
 
     return await _run(request, body, render, shape, body.context)
 
@@ -290,8 +304,8 @@ async def chat(request: Request, body: OllamaChatBody) -> Any:
     """Ollama's chat: the messages rendered exactly as /v1/chat/completions renders them."""
     if body.tools:
         raise ApiError(400, "tools are not supported by this server")
-    for message in body.messages:
-        _refuse_images(message.images)
+    n_images = sum(len(m.images or ()) for m in body.messages)
+    images.check_count(n_images, images.limits_of(request))
 
     def shape(text: str) -> dict[str, Any]:
         return {"message": {"role": "assistant", "content": text}}
@@ -299,8 +313,12 @@ async def chat(request: Request, body: OllamaChatBody) -> Any:
     if not body.messages:
         return await _load_only(request, body, shape)
 
-    def render(service: Service) -> tuple[str, tuple[str, ...]]:
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        return render_chat(service, ChatBody.model_validate({"messages": messages}))
+    def render(service: Service) -> tuple[str, tuple[str, ...], list[bytes]]:
+        messages, raw = [], []
+        for m in body.messages:
+            content, found = _with_images(m.content, m.images)
+            messages.append({"role": m.role, "content": content})
+            raw += found
+        return (*render_chat(service, ChatBody.model_validate({"messages": messages})), raw)
 
     return await _run(request, body, render, shape)

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from pydantic import Field
 
+from innkeeper.api import images
 from innkeeper.api.admin import caller_of
 from innkeeper.api.errors import ApiError, check_finish, finish_error
 from innkeeper.api.offload import OffLoopBodyRoute
@@ -24,6 +25,7 @@ from innkeeper.api.store_routes import jobs_of
 from innkeeper.api.streaming import sse, sse_runs_response
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent, TokenLogprob
 from innkeeper.engine.templates import TemplateRenderError, message_text, template_by_name
+from innkeeper.engine.vision import MediaPrompt
 from innkeeper.serving.catalog import ModelEntry
 from innkeeper.serving.generation import RunningGeneration
 from innkeeper.serving.load_settings import KEEP_ALIVE_PATTERN
@@ -235,6 +237,7 @@ def _start_all(
     body: CompletionBody | ChatBody,
     n: int,
     n_logprobs: int,
+    media: MediaPrompt | None = None,
 ) -> list[RunningGeneration]:
     """Start `n` runs per prompt, all or none: every prompt is checked before the first run
     is queued, and if any start fails (queue full, bad grammar) the runs already started
@@ -244,7 +247,7 @@ def _start_all(
     try:
         gens = [_generation(service, body) for _ in range(len(prompts) * n)]
         for prompt, gen in zip(prompts, gens[::n], strict=True):
-            service.prepare(prompt, gen, service.default_max_tokens)
+            service.prepare(prompt, gen, service.default_max_tokens, media)
         for i, gen in enumerate(gens):
             runs.append(
                 service.start(
@@ -253,6 +256,7 @@ def _start_all(
                     default_max_tokens=service.default_max_tokens,
                     n_logprobs=n_logprobs,
                     genkey=body.genkey,
+                    media=media,
                 )
             )
         complete = True
@@ -289,6 +293,8 @@ def _model_card(registry: ModelRegistry, e: ModelEntry) -> dict[str, Any]:
         "owned_by": "innkeeper",
         "status": {"value": e.status},
         "meta": {"size": e.size_bytes},
+        # llama-server's names: "multimodal" when the model takes images (a projector)
+        "capabilities": ["completion", "multimodal"] if e.mmproj else ["completion"],
     }
     if e.service is not None:
         info = e.service.info
@@ -383,7 +389,9 @@ async def completions(request: Request, body: CompletionBody) -> Any:
     }
 
 
-def render_chat(service: Service, body: ChatBody) -> tuple[str, tuple[str, ...]]:
+def render_chat(
+    service: Service, body: ChatBody, messages: list[dict[str, Any]] | None = None
+) -> tuple[str, tuple[str, ...]]:
     """The prompt text for a chat request and its template's stop strings.
 
     To continue the last assistant message, the earlier messages are rendered up to the
@@ -394,7 +402,8 @@ def render_chat(service: Service, body: ChatBody) -> tuple[str, tuple[str, ...]]
         template = template_by_name(
             body.instruction_template or body.chat_template, service.template
         )
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        if messages is None:
+            messages = [m.model_dump(exclude_none=True) for m in body.messages]
         if body.continue_ and messages[-1].get("role") == "assistant":
             head = template.render(messages[:-1], add_generation_prompt=True)
             return head + message_text(messages[-1].get("content")), template.stop
@@ -413,12 +422,20 @@ async def chat_completions(request: Request, body: ChatBody) -> Any:
     gen = _generation(service, body)
     limit = service.prompt_limit(gen)
 
-    def work(cancel: threading.Event) -> tuple[list[int], tuple[str, ...]]:
-        text, stops = render_chat(service, body)
-        return service.tokenize_now(text, limit=limit, cancel=cancel), stops
+    image_limits = images.limits_of(request)
 
-    try:  # the template and the tokeniser run off the event loop: both grow with the body
-        prompt, template_stops = await service.off_loop(work, request)
+    def work(
+        cancel: threading.Event,
+    ) -> tuple[list[int], tuple[str, ...], MediaPrompt | None]:
+        messages, raw = images.chat_images([m.model_dump(exclude_none=True) for m in body.messages])
+        text, stops = render_chat(service, body, messages)
+        if not raw:
+            return service.tokenize_now(text, limit=limit, cancel=cancel), stops, None
+        media = images.media_prompt(service, text, raw, image_limits, limit)
+        return media.tokens, stops, media
+
+    try:  # template, images and tokeniser run off the event loop: all grow with the body
+        prompt, template_stops, media = await service.off_loop(work, request)
     except ParamError as exc:
         raise ApiError(400, str(exc)) from exc
     await _check_grammar(service, gen)
@@ -427,7 +444,7 @@ async def chat_completions(request: Request, body: ChatBody) -> Any:
     if extra_stops:
         stops = body.stop if isinstance(body.stop, list) else ([body.stop] if body.stop else [])
         body = body.model_copy(update={"stop": list(dict.fromkeys(stops + extra_stops))})
-    runs = _start_all(service, [prompt], body, body.n, n_logprobs)
+    runs = _start_all(service, [prompt], body, body.n, n_logprobs, media)
     cid = f"chatcmpl-{runs[0].id}"
     created = int(time.time())
     model = service.model_id

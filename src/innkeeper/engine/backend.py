@@ -14,8 +14,10 @@ import ctypes
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp as C
 
@@ -527,6 +529,14 @@ class Context:
         if self.ptr:
             C.llama_free(self.ptr)
             self.ptr = None
+
+
+def route_log(setter: Callable[[Any, Any], None]) -> None:
+    """Send another llama.cpp library's log (libmtmd's `mtmd_log_set`) through the same
+    filter: quiet unless INNKEEPER_LLAMA_LOG=1, its errors kept for `last_error`."""
+    init_backend()
+    setter(_log_callback, ctypes.c_void_p(0))
+    _recent_errors.clear()
 
 
 def last_error() -> str:

@@ -25,6 +25,7 @@ from innkeeper.engine.sampling import SamplingParams
 from innkeeper.engine.scheduler import Perf, QueueFullError, Scheduler
 from innkeeper.engine.templates import ChatTemplate, resolve_template
 from innkeeper.engine.tokenizer import Tokenizer
+from innkeeper.engine.vision import ImageInput, MediaPrompt, Vision, VisionError
 from innkeeper.settings.engine import DEFAULT_CTX, EngineConfig
 
 log = logging.getLogger("innkeeper.engine")
@@ -135,6 +136,8 @@ class Engine:
         self.kind = model_kind(self.model.meta)
         self.ctx: Context | None = None
         self.scheduler: Scheduler | None = None
+        self.vision: Vision | None = None
+        self.vision_error: str | None = None  # why the model's projector did not load
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
         try:
@@ -142,7 +145,11 @@ class Engine:
                 self._embedder = self._new_embedder()
             else:
                 self.ctx = Context(self.model, context_params(config, self.model.info.n_ctx_train))
+                if config.mmproj is not None:
+                    self.vision = self._load_vision(config.mmproj)
         except Exception:
+            if self.ctx is not None:
+                self.ctx.close()
             self.model.close()
             raise
         self.template: ChatTemplate = resolve_template(config.chat_template, self.model.info)
@@ -156,8 +163,25 @@ class Engine:
                 max_queue=config.max_queue,
                 cache_ram=config.cache_ram_mib * 2**20,
                 ctx_checkpoints=config.ctx_checkpoints,
+                vision=self.vision,
             )
             self.scheduler.start()
+
+    def _load_vision(self, path: Path) -> Vision | None:
+        """The projector, or None (logged, and said to clients who send images): a
+        projector that does not fit the model must not keep its text from being served."""
+        assert self.ctx is not None
+        try:
+            return Vision(
+                self.model,
+                path,
+                threads=self.ctx.threads_batch,
+                use_gpu=self.config.gpu_layers != 0,
+            )
+        except BackendError as exc:
+            self.vision_error = f"its projector {path.name} did not load: {exc}"
+            log.error("%s: %s; serving text only", self.model.info.path.name, self.vision_error)
+            return None
 
     def _new_embedder(self) -> Embedder:
         chat_ctx = self.ctx.n_ctx if self.ctx is not None else None
@@ -210,6 +234,19 @@ class Engine:
         """Text to ids in linear time; any thread (see `Tokenizer` for `cancel`/`limit`)."""
         return self.tokenizer.tokenize(text, add_special=add_special, cancel=cancel, limit=limit)
 
+    def tokenize_media(self, text: str, images: list[ImageInput]) -> MediaPrompt:
+        """Text with `vision.MARKER` where each image goes, into tokens and image chunks
+        (any thread); VisionError when this model has no projector."""
+        if self.vision is None:
+            why = self.vision_error or (
+                "serve it with --mmproj FILE, or put its mmproj-*.gguf beside it"
+            )
+            raise VisionError(
+                f"{self.model.info.path.name} has no vision projector: it cannot take images "
+                f"({why})"
+            )
+        return self.vision.tokenize(text, images)
+
     def detokenize(self, tokens: list[int]) -> str:
         return self.model.detokenize(tokens)
 
@@ -217,6 +254,8 @@ class Engine:
         """Queue a request (any thread); raises QueueFullError at --max-queue."""
         if self.scheduler is None:
             raise NotAChatModel(f"{self.model.info.path.name} is an {self.kind} model")
+        if request.media is not None and self.vision is None:
+            raise VisionError(f"{self.model.info.path.name} has no vision projector")
         self.scheduler.submit(request)
 
     def cancel_all(self) -> int:
@@ -291,6 +330,8 @@ class Engine:
             self.scheduler.stop()
         if self._embedder is not None:
             self._embedder.close()
+        if self.vision is not None:
+            self.vision.close()
         if self.ctx is not None:
             self.ctx.close()
         self.model.close()

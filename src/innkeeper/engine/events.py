@@ -6,8 +6,12 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from innkeeper.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from innkeeper.engine.vision import MediaPrompt
 
 _ids = itertools.count(1)
 
@@ -105,6 +109,7 @@ class GenerationRequest:
     n_logprobs: int = 0
     min_tokens: int = 0
     slot: int = -1  # the slot it must run on (llama-server's id_slot); -1: any free one
+    media: MediaPrompt | None = None  # images: `prompt` is its tokens (markers at images)
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False
 

@@ -288,7 +288,8 @@ class SamplerChain:
         for idx in self.history_samplers:
             smpl = C.llama_sampler_chain_get(self.ptr, idx)
             for tok in tokens[-limit:]:
-                C.llama_sampler_accept(smpl, tok)
+                if tok >= 0:  # negative: an image position (engine/vision.py), not a token
+                    C.llama_sampler_accept(smpl, tok)
 
     def accept(self, token: int) -> None:
         C.llama_sampler_accept(self.ptr, token)

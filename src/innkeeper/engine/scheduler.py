@@ -11,6 +11,10 @@ the free slot whose cache (or parked state, kv_stash.py) shares the longest pref
 prompt; only the rest is evaluated. When SillyTavern trims old messages from the top of the
 prompt, the chunks that are still there are moved into place with `seq_rm`/`seq_add` (what
 llama-server calls `--cache-reuse`) instead of being evaluated again.
+
+A prompt with images (vision.py) holds markers where the images go: prefix matching treats
+them as tokens, and prompt evaluation decodes each image, when it reaches it, in a decode of
+its own before the step's batch.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from innkeeper.engine.generation import Generation, Perf, TokenPipeline
 from innkeeper.engine.kv_stash import KVStash
 from innkeeper.engine.sampling import GrammarError, SamplerChain
 from innkeeper.engine.slots import GENERATING, IDLE, Slot, common_prefix
+from innkeeper.engine.vision import MediaPrompt, Vision
 
 __all__ = ["Perf", "QueueFullError", "Scheduler"]
 
@@ -57,9 +62,11 @@ class Scheduler:
         max_queue: int = 64,
         cache_ram: int = 2 * 2**30,
         ctx_checkpoints: int = 32,
+        vision: Vision | None = None,
     ) -> None:
         self.model = model
         self.ctx = ctx
+        self.vision = vision
         self.slots = [Slot(i) for i in range(n_slots)]
         self.cache_reuse = cache_reuse if ctx.can_shift else 0
         self.trim_needs_shift = cache_reuse > 0 and not ctx.can_shift
@@ -251,6 +258,14 @@ class Scheduler:
                 break
             slot = gen.slot
             limit = budget
+            media = gen.req.media
+            if media is not None:
+                if media.image_at(len(slot.cache)) is not None and not self._eval_image(gen):
+                    continue
+                budget = min(budget, self._free_cells() - batch.n)
+                limit = min(budget, media.text_run(len(slot.cache)))
+                if limit <= 0:
+                    continue
             if gen.checkpoint_at:
                 if gen.checkpoint_at[0] <= len(slot.cache):
                     # Every token so far is decoded: the state is the prompt's first n tokens.
@@ -267,6 +282,28 @@ class Scheduler:
             if done:
                 slot.prompt_done()
                 to_sample.append((gen, idx))
+
+    def _eval_image(self, gen: Generation) -> bool:
+        """Decode the image at the head of `gen`'s pending prompt into its slot, in decodes
+        of its own (an embeddings batch cannot share the token batch); False if it failed."""
+        slot = gen.slot
+        media = gen.req.media
+        span = media.image_at(len(slot.cache)) if media is not None else None
+        assert span is not None and self.vision is not None
+        t0 = time.monotonic()
+        try:
+            self.vision.eval_image(self.ctx, span, slot.id)
+        except Exception as exc:
+            log.error("request %d: %s", gen.req.id, exc)
+            # The sequence may hold part of the image: drop everything from its start.
+            self.ctx.seq_rm(slot.id, span.start, -1)
+            self.tokens.finish(gen, "error", error=str(exc), kind=ErrorKind.INTERNAL)
+            return False
+        self.perf.total_prompt_seconds += time.monotonic() - t0
+        n = span.end - span.start
+        slot.cache.extend(gen.pending[:n])
+        del gen.pending[:n]
+        return True
 
     def _free_cells(self) -> int:
         return self.ctx.n_ctx - sum(len(s.cache) for s in self.slots)
@@ -356,7 +393,7 @@ class Scheduler:
         gen = Generation(req, slot, chain, seed)
         gen.t_submit = t_submit
         gen.t_admit = time.monotonic()
-        n_past = self._reuse(slot, req.prompt, req.id)
+        n_past = self._reuse(slot, req.prompt, req.id, req.media)
         gen.n_cached = n_past
         gen.pending = req.prompt[n_past:]
         if self.stash.n_checkpoints:
@@ -375,7 +412,9 @@ class Scheduler:
             len(gen.pending),
         )
 
-    def _reuse(self, slot: Slot, prompt: list[int], req_id: int = 0) -> int:
+    def _reuse(
+        self, slot: Slot, prompt: list[int], req_id: int = 0, media: MediaPrompt | None = None
+    ) -> int:
         """Keep what the slot's cache can give this prompt; returns tokens kept."""
         cache = slot.cache
         n_past = common_prefix(cache, prompt)
@@ -393,6 +432,8 @@ class Scheduler:
             n_past = len(prompt) - 1  # the last prompt token must be evaluated for its logits
         if self.ctx.partial_memory and n_past > 0:
             n_past = self.stash.past_from_memory(slot, n_past, req_id)
+        if media is not None:
+            n_past = media.image_start(n_past)  # an image is decoded whole, never in part
         # Checkpoints past the kept prefix describe another continuation.
         slot.checkpoints[:] = [c for c in slot.checkpoints if c.n_tokens <= n_past]
         if not self.ctx.seq_rm(slot.id, n_past, -1):

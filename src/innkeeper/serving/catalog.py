@@ -63,6 +63,7 @@ class ModelEntry:
     chat_template: str | None = None  # --chat-template applies to the model serve was given
     load_seconds: float | None = None
     kind: str = "chat"  # "embedding" / "rerank": a pooling model (from its GGUF header)
+    mmproj: Path | None = None  # its vision projector: --mmproj, or an mmproj*.gguf beside it
 
     @property
     def status(self) -> str:
@@ -74,17 +75,52 @@ class ModelEntry:
         return self.state is ModelState.LOADED and self.service is not None
 
 
+def _is_projector(p: Path) -> bool:
+    return p.name.lower().startswith("mmproj") and p.name.lower().endswith(".gguf")
+
+
 def _models_in(folder: Path) -> list[Path]:
     """The first GGUF of each model in one folder (projectors and later split parts skipped)."""
     out = []
     for p in sorted(folder.glob("*.gguf")):
-        if p.name.lower().startswith("mmproj") or not p.is_file():
+        if _is_projector(p) or not p.is_file():
             continue
         shard = shard_of(p.name)
         if shard and shard[0] != 1:
             continue
         out.append(p)
     return out
+
+
+def _name_key(name: str) -> str:
+    """A file name without `.gguf`, `mmproj`, its quantization label and separators, for
+    telling which projector belongs to which model in a folder of several."""
+    stem = unsharded(name).lower().removesuffix(".gguf").replace("mmproj", "")
+    label = quant_label(name)
+    if label:
+        stem = stem.replace(label.lower(), "")
+    return "".join(c for c in stem if c.isalnum())
+
+
+def projector_for(model: Path) -> Path | None:
+    """The vision projector beside a model file: the folder's mmproj*.gguf when the folder
+    holds this one model (a downloaded repo, a one-model subfolder), else the one whose name
+    is the model's (`mmproj-gemma-3-4b-f16.gguf` for `gemma-3-4b-Q4_K_M.gguf`)."""
+    try:
+        projs = sorted(p for p in model.parent.iterdir() if _is_projector(p) and p.is_file())
+    except OSError:
+        return None
+    if not projs:
+        return None
+    key = _name_key(model.name)
+    named = [p for p in projs if (k := _name_key(p.name)) and (key.startswith(k) or k in key)]
+    if named:
+        return named[0]
+    if len(_models_in(model.parent)) == 1:
+        if len(projs) > 1:
+            log.info("%s: several projectors beside it, using %s", model.name, projs[0].name)
+        return projs[0]
+    return None
 
 
 def walk_dir(root: Path) -> list[tuple[str, Path]]:
@@ -146,9 +182,14 @@ def _dir_entry(model_id: str, path: Path) -> ModelEntry:
 
 
 def scan(
-    models_dirs: tuple[str, ...], default_path: Path, chat_template: str | None, alias: str | None
+    models_dirs: tuple[str, ...],
+    default_path: Path,
+    chat_template: str | None,
+    alias: str | None,
+    mmproj: Path | None = None,
 ) -> tuple[list[ModelEntry], ModelEntry]:
-    """Every model found now, and the entry of the model `serve` was given (the default)."""
+    """Every model found now, and the entry of the model `serve` was given (the default);
+    each paired with the projector beside it, serve's model with `mmproj` if given."""
     found: list[ModelEntry] = []
     embedded = store.embedded_entry()
     if embedded is not None:
@@ -190,6 +231,11 @@ def scan(
         default = _dir_entry(model_id_for(Path(unsharded(default_path.name))), default_path)
         found.insert(0, default)
     default.chat_template = chat_template
+    for e in found:
+        if e.source != "embedded":
+            e.mmproj = projector_for(e.path)
+    if mmproj is not None:
+        default.mmproj = mmproj
     if alias:
         default.names.add(default.id)
         default.id = alias
@@ -227,6 +273,7 @@ def merge(found: list[ModelEntry], old: dict[str, ModelEntry]) -> dict[str, Mode
         if previous is not None and same_file(previous.path, e.path):
             previous.names |= e.names
             previous.size_bytes = e.size_bytes or previous.size_bytes
+            previous.mmproj = e.mmproj
             e = previous  # keep state, service and settings
         else:
             e.kind = kind_of_file(e.path)  # read once per file found, not per scan

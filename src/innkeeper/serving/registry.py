@@ -104,6 +104,7 @@ class ModelRegistry:
             self.default_path,
             self.config.engine.chat_template,
             self.config.model_alias,
+            self.config.engine.mmproj,
         )
 
     def _merge(self, found: list[ModelEntry], default: ModelEntry) -> None:
@@ -202,7 +203,11 @@ class ModelRegistry:
     # ---- settings and plans --------------------------------------------------------------
     def _engine_config(self, e: ModelEntry) -> EngineConfig:
         return replace(
-            self.config.engine, model_path=e.path, chat_template=e.chat_template, **e.overrides
+            self.config.engine,
+            model_path=e.path,
+            chat_template=e.chat_template,
+            mmproj=e.mmproj,
+            **e.overrides,
         )
 
     def plan_of(self, e: ModelEntry, *, strict: bool = False) -> AutoSettings | None:

@@ -26,6 +26,7 @@ from innkeeper.engine.sampling import GrammarError, check_grammar
 from innkeeper.engine.scheduler import QueueFullError
 from innkeeper.engine.templates import ChatTemplate
 from innkeeper.engine.tokenizer import TokenizeCancelled, TooManyTokens
+from innkeeper.engine.vision import ImageInput, MediaPrompt, VisionError
 from innkeeper.serving import embeddings
 from innkeeper.serving.errors import ClientGone, ModelBusy, ParamError
 from innkeeper.serving.generation import Generation, RunningGeneration
@@ -240,6 +241,28 @@ class Service:
             request,
         )
 
+    @property
+    def vision(self) -> bool:
+        """Whether the model takes images (it was loaded with a projector)."""
+        return self.engine.vision is not None
+
+    def tokenize_media_now(
+        self, text: str, images: list[ImageInput], *, limit: int | None = None
+    ) -> MediaPrompt:
+        """Text with an image marker per image into tokens and image chunks (a worker
+        thread); no projector, or more than `limit` tokens, is a ParamError."""
+        try:
+            media = self.engine.tokenize_media(text, images)
+        except VisionError as exc:
+            raise ParamError(str(exc)) from exc
+        limit = self.n_ctx - 1 if limit is None else limit
+        if len(media.tokens) > limit:
+            raise ParamError(
+                f"the prompt has {len(media.tokens)} tokens (images included) but the context "
+                f"holds {self.n_ctx}: no room to generate"
+            )
+        return media
+
     def detokenize_now(self, tokens: list[int]) -> str:
         """Token ids to text; ids outside the vocabulary are a ParamError, not a crash."""
         bad = [t for t in tokens if not self.engine.model.valid_token(t)]
@@ -307,7 +330,9 @@ class Service:
         if longest is not None and longest > self.n_ctx:
             raise ParamError(f"{name} ({longest}) exceeds the context size ({self.n_ctx} tokens)")
 
-    def fit_prompt(self, prompt: list[int], gen: Generation) -> tuple[list[int], int]:
+    def fit_prompt(
+        self, prompt: list[int], gen: Generation, media: MediaPrompt | None = None
+    ) -> tuple[list[int], int]:
         """Check the prompt and length against the context; returns (prompt, max_tokens).
 
         With `truncation_length`/`max_context_length` the prompt is left-trimmed to fit, as
@@ -332,6 +357,11 @@ class Service:
                     f"max_tokens ({gen.max_tokens}) leaves no room for a prompt in a "
                     f"context of {limit} tokens"
                 )
+            if len(prompt) > keep and media is not None:
+                raise ParamError(
+                    f"the prompt has {len(prompt)} tokens with its images and cannot be "
+                    f"left-trimmed to {keep}: shorten it"
+                )
             if len(prompt) > keep:
                 head = prompt[:1] if prompt[0] == self.engine.model.bos else []
                 prompt = head + prompt[len(prompt) - keep + len(head) :]
@@ -346,14 +376,19 @@ class Service:
         return prompt, max_tokens
 
     def prepare(
-        self, prompt: list[int], gen: Generation, default_max_tokens: int | None = None
+        self,
+        prompt: list[int],
+        gen: Generation,
+        default_max_tokens: int | None = None,
+        media: MediaPrompt | None = None,
     ) -> tuple[list[int], int]:
         """Everything about one prompt that can be wrong, checked before anything starts:
-        returns (prompt, max_tokens) or raises ParamError."""
+        returns (prompt, max_tokens) or raises ParamError. With `media`, `prompt` is its
+        tokens (markers, not token ids, where the images go)."""
         if gen.max_tokens is None and default_max_tokens is not None:
             gen.max_tokens = default_max_tokens
-        prompt, max_tokens = self.fit_prompt(prompt, gen)
-        for tok in prompt:
+        prompt, max_tokens = self.fit_prompt(prompt, gen, media)
+        for tok in prompt if media is None else media.text_tokens():
             if not self.engine.model.valid_token(tok):
                 raise ParamError(f"token id {tok} is outside the vocabulary")
         return prompt, max_tokens
@@ -367,14 +402,16 @@ class Service:
         n_logprobs: int = 0,
         genkey: str | None = None,
         slot: int = -1,
+        media: MediaPrompt | None = None,
     ) -> RunningGeneration:
-        """Queue one generation; `slot` pins it to that slot (waiting for it), -1: any."""
+        """Queue one generation; `slot` pins it to that slot (waiting for it), -1: any;
+        `media`: the prompt has images (`prompt` is `media.tokens`)."""
         if self.kind != "chat":
             raise ParamError(
                 f"model {self.model_id!r} is an {self.kind} model: it answers /v1/embeddings, "
                 "/embedding, /api/embed (and /rerank), not generation"
             )
-        prompt, max_tokens = self.prepare(prompt, gen, default_max_tokens)
+        prompt, max_tokens = self.prepare(prompt, gen, default_max_tokens, media)
         # Routes check the grammar off the loop first (`check_grammar`); this is then a lookup.
         self.check_grammar_now(gen.params.grammar)
         loop = asyncio.get_running_loop()
@@ -393,6 +430,7 @@ class Service:
             n_logprobs=max(n_logprobs, gen.n_probs),
             min_tokens=gen.min_tokens,
             slot=slot,
+            media=media,
         )
         running = RunningGeneration(request=req, queue=queue, genkey=genkey)
         if self.closed:

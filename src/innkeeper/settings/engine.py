@@ -267,6 +267,15 @@ class EngineConfig:
         help="lock the model in RAM (needs a high enough `ulimit -l`)",
         panel=PANEL_MODEL,
     )
+    mmproj: Path | None = setting(  # noqa: RUF009 (a Path is immutable)
+        None,
+        "--mmproj",
+        parse=Path,
+        metavar="FILE",
+        help="the model's vision projector (mmproj-*.gguf) for image input "
+        "(default: an mmproj*.gguf beside the model)",
+        panel=PANEL_MODEL,
+    )
     chat_template: str | None = setting(
         None,
         "--chat-template",
@@ -349,6 +358,8 @@ class EngineConfig:
         check_v_cache(self.cache_type_v, self.flash_attn != "off")
         if self.tensor_split is not None and self.split_mode == "none":
             raise ConfigError("--tensor-split has no effect with --split-mode none: drop one")
+        if self.mmproj is not None and not self.mmproj.is_file():
+            raise ConfigError(f"--mmproj: {self.mmproj} is not a file")
         return self
 
     @property

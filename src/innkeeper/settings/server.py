@@ -120,6 +120,21 @@ class ServerConfig:
         help="largest request body, e.g. 512K or 1G (default: 32M)",
         panel=PANEL_NETWORK,
     )
+    max_images: int = setting(
+        8,
+        "--max-images",
+        min=0,
+        help="most images one request may carry",
+        panel=PANEL_NETWORK,
+    )
+    max_image_pixels: int = setting(
+        16_777_216,
+        "--max-image-pixels",
+        min=1,
+        metavar="N",
+        help="largest image a request may carry, in pixels (width x height; default: 4096x4096)",
+        panel=PANEL_NETWORK,
+    )
     default_max_tokens: int | None = setting(
         None,
         "--max-tokens",
