@@ -25,7 +25,7 @@ from innkeeper.engine.events import (
     TopLogprob,
 )
 from innkeeper.engine.kv_stash import KVStash
-from innkeeper.engine.sampling import SamplerChain
+from innkeeper.engine.sampling import SamplerChain, ban_value
 from innkeeper.engine.slots import Slot
 from innkeeper.engine.textstream import Rollback, TextStream
 
@@ -113,11 +113,12 @@ class TokenPipeline:
         n_generated = len(gen.stream.tokens)
         if banned or (req.min_tokens and n_generated < req.min_tokens):
             row = self.ctx.logits(idx)
+            ban = ban_value(req.params)
             for tok in banned or ():
-                row[tok] = -math.inf
+                row[tok] = ban
             if req.min_tokens and n_generated < req.min_tokens:
                 for tok in self.model.eog_tokens:
-                    row[tok] = -math.inf
+                    row[tok] = ban
         if gen.t_first == 0.0:
             gen.t_first = time.monotonic()
         logprobs = self._logprobs(idx, req.n_logprobs) if req.n_logprobs else None

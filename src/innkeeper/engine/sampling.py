@@ -9,6 +9,7 @@ rep-pen slope; those fields are accepted for compatibility and reported as unsup
 from __future__ import annotations
 
 import ctypes
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -122,6 +123,21 @@ class SamplingParams:
         return self.temperature <= 0 and self.mirostat == 0
 
 
+# What a ban adds to a logit when a grammar is active: finite on purpose. A grammar may allow
+# nothing but banned tokens (its only way on is EOS while ignore_eos bans it, or a banned
+# token); with -inf every candidate would be -inf, llama.cpp would pick one the grammar
+# rejects, and its grammar accept throws a C++ exception through ctypes, which aborts the
+# whole server. With a finite ban such a dead end picks the grammar's own token instead;
+# anywhere else exp(-1e30) is 0. Without a grammar bans stay -inf (top-n-sigma skips -inf
+# logits in its statistics; a finite ban would skew them).
+BANNED_LOGIT = -1e30
+
+
+def ban_value(params: SamplingParams) -> float:
+    """The logit of a banned token for a request with these parameters."""
+    return BANNED_LOGIT if params.grammar else -math.inf
+
+
 def check_grammar(model: Model, grammar: str) -> None:
     """Bound and parse a GBNF grammar now (any thread: it only needs the vocabulary).
 
@@ -167,11 +183,14 @@ class SamplerChain:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
 
         bias = dict(p.logit_bias)
+        ban = ban_value(p)
+        if p.grammar:  # a client's "never" (-inf bias, `false`) becomes the grammar-safe ban
+            bias = {tok: max(b, ban) for tok, b in bias.items()}
         for tok in p.banned_tokens:
-            bias[tok] = float("-inf")
+            bias[tok] = ban
         if p.ignore_eos:
             for tok in model.eog_tokens:
-                bias[tok] = float("-inf")
+                bias[tok] = ban
         if bias:
             arr = (C.llama_logit_bias * len(bias))()
             for i, (tok, b) in enumerate(bias.items()):
