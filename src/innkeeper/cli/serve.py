@@ -58,12 +58,16 @@ _VERBOSE = Parameter(
     ],
 )
 
+# typer's context, to tell flags given from defaults (a tuned profile fills only the latter)
+_CONTEXT = Parameter("ctx", Parameter.KEYWORD_ONLY, default=None, annotation=typer.Context)
+
 
 def serve(**values: Any) -> None:
     """Serve a GGUF model to SillyTavern, OpenAI and KoboldAI clients."""
     from innkeeper.cli.server import run_server
 
     verbose = bool(values.pop("verbose", False))
+    ctx = values.pop("ctx", None)
     ref = values.pop("model", None)
     try:
         model_path = resolve_model(ref)
@@ -74,8 +78,11 @@ def serve(**values: Any) -> None:
         if found is None:
             fail(str(exc))
         model_path = found
-    try:
-        config = build_config(model_path, values)
+    from innkeeper.cli.profile_use import build_with_profile
+    from innkeeper.engine.tune import build_id
+
+    try:  # a tuned profile (`innkeeper tune`) fills the settings not given
+        config, profile = build_with_profile(model_path, values, build_id, ctx)
     except ConfigError as exc:
         fail(str(exc))
     logging.basicConfig(
@@ -83,11 +90,11 @@ def serve(**values: Any) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    run_server(config, verbose=verbose, console=console)
+    run_server(config, verbose=verbose, console=console, profile=profile)
 
 
 # typer reads the options from the signature: generated from the settings' declarations.
 serve.__signature__ = Signature(  # type: ignore[attr-defined]
-    [_MODEL, *options(EngineConfig, ServerConfig, after=_AFTER), _VERBOSE]
+    [_MODEL, *options(EngineConfig, ServerConfig, after=_AFTER), _VERBOSE, _CONTEXT]
 )
 app.command(cls=PanelHelp)(serve)
