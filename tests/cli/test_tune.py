@@ -165,3 +165,56 @@ def test_a_model_that_does_not_fit_is_refused(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "does not fit this machine" in proc.stderr and "innkeeper fit" in proc.stderr
     assert not list(tmp_path.rglob("*"))
+
+
+def test_no_profile_and_a_clashing_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--no-profile` ignores the profile; one that clashes with the flags given is dropped
+    with the reason (the user's flags stand), never an error of its own."""
+    from innkeeper.cli.profile_use import build_with_profile
+
+    monkeypatch.setenv("INNKEEPER_CONFIG", str(tmp_path))
+    model = default_model_path()
+    _save(tmp_path)
+    config, note = build_with_profile(model, {"use_profile": False}, _build)
+    assert note == "not used (--no-profile)" and config.engine.ubatch_size == 512
+    config, note = build_with_profile(model, {}, _build)
+    assert note is not None and note.startswith("-t 2 --threads-batch 2 -ub 128")
+    assert (config.engine.threads, config.engine.ubatch_size) == (2, 128)
+
+    clash = Profile.from_json({**json.loads(_save(tmp_path).read_text())})
+    clash.settings = {"flash_attn": "off"}
+    save_profile(clash, tmp_path / "profiles")
+    config, note = build_with_profile(model, {"cache_type_v": "q8_0"}, _build)
+    assert note is not None and note.startswith("not used: it conflicts with the flags given")
+    assert (config.engine.flash_attn, config.engine.cache_type_v) == ("auto", "q8_0")
+
+
+def test_models_shows_which_models_are_tuned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from innkeeper.cli import app
+
+    monkeypatch.setenv("INNKEEPER_CONFIG", str(tmp_path))
+    store = ["--models-dir", str(tmp_path / "store")]
+
+    def embedded() -> dict[str, object]:
+        result = CliRunner().invoke(app, ["models", "--json", *store])
+        assert result.exit_code == 0, result.output
+        return next(e for e in json.loads(result.output) if e["embedded"])
+
+    assert embedded()["tuned"] is None
+    saved = _save(tmp_path)
+    tuned = embedded()["tuned"]
+    assert tuned == {
+        "used": True,
+        "reason": "",
+        "path": str(saved),
+        "settings": {"threads": 2, "threads_batch": 2, "ubatch_size": 128},
+    }
+    _save(tmp_path, driver="999.99")
+    tuned = embedded()["tuned"]
+    assert tuned["used"] is False and "GPU driver changed" in tuned["reason"]
+    table = CliRunner().invoke(app, ["models", *store], env={"COLUMNS": "200"})
+    assert "not here" in table.output

@@ -45,9 +45,14 @@ def with_profile(
     `build` (called only when a profile file exists) describes the llama.cpp in use, for the
     hardware fingerprint. The note is None when there is no profile to speak of.
     """
+    from innkeeper.engine.planning import ModelFileError, checked_model_file
     from innkeeper.engine.tune import flag_text
     from innkeeper.models.profiles import find_profile, profile_path
 
+    try:  # profiles are per GGUF file (`tune` measures the file a folder holds)
+        model_path = checked_model_file(model_path, allow_pickle=False)
+    except ModelFileError:  # not a loadable GGUF: `serve` reports that itself
+        return values, None
     if not profile_path(model_path).is_file():
         return values, None
     if not values.get("use_profile", True):
