@@ -1,20 +1,18 @@
 """`innkeeper tune MODEL`: measure which settings run this model fastest here, and keep them.
 
-The search is engine/tune.py's (each candidate measured in a child process by
-engine/speed.py); this module checks the model fits, shows progress and the table, and saves
-the winner as a profile (models/profiles.py) that `serve` then uses for this model on this
-machine. Nothing is saved until the end, atomically: Ctrl-C leaves no file and no process.
+The work is engine/tuner.py's (the plan, the search of engine/tune.py with each candidate
+measured in a child process by engine/speed.py, the profile saved through models/profiles.py,
+which `serve` then uses for this model on this machine); this module parses the options,
+shows the progress bar and the table. Nothing is saved until the end, atomically: Ctrl-C
+leaves no file and no process.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
-from datetime import UTC, datetime
 from inspect import Parameter, Signature
-from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -25,19 +23,15 @@ from innkeeper.cli.app import app, console, err_console, fail
 from innkeeper.cli.fit import EXIT_DOES_NOT_FIT
 from innkeeper.cli.help import PanelHelp
 from innkeeper.cli.options import build_config, options
-from innkeeper.engine.tune import flag_text
+from innkeeper.engine.tune import Trial, flag_text
 from innkeeper.models.hardware import format_size, hardware_with_overrides
-from innkeeper.models.memory import auto_settings
-from innkeeper.models.profiles import (
-    Profile,
-    hardware_fingerprint,
-    model_identity,
-    save_profile,
-)
 from innkeeper.models.spec import ModelFormatError
 from innkeeper.models.store import ModelNotFoundError, resolve_model
 from innkeeper.settings.engine import EngineConfig
 from innkeeper.settings.server import ServerConfig
+
+if TYPE_CHECKING:  # engine/tuner.py loads llama.cpp: imported when tune runs, not at start-up
+    from innkeeper.engine.tuner import Tuned
 
 EXIT_INTERRUPTED = 130
 # serve's settings that tune takes as given (--ram/--vram: plan for less than is free)
@@ -69,9 +63,8 @@ def tune_command(**values: Any) -> None:
 
     Exit status: 0 tuned, 2 the model does not fit, 130 interrupted (nothing saved), 1 error.
     """
-    from innkeeper.engine.planning import ModelFileError, checked_model_file, planned_engine
-    from innkeeper.engine.speed import measure_speed
-    from innkeeper.engine.tune import build_id, expand, search
+    from innkeeper.engine.planning import ModelFileError, checked_model_file
+    from innkeeper.engine.tuner import DoesNotFit, TuneFailed, tune_model
 
     ref, as_json = values.pop("model"), values.pop("as_json")
     budget, allow_quant = parse_budget(values.pop("budget")), values.pop("allow_kv_quant")
@@ -79,30 +72,9 @@ def tune_command(**values: Any) -> None:
     try:
         path = checked_model_file(resolve_model(ref))
         server = build_config(path, values)
-        cfg = server.engine
         hw = hardware_with_overrides(vram=server.plan_vram, ram=server.plan_ram)
-        from innkeeper.models.gguf_meta import read_gguf_spec
-
-        spec = read_gguf_spec(path)
-        auto = auto_settings(cfg, hw, spec=spec)
-    except (ModelNotFoundError, ModelFileError, ModelFormatError, ValueError, OSError) as exc:
+    except (ModelNotFoundError, ModelFileError, ValueError, OSError) as exc:
         fail(str(exc))
-    if not auto.plan.fits:
-        fail(
-            f"{path.name} does not fit this machine at context {auto.ctx_size:,} "
-            f"({auto.plan.verdict_text}: {format_size(auto.plan.total_bytes)} needed), so there "
-            "is nothing to tune; see `innkeeper fit` for what would fit",
-            EXIT_DOES_NOT_FIT,
-        )
-    base = planned_engine(cfg, auto)
-    offload = base.gpu_layers is not None and base.gpu_layers > 0
-    build = build_id()
-    out = err_console if as_json else console
-
-    def measure(c: EngineConfig, floor: Any, timeout: float) -> Any:
-        return measure_speed(c, n_prompt=n_prompt, n_gen=n_gen, floor=floor, timeout=timeout)
-
-    started = time.monotonic()
     try:
         with Progress(
             TextColumn("[bold]tuning[/]"),
@@ -110,79 +82,40 @@ def tune_command(**values: Any) -> None:
             TextColumn("{task.percentage:>3.0f}%"),
             TimeElapsedColumn(),
             TextColumn("{task.description}"),
-            console=out,
+            console=err_console if as_json else console,
             transient=True,
         ) as bar:
             task = bar.add_task("serve's defaults", total=1.0)
 
-            def progress(trial: Any, used: float) -> None:
+            def progress(trial: Trial, used: float) -> None:
                 bar.update(task, completed=used, description=flag_text(trial.changes))
 
-            result = search(
-                base,
-                spec,
+            tuned = tune_model(
+                path,
+                server.engine,
                 hw,
-                measure=measure,
                 budget_s=budget,
-                gpu_layers=base.gpu_layers or 0,
-                offload=offload,
                 allow_kv_quant=allow_quant,
+                n_prompt=n_prompt,
+                n_gen=n_gen,
                 progress=progress,
             )
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted: nothing saved[/]")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    if result.default.status != "ok":
-        fail(f"cannot measure {path.name} with serve's defaults: {result.default.error}")
-    winner, default = result.winner, result.default
-    profile = Profile(
-        model_path=str(path.resolve()),
-        model=model_identity(path),
-        fingerprint=hardware_fingerprint(build),
-        settings=expand(winner.changes),
-        ctx_size=int(base.ctx_size or 0),
-        parallel=base.parallel,
-        speed={
-            k: round(v, 2)
-            for k, v in {
-                "prompt_tps": winner.speed.prompt_tps if winner.speed else 0.0,
-                "decode_tps": winner.speed.decode_tps if winner.speed else 0.0,
-                "default_prompt_tps": default.speed.prompt_tps if default.speed else 0.0,
-                "default_decode_tps": default.speed.decode_tps if default.speed else 0.0,
-            }.items()
-        },
-        tuned_at=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
-    saved = save_profile(profile)
-    report = _report(result, profile, saved, budget, time.monotonic() - started)
+    except DoesNotFit as exc:
+        fail(str(exc), EXIT_DOES_NOT_FIT)
+    except (TuneFailed, ModelFormatError, ValueError, OSError) as exc:
+        fail(str(exc))
     if as_json:
-        print(json.dumps(report, indent=2, sort_keys=True))
+        print(json.dumps(tuned.to_json(), indent=2, sort_keys=True))
     else:
-        _render(console, result, report, path.name)
+        _render(console, tuned, path.name)
 
 
-def _report(
-    result: Any, profile: Profile, saved: Path, budget: float, seconds: float
-) -> dict[str, Any]:
-    """The `--json` document (its keys are a stable interface)."""
-    gain = {k: result.gain(a) for k, a in (("prompt", "prompt_tps"), ("decode", "decode_tps"))}
-    return {
-        "model": profile.model_path,
-        "ctx_size": profile.ctx_size,
-        "parallel": profile.parallel,
-        "budget_s": budget,
-        "seconds": round(seconds, 1),
-        "stopped_by_budget": result.stopped_by_budget,
-        "trials": [t.to_json() for t in result.trials],
-        "default": result.default.to_json(),
-        "winner": result.winner.to_json(),
-        "gain": {k: round(v, 3) if v else None for k, v in gain.items()},
-        "profile": {"path": str(saved), "settings": profile.settings},
-        "fingerprint": profile.fingerprint,
-    }
-
-
-def _render(out: Console, result: Any, report: dict[str, Any], name: str) -> None:
+def _render(out: Console, tuned: Tuned, name: str) -> None:
+    """The table of every candidate tried, the winner and its gain, and the profile saved."""
+    result, report = tuned.result, tuned.to_json()
     parallel = report["parallel"]
     table = Table(
         title=f"{name}: context {report['ctx_size']:,}, {parallel} parallel", title_justify="left"

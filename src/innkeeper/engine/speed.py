@@ -53,6 +53,10 @@ class SpeedError(Exception):
     """A candidate that could not be measured: the load failed, the child crashed or hung."""
 
 
+class Cancelled(Exception):
+    """The measurement was cancelled (`cancel` set): its child is gone, nothing was kept."""
+
+
 @dataclass(frozen=True)
 class Speed:
     """One candidate's measured speed (tokens per second) and memory."""
@@ -217,13 +221,14 @@ def measure_speed(
     n_gen: int = 32,
     floor: Speed | None = None,
     timeout: float = 120.0,
+    cancel: threading.Event | None = None,
 ) -> Speed:
     """Measure `cfg` in a child process; SpeedError if it fails, crashes or takes too long.
 
     With `floor` (the best so far), a run clearly slower than it is cut short.
 
-    Ctrl-C (KeyboardInterrupt) or any other exception kills the child and waits for it before
-    propagating, so nothing stays loaded.
+    Ctrl-C (KeyboardInterrupt), `cancel` being set (Cancelled) or any other exception kills the
+    child and waits for it before propagating, so nothing stays loaded.
     """
     args = {
         "config": config_to_json(replace(cfg, model_path=Path(cfg.model_path).resolve())),
@@ -241,12 +246,19 @@ def measure_speed(
         text=True,
         env=env,
     )
+    deadline = time.monotonic() + timeout
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise SpeedError(f"no result within {timeout:.0f} s") from None
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SpeedError(f"no result within {timeout:.0f} s")
+            try:
+                out, err = proc.communicate(timeout=min(left, 0.25))
+                break
+            except subprocess.TimeoutExpired:
+                continue
     except BaseException:
         proc.kill()
         proc.wait()
