@@ -202,10 +202,25 @@ def _worker(args: dict[str, Any]) -> dict[str, Any]:
         engine.close()
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this child when its parent dies, however it dies (a server
+    stopped mid-tune, `kill -9` of the CLI), so no measurement outlives it."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the parent's own cleanup still applies
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _child_main() -> None:
     # Ctrl-C ends the child at once: it holds nothing that needs cleaning (no files), and the
     # OS takes its memory back, so no half-stopped engine thread can keep it alive.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _die_with_parent()
     try:
         result = _worker(json.loads(sys.argv[1]))
     except Exception as exc:
