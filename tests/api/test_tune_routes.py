@@ -37,6 +37,10 @@ def test_tune_over_http(tmp_path: Path) -> None:
         httpx.Client(base_url=srv.url, timeout=30) as client,
     ):
         assert client.get("/api/innkeeper/tune").json() == {"models": {}}
+        # the page's Tune button: the panel imports the module that drives these routes
+        script = client.get("/static/tune.js")
+        assert script.status_code == 200 and "/api/innkeeper/tune" in script.text
+        assert 'from "./tune.js"' in client.get("/static/models.js").text
         job = client.post("/api/innkeeper/tune", json=TINY).json()
         assert job["state"] == "running"
         busy = client.post("/api/innkeeper/tune", json=TINY)

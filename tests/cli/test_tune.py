@@ -47,6 +47,7 @@ JSON_KEYS = {
 }
 TRIAL_KEYS = {
     "settings",
+    "flags",
     "status",
     "note",
     "prompt_tps",

@@ -65,6 +65,7 @@ class Trial:
         s = self.speed
         return {
             "settings": dict(self.changes),
+            "flags": flag_text(self.changes),
             "status": self.status,
             "note": self.note,
             "prompt_tps": round(s.prompt_tps, 2) if s else None,

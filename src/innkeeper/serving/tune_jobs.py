@@ -133,7 +133,7 @@ class TuneJobs:
         def progress(trial: Trial, used: float) -> None:
             job.progress = used
             job.current = flag_text(trial.changes)
-            job.trials.append({**trial.to_json(), "flags": job.current})
+            job.trials.append(trial.to_json())
 
         try:
             tuned = tune_model(
