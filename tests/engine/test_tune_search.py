@@ -118,7 +118,7 @@ def test_a_failing_candidate_is_reported_and_the_search_goes_on() -> None:
 
     result = search(BASE, SPEC, HW, measure=measure, budget_s=600, gpu_layers=0, offload=False)
     failed = [t for t in result.trials if t.status == "failed"]
-    assert [t.changes for t in failed] == [{"flash_attn": "off"}]
+    assert [t.changes for t in failed] == [{"threads": 1, "flash_attn": "off"}]
     assert "signal 6" in failed[0].error
     assert result.winner.changes == {"threads": 1, "ubatch_size": 256}
 

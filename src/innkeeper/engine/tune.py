@@ -3,7 +3,7 @@
 Start from what `serve` would run (its defaults and the memory plan's context and GPU
 layers), measure that, then vary one setting at a time, keeping a value only when it is
 clearly faster, in the order the settings usually matter most: GPU layers, MoE experts in RAM,
-KV offload, flash attention, threads, prompt threads, micro-batch, batch, KV cache types (only
+KV offload, threads, prompt threads, flash attention, micro-batch, batch, KV cache types (only
 when allowed: they change output quality). A candidate the memory plan says will not fit is
 skipped unmeasured; one that is clearly slower is cut short (see engine/speed.py). The search
 stops when the time budget would run out, keeping time to measure the winner and the
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -145,11 +146,12 @@ def dimensions(
             n = spec.n_layer
             dims.append(("n_cpu_moe", sorted({max(1, n // 8), max(1, n // 4), max(1, n // 2)})))
         dims.append(("kv_offload", [not base.kv_offload]))
+    # threads first: on a CPU shared with other work, fewer threads often win by far
+    dims.append(("threads", [t for t in threads if t != (base.threads or phys)]))
+    dims.append(("threads_batch", [t for t in threads if t != (base.threads_batch or phys)]))
     # "auto" resolves to on or off: try only the other one
     auto_on = flash_attn_enabled(base.flash_attn, spec.architecture)
     dims.append(("flash_attn", ["off" if auto_on else "on"]))
-    dims.append(("threads", [t for t in threads if t != (base.threads or phys)]))
-    dims.append(("threads_batch", [t for t in threads if t != (base.threads_batch or phys)]))
     dims.append(("ubatch_size", [u for u in (128, 256, 1024) if u != base.ubatch_size]))
     dims.append(("batch_size", [b for b in (512, 1024) if b != base.batch_size]))
     if allow_kv_quant:
@@ -242,7 +244,7 @@ def search(
         return trial
 
     def time_left_for(n: int) -> bool:
-        each = max(durations) if durations else 0.0
+        each = statistics.median(durations) if durations else 0.0
         return time.monotonic() - t0 + each * n <= budget_s
 
     default = run({}, None, "default")
