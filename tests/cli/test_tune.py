@@ -180,7 +180,10 @@ def test_no_profile_and_a_clashing_profile(tmp_path: Path, monkeypatch: pytest.M
     assert note == "not used (--no-profile)" and config.engine.ubatch_size == 512
     config, note = build_with_profile(model, {}, _build)
     assert note is not None and note.startswith("-t 2 --threads-batch 2 -ub 128")
+    assert "tuned at" not in note
     assert (config.engine.threads, config.engine.ubatch_size) == (2, 128)
+    config, note = build_with_profile(model, {"ctx_size": 4096}, _build)
+    assert note is not None and note.endswith("; tuned at context 2048, 1 parallel")
 
     clash = Profile.from_json({**json.loads(_save(tmp_path).read_text())})
     clash.settings = {"flash_attn": "off"}

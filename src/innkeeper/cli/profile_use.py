@@ -65,7 +65,14 @@ def with_profile(
     if not used:
         why = "serve's defaults are the fastest" if not match.profile.settings else "all overridden"
         return values, f"{why} ({match.path.name})"
-    return {**values, **used}, f"{flag_text(used)} ({match.path.name})"
+    note = f"{flag_text(used)} ({match.path.name})"
+    p = match.profile
+    if values.get("ctx_size") not in (None, p.ctx_size) or values.get("parallel") not in (
+        None,
+        p.parallel,
+    ):  # still used: the same machine, but the speeds were measured at other sizes
+        note += f"; tuned at context {p.ctx_size}, {p.parallel} parallel"
+    return {**values, **used}, note
 
 
 def build_with_profile(
