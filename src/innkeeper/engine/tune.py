@@ -53,7 +53,7 @@ class Trial:
     def score(self, parallel: int) -> float:
         """Geometric mean of prompt, decode (and aggregate) speed: each counts alike."""
         s = self.speed
-        if s is None or self.status not in ("ok",):
+        if s is None or self.status != "ok":
             return 0.0
         parts = [s.prompt_tps, s.decode_tps]
         if parallel > 1 and s.aggregate_tps:
@@ -81,6 +81,8 @@ class Trial:
 
 @dataclass
 class TuneResult:
+    """What a search found; `default` and `winner` are the back-to-back measurements."""
+
     default: Trial  # serve's defaults, as confirmed at the end
     winner: Trial  # the best, as confirmed at the end (the default when nothing beat it)
     trials: list[Trial] = field(default_factory=list)  # every candidate in the order tried
