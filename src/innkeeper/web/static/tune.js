@@ -55,6 +55,7 @@ export function updateTune(id) {
   }
   const t = tuned[id];
   if (!t) refs.status.textContent = "";
+  else if (t.used && !Object.keys(t.settings || {}).length) refs.status.textContent = "Tuned: serve's defaults are the fastest here";
   else if (t.used) refs.status.textContent = `Tuned: ${t.flags} (used when serve starts with it)`;
   else refs.status.textContent = `Tuned profile not used here: ${t.reason}`;
 }
@@ -115,8 +116,8 @@ function report(state) {
   else {
     const r = state.result;
     const gain = (g) => (g ? `${g >= 1 ? "+" : ""}${Math.round((g - 1) * 100)}%` : "–");
-    const flags = r.winner.flags;
-    toast(`Tuned ${state.model}: ${flags} (prompt ${gain(r.gain.prompt)}, decode ${gain(r.gain.decode)}); used when serve next starts with it`, "info");
+    if (!Object.keys(r.winner.settings).length) toast(`Tuned ${state.model}: serve's defaults are the fastest here`, "info");
+    else toast(`Tuned ${state.model}: ${r.winner.flags} (prompt ${gain(r.gain.prompt)}, decode ${gain(r.gain.decode)}); used when serve next starts with it`, "info");
   }
 }
 
