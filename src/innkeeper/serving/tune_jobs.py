@@ -2,7 +2,7 @@
 
 A tune runs engine/tuner.py (the same code as the CLI) in a worker thread; each candidate is
 measured in its own child process, so nothing is loaded into the server and a crashing
-candidate cannot take it down. Only one tune runs at once (each saturates the CPU or GPU; two
+candidate cannot take it down (the child dies with the server, if the server goes first). Only one tune runs at once (each saturates the CPU or GPU; two
 would measure each other), and its numbers are only as quiet as the server is: the page says
 so. Cancelling stops the running measurement at once and saves nothing. A finished tune's
 profile is what `serve` uses for that model at its next start; a load from the page does not
@@ -117,11 +117,6 @@ class TuneJobs:
         if job is None:
             raise NotFound(f"no tune job {job_id!r} (finished jobs are kept a while)")
         return job
-
-    def cancel_all(self) -> None:
-        """Stop every running tune (server shutdown): their measuring children end with them."""
-        for job in list(self.jobs.values()):
-            job.cancel.set()
 
     def _forget_old(self) -> None:
         done = [j for j in self.jobs.values() if j.state != "running"]
