@@ -7,7 +7,8 @@ cannot take the CLI or the server with it, and so nothing stays loaded afterward
 exits after one measurement and its memory goes back to the system.
 
 A run: a short warm-up request, then one request of `n_prompt` prompt tokens and `n_gen`
-decoded tokens (prompt and decode speed, as llama.cpp's timings count them), then, with
+decoded tokens (prompt speed as llama.cpp's timings count it; decode speed as the tokens
+reach the caller, after the first, the way bench/ measures a server), then, with
 `parallel` > 1, that many short-prompt requests at once (their tokens per second while all of
 them decode).
 Each request's prompt is fresh (no prefix-cache reuse). A run clearly slower than the best so
@@ -151,6 +152,14 @@ def _run(
     return {"finishes": finishes, "stamps": stamps, "cut": cut.is_set()}
 
 
+def decode_rate(times: list[float]) -> float:
+    """Tokens per second after the first, as they reached the caller: what a client sees
+    (bench/loadgen.py's decode_tps), not only llama.cpp's decode calls."""
+    if len(times) < 2 or times[-1] <= times[0]:
+        return 0.0
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
 def aggregate_rate(stamps: list[list[float]]) -> float:
     """Tokens per second over all requests while every one of them was decoding.
 
@@ -184,6 +193,7 @@ def _worker(args: dict[str, Any]) -> dict[str, Any]:
         floor = (float(args["min_prompt"]), float(args["min_decode"]))
         single = _run(engine, [_prompt(words, n_prompt, 1)], n_gen, floor)
         timing = single["finishes"][0].timings
+        times = single["stamps"][0]
         aggregate = None
         if parallel > 1 and not single["cut"]:
             # short prompts: this run measures the slots decoding together
@@ -192,7 +202,7 @@ def _worker(args: dict[str, Any]) -> dict[str, Any]:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return Speed(
             prompt_tps=timing.prompt_per_second,
-            decode_tps=timing.predicted_per_second,
+            decode_tps=decode_rate(times) or timing.predicted_per_second,
             aggregate_tps=aggregate,
             rss_bytes=int(rss),
             seconds=time.perf_counter() - t0,
