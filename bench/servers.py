@@ -126,6 +126,7 @@ def innkeeper_spec(
         sys.executable, "-m", "innkeeper", "serve", str(model), "--host", "127.0.0.1",
         "--port", str(port), "--threads", str(threads), "--ctx-size", str(ctx_size),
         "--flash-attn", flash_attn,
+        "--no-profile",  # a developer's tuned profile must not skew the comparison
     ]  # fmt: skip
     cmd += extra or []
     # llama.cpp's own log lines (KV cache sizes) go to the server log, as llama-server's do.
@@ -175,6 +176,7 @@ def innkeeper_router_spec(
         "--models-max", str(models_max), "--host", "127.0.0.1", "--port", str(port),
         "--threads", str(threads), "--ctx-size", str(ctx_size), "--parallel", str(parallel),
         "--flash-attn", flash_attn,
+        "--no-profile",  # a developer's tuned profile must not skew the comparison
     ]  # fmt: skip
     cmd += extra or []
     return ServerSpec("innkeeper", "cand", cmd, port, env={"INNKEEPER_LLAMA_LOG": "1"})

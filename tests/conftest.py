@@ -19,6 +19,8 @@ from tests.helpers import ServerProcess, run_server
 # Every server and CLI the suite starts sees an empty store of its own, never the user's
 # pulled models (tests that pull point INNKEEPER_MODELS elsewhere themselves).
 os.environ["INNKEEPER_MODELS"] = tempfile.mkdtemp(prefix="innkeeper-test-store-")
+# Nor the user's tuned profiles (`innkeeper tune`): servers run with the flags tests give.
+os.environ["INNKEEPER_CONFIG"] = tempfile.mkdtemp(prefix="innkeeper-test-config-")
 
 
 @pytest.fixture(scope="session")

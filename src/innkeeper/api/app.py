@@ -25,6 +25,7 @@ from innkeeper.api import (
     openai,
     status,
     store_routes,
+    tune_routes,
 )
 from innkeeper.api.docs import install_docs
 from innkeeper.api.errors import family, install_handlers
@@ -87,6 +88,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     for module in (model_routes, openai, embeddings, kobold, ooba, llamacpp, status, metrics):
         app.include_router(module.router)
     app.include_router(store_routes.router)  # pull and delete, for the page's Models panel
+    app.include_router(tune_routes.router)  # `innkeeper tune` for the page's Models panel
     app.include_router(ollama.router)  # Ollama's API (SillyTavern's Ollama type)
     install_docs(app)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from inspect import Parameter, Signature
 from pathlib import Path
 from typing import Annotated, Any
@@ -76,6 +75,9 @@ _VERBOSE = Parameter(
     ],
 )
 
+# typer's context, to tell flags given from defaults (a tuned profile fills only the latter)
+_CONTEXT = Parameter("ctx", Parameter.KEYWORD_ONLY, default=None, annotation=typer.Context)
+
 
 def serve(**values: Any) -> None:
     """Serve a GGUF model to SillyTavern, OpenAI and KoboldAI clients."""
@@ -83,19 +85,26 @@ def serve(**values: Any) -> None:
 
     verbose = bool(values.pop("verbose", False))
     no_pull = bool(values.pop("no_pull", False))
+    ctx = values.pop("ctx", None)
     ref = values.pop("model", None)
     try:
         config = build_config(Path(), values)  # every flag checked before any download
     except ConfigError as exc:
         fail(str(exc))
     model_path = _model_path(ref, config, no_pull)
-    config = replace(config, engine=replace(config.engine, model_path=model_path))
+    from innkeeper.cli.profile_use import build_with_profile
+    from innkeeper.engine.tune import build_id
+
+    try:  # a tuned profile (`innkeeper tune`) fills the settings not given
+        config, profile = build_with_profile(model_path, values, build_id, ctx)
+    except ConfigError as exc:
+        fail(str(exc))
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    run_server(config, verbose=verbose, console=console)
+    run_server(config, verbose=verbose, console=console, profile=profile)
 
 
 def _model_path(ref: str | None, config: ServerConfig, no_pull: bool) -> Path:
@@ -167,6 +176,6 @@ def _from_hub(ref: hub.HubRef, config: ServerConfig, no_pull: bool) -> Path:
 
 # typer reads the options from the signature: generated from the settings' declarations.
 serve.__signature__ = Signature(  # type: ignore[attr-defined]
-    [_MODEL, _NO_PULL, *options(EngineConfig, ServerConfig, after=_AFTER), _VERBOSE]
+    [_MODEL, _NO_PULL, *options(EngineConfig, ServerConfig, after=_AFTER), _VERBOSE, _CONTEXT]
 )
 app.command(cls=PanelHelp)(serve)

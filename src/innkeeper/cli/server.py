@@ -96,7 +96,9 @@ def check_model_file(path: Path, allow_pickle: bool) -> Path:
         fail(str(exc))
 
 
-def run_server(config: ServerConfig, *, verbose: bool, console: Console) -> None:
+def run_server(
+    config: ServerConfig, *, verbose: bool, console: Console, profile: str | None = None
+) -> None:
     model_path = check_model_file(config.model_path, config.allow_pickle)
     sock = bind_socket(config.host, config.port)
     if verbose:
@@ -119,7 +121,8 @@ def run_server(config: ServerConfig, *, verbose: bool, console: Console) -> None
             sock.close()
             fail(str(exc))
     app = create_app(registry, config)
-    print_banner(console, config, service.engine, service, plan=auto.plan if auto else None)
+    plan = auto.plan if auto else None
+    print_banner(console, config, service.engine, service, plan=plan, profile=profile)
     if len(registry.entries_by_id) > 1:
         console.print(
             f"[bold cyan]models[/] {len(registry.entries_by_id)} available "
@@ -192,6 +195,7 @@ def print_banner(
     engine: Engine,
     service: Service,
     plan: MemoryPlan | None = None,
+    profile: str | None = None,
 ) -> None:
     info = engine.info
     stats = engine.stats()
@@ -217,6 +221,8 @@ def print_banner(
         f"{stats.threads} threads ({stats.threads_batch} for prompts), "
         f"GPU layers {engine.config.gpu_layers}, {stats.slots} parallel slots",
     )
+    if profile is not None:  # what `innkeeper tune` set, or why its profile was not used
+        table.add_row("tuned profile", profile)
     template_given = engine.config.chat_template is not None
     no_template = not info.chat_template and not template_given
     table.add_row(

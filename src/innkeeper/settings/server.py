@@ -233,6 +233,13 @@ class ServerConfig:
         help="allow pickle weights (can run code!)",
         panel=PANEL_MODEL,
     )
+    use_profile: bool = setting(
+        True,
+        "--profile/--no-profile",
+        help="use the settings `innkeeper tune` saved for this model and machine; flags given "
+        "here win (--no-profile: ignore them)",
+        panel=PANEL_PERFORMANCE,
+    )
 
     @property
     def model_path(self) -> Path:

@@ -1,8 +1,10 @@
-// The Models panel: every model the server can serve, Load/Unload with settings, pulls from the
-// hub with progress and cancel, and deleting pulled models. Text goes in with textContent only.
+// The Models panel: every model the server can serve, Load/Unload with settings, Tune (tune.js),
+// pulls from the hub with progress and cancel, and deleting pulled models. Text goes in with
+// textContent only.
 // An older server without the registry routes answers 404: the panel then stays hidden.
 
 import { ApiError, getJson, postJson, request } from "./api.js";
+import { refreshTuned, tuneControls, updateTune } from "./tune.js";
 import { $, formatBytes, toast, verdictClass } from "./ui.js";
 
 const KV_TYPES = ["f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"];
@@ -85,6 +87,7 @@ function buildItem(m) {
   refs.load.addEventListener("click", () => load(name, refs));
   refs.unload.addEventListener("click", () => unload(name));
   refs.del.addEventListener("click", () => remove(name));
+  const tune = tuneControls(name, el);
   const li = el(
     "li",
     { class: "model-item", "data-id": name },
@@ -92,7 +95,9 @@ function buildItem(m) {
     refs.facts,
     refs.verdict,
     form,
-    el("div", { class: "row wrap" }, refs.load, refs.unload, refs.del),
+    el("div", { class: "row wrap" }, refs.load, refs.unload, tune.start, tune.cancel, refs.del),
+    tune.bar,
+    tune.status,
     refs.error,
   );
   return { li, refs };
@@ -121,6 +126,7 @@ function updateItem({ li, refs }, m) {
   refs.unload.disabled = working;
   refs.del.hidden = m.source !== "store" || !m.store_name;
   refs.del.disabled = working;
+  updateTune(m.id);
 }
 
 function render() {
@@ -162,9 +168,11 @@ export async function refreshModels() {
     }
     return false;
   }
+  const first = available !== true;
   available = true;
   $("models-panel").hidden = false;
   render();
+  if (first) refreshTuned(); // which models are tuned: once, then after each tune
   return true;
 }
 
