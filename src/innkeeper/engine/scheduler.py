@@ -157,6 +157,7 @@ class Scheduler:
                     self.tokens.finish(
                         gen, "error", error=f"engine error: {exc}", kind=ErrorKind.INTERNAL
                     )
+                self.tokens.deliver()
         self._batch.free()
         with self._cond:
             for _, future in self._calls:
@@ -180,7 +181,21 @@ class Scheduler:
         return [s.gen for s in self.slots if s.gen is not None]
 
     def _step(self) -> None:
-        """Admit, then build one batch (every sampled token, then prompt chunks) and decode it."""
+        """Admit, build one batch (every sampled token, then prompt chunks), decode it, sample.
+
+        The events of a step go out just before the next decode (TokenPipeline.deliver), or
+        at once when the next decode is not about to follow: a request finished, one is
+        waiting for admission, or a prompt is being evaluated.
+        """
+        self._decode_step()
+        tokens = self.tokens
+        if tokens.outbox and (tokens.urgent or self._queue or not self._all_generating()):
+            tokens.deliver()
+
+    def _all_generating(self) -> bool:
+        return all(s.state is GENERATING for s in self.slots if s.gen is not None)
+
+    def _decode_step(self) -> None:
         if self._queue:
             self._admit()
         finish = self.tokens.finish
@@ -210,6 +225,7 @@ class Scheduler:
         if batch.n == 0:
             return
 
+        self.tokens.deliver()
         t0 = time.monotonic()
         ret = self.ctx.decode(batch)
         dt = time.monotonic() - t0
