@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -46,33 +47,72 @@ class Generation:
     unsupported: list[str] = field(default_factory=list)
 
 
-class EventInbox:
-    """One request's events, put by the engine thread and read on the event loop.
+class LoopWaker:
+    """Wakes the readers of one event loop from the engine thread, one hand-off for many.
 
-    A token costs the loop a wake-up (`call_soon_threadsafe`: a self-pipe write, an epoll
-    round) only when none is already on its way, and the reader waits on a bare future
-    instead of `asyncio.wait_for` over `Queue.get` (a task, a timer and two futures per
-    token); events that pile up while the loop is busy are taken together (`take_all`).
+    The engine delivers a whole step's events at once (one per stream); they cost the loop
+    one `call_soon_threadsafe` (a self-pipe write, an epoll round) together, and none more
+    while that wake-up is still on its way.
     """
 
-    __slots__ = ("_items", "_loop", "_waiter", "_wake_pending")
+    __slots__ = ("_loop", "_pending", "_ready")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._ready: deque[EventInbox] = deque()
+        self._pending = False
+
+    def notify(self, inbox: EventInbox) -> None:
+        """Engine thread. The append comes before the flag test: a wake-up still pending
+        then runs after it and finds this inbox."""
+        self._ready.append(inbox)
+        if not self._pending:
+            self._pending = True
+            self._loop.call_soon_threadsafe(self._wake_all)
+
+    def _wake_all(self) -> None:
+        self._pending = False
+        ready = self._ready
+        while ready:
+            ready.popleft().wake()
+
+
+_wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWaker] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def waker_for(loop: asyncio.AbstractEventLoop) -> LoopWaker:
+    """The one waker of `loop` (event-loop thread)."""
+    waker = _wakers.get(loop)
+    if waker is None:
+        waker = _wakers[loop] = LoopWaker(loop)
+    return waker
+
+
+class EventInbox:
+    """One request's events, put by the engine thread and read on the event loop.
+
+    The reader waits on a bare future instead of `asyncio.wait_for` over `Queue.get` (a
+    task, a timer and two futures per token); events that pile up while the loop is busy
+    are taken together (`RunningGeneration.batches`).
+    """
+
+    __slots__ = ("_items", "_loop", "_waiter", "_waker")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waker = waker_for(loop)
         self._items: deque[Event] = deque()
         self._waiter: asyncio.Future[None] | None = None
-        self._wake_pending = False
 
     def put(self, ev: Event) -> None:
-        """Engine thread. The append comes before the flag test: a wake-up still pending
-        then runs after it, so the reader finds the event whether it waits yet or not."""
+        """Engine thread."""
         self._items.append(ev)
-        if not self._wake_pending:
-            self._wake_pending = True
-            self._loop.call_soon_threadsafe(self._wake)
+        self._waker.notify(self)
 
-    def _wake(self) -> None:
-        self._wake_pending = False
+    def wake(self) -> None:
+        """Event-loop thread: let a waiting reader look again."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
