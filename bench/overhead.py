@@ -149,6 +149,7 @@ class Harness:
         self.decode = CpuTimer()
         self.scheduler.ctx.decode = self.decode.wrap(self.scheduler.ctx.decode)
         self.sampler = CpuTimer()
+        self._unwrap_sampler = SamplerChain.sample
         SamplerChain.sample = self.sampler.wrap(SamplerChain.sample)  # type: ignore[method-assign]
         app = create_app(self.registry, config)
         self.server = uvicorn.Server(
@@ -178,14 +179,17 @@ class Harness:
         asyncio.run(main())
 
     def close(self) -> None:
+        from innkeeper.engine.sampling import SamplerChain
+
         self.server.should_exit = True
         self.thread.join(10)
         self.registry.close()
+        SamplerChain.sample = self._unwrap_sampler  # type: ignore[method-assign]
 
     def generate(self, route: str, n_tokens: int, streams: int) -> Sample:
         path, make = ROUTES[route]
         body = make(n_tokens)
-        body.update({"temperature": 0, "ignore_eos": True})
+        body.update({"model": self.registry.default_id, "temperature": 0, "ignore_eos": True})
         if route == "ollama":
             body["options"].update({"temperature": 0})
         perf = self.scheduler.perf
