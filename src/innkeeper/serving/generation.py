@@ -8,13 +8,15 @@ whose events arrive in an `EventInbox`. Neither knows HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import os
 import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from innkeeper.engine.events import (
@@ -51,30 +53,65 @@ class LoopWaker:
     """Wakes the readers of one event loop from the engine thread, one hand-off for many.
 
     The engine delivers a whole step's events at once (one per stream); they cost the loop
-    one `call_soon_threadsafe` (a self-pipe write, an epoll round) together, and none more
-    while that wake-up is still on its way.
+    one wake-up together, and none more while that one is still on its way. Where the OS
+    has eventfd (Linux) the wake-up is an eventfd write that the loop watches: one small
+    syscall on each side, where `call_soon_threadsafe` sends a byte over a socket pair and
+    the loop reads it back with two `recv`s. Elsewhere it is `call_soon_threadsafe`.
     """
 
-    __slots__ = ("_loop", "_pending", "_ready")
+    __slots__ = ("__weakref__", "_fd", "_loop", "_pending", "_ready")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # Weak: the wakers table maps each loop to its waker and must not keep loops alive.
+        self._loop = weakref.ref(loop)
         self._ready: deque[EventInbox] = deque()
         self._pending = False
+        self._fd = _watched_eventfd(loop, self._on_readable)
+        if self._fd >= 0:
+            weakref.finalize(self, os.close, self._fd)
 
     def notify(self, inbox: EventInbox) -> None:
         """Engine thread. The append comes before the flag test: a wake-up still pending
-        then runs after it and finds this inbox."""
+        then runs after it and finds this inbox. Raises RuntimeError once the loop is
+        closed (the engine then cancels the request)."""
         self._ready.append(inbox)
         if not self._pending:
+            loop = self._loop()
+            if loop is None or loop.is_closed():
+                raise RuntimeError("the event loop of this request is closed")
             self._pending = True
-            self._loop.call_soon_threadsafe(self._wake_all)
+            if self._fd >= 0:
+                os.eventfd_write(self._fd, 1)
+            else:
+                loop.call_soon_threadsafe(self._wake_all)
+
+    def _on_readable(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # already read by an earlier callback
+            os.eventfd_read(self._fd)
+        self._wake_all()
 
     def _wake_all(self) -> None:
         self._pending = False
         ready = self._ready
         while ready:
             ready.popleft().wake()
+
+
+def _watched_eventfd(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> int:
+    """A non-blocking eventfd that `loop` watches with `callback`, or -1 where there is none
+    (not Linux, or a loop without add_reader such as Windows' proactor)."""
+    if not hasattr(os, "eventfd"):
+        return -1
+    try:
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    except OSError:
+        return -1
+    try:
+        loop.add_reader(fd, callback)
+    except (NotImplementedError, RuntimeError):
+        os.close(fd)
+        return -1
+    return fd
 
 
 _wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWaker] = (
@@ -104,7 +141,7 @@ class EventInbox:
         self._loop = loop
         self._waker = waker_for(loop)
         self._items: deque[Event] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bool] | None = None
 
     def put(self, ev: Event) -> None:
         """Engine thread."""
@@ -115,7 +152,7 @@ class EventInbox:
         """Event-loop thread: let a waiting reader look again."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(False)
 
     def __bool__(self) -> bool:
         return bool(self._items)
@@ -124,24 +161,31 @@ class EventInbox:
         return self._items.popleft()
 
     async def wait(self, timeout: float | None) -> bool:
-        """Until an event is there (True) or `timeout` seconds pass (False)."""
-        if self._items:
-            return True
+        """Until an event is there (True) or `timeout` seconds pass (False).
+
+        A wake-up can come for events the reader already took (it drains everything each
+        time): such a wake-up finds nothing and the wait goes on, it is no timeout.
+        """
         loop = self._loop
-        waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout, _expire, waiter) if timeout else None
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
-        return bool(self._items)
+        deadline = loop.time() + timeout if timeout else None
+        while not self._items:
+            waiter: asyncio.Future[bool] = loop.create_future()
+            self._waiter = waiter
+            timer = loop.call_at(deadline, _expire, waiter) if deadline is not None else None
+            try:
+                expired = await waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+            if expired and not self._items:
+                return False
+        return True
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
+def _expire(waiter: asyncio.Future[bool]) -> None:
     if not waiter.done():
-        waiter.set_result(None)
+        waiter.set_result(True)
 
 
 @dataclass
