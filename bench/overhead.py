@@ -106,6 +106,7 @@ class Sample:
     engine_ns: int
     decode_ns: int
     sampler_ns: int
+    deliver_ns: int
     loop_ns: int
     workers_ns: int
     wall_s: float
@@ -117,6 +118,7 @@ class Sample:
             "engine_outside_decode_us": (self.engine_ns - self.decode_ns) / n / 1000,
             "engine_python_us": python_engine / n / 1000,
             "sampler_c_us": self.sampler_ns / n / 1000,
+            "deliver_us": self.deliver_ns / n / 1000,
             "event_loop_us": self.loop_ns / n / 1000,
             "total_python_us": (python_engine + self.loop_ns) / n / 1000,
             "engine_in_decode_us": self.decode_ns / n / 1000,
@@ -148,6 +150,11 @@ class Harness:
         # llama-server does too): timed apart from the Python around them.
         self.decode = CpuTimer()
         self.scheduler.ctx.decode = self.decode.wrap(self.scheduler.ctx.decode)
+        # Handing a step's events to the event loop (a self-pipe write that wakes it).
+        self.deliver = CpuTimer()
+        tokens = self.scheduler.tokens
+        if hasattr(tokens, "deliver"):
+            tokens.deliver = self.deliver.wrap(tokens.deliver)
         self.sampler = CpuTimer()
         self._unwrap_sampler = SamplerChain.sample
         SamplerChain.sample = self.sampler.wrap(SamplerChain.sample)  # type: ignore[method-assign]
@@ -194,7 +201,7 @@ class Harness:
             body["options"].update({"temperature": 0})
         perf = self.scheduler.perf
         tok0, steps0, dec0 = perf.total_generated_tokens, self.decode.calls, self.decode.cpu_ns
-        smp0 = self.sampler.cpu_ns
+        smp0, del0 = self.sampler.cpu_ns, self.deliver.cpu_ns
         cpu0 = all_threads_cpu_ns()
         t0 = time.monotonic()
         cmd = [sys.executable, "-c", CLIENT, str(self.port), path, json.dumps(body), str(streams)]
@@ -210,6 +217,7 @@ class Harness:
             engine_ns=delta.get(self.engine_tid, 0),
             decode_ns=self.decode.cpu_ns - dec0,
             sampler_ns=self.sampler.cpu_ns - smp0,
+            deliver_ns=self.deliver.cpu_ns - del0,
             loop_ns=delta.get(self.loop_tid, 0),
             workers_ns=sum(v for t, v in delta.items() if t not in known),
             wall_s=wall,
@@ -304,6 +312,7 @@ def render(result: dict[str, Any]) -> str:
         f"  engine thread outside llama_decode  {med['engine_outside_decode_us']:8.1f}",
         f"    of which llama_sampler_sample     {med['sampler_c_us']:8.1f}",
         f"    of which Python (the rest)        {med['engine_python_us']:8.1f}",
+        f"      incl. handing events to the loop{med['deliver_us']:8.1f}",
         f"  event-loop thread                   {med['event_loop_us']:8.1f}",
         f"  Python total (engine rest + loop)   {med['total_python_us']:8.1f}",
         f"  engine thread inside llama_decode   {med['engine_in_decode_us']:8.1f}",
