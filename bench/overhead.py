@@ -175,6 +175,7 @@ class Harness:
         self.engine_tid = self.scheduler._thread.native_id
 
     def _serve(self) -> None:
+        """uvicorn's own loop (uvloop where installed), as `innkeeper serve` runs it."""
         import asyncio
 
         self.loop_tid = threading.get_native_id()
@@ -183,7 +184,8 @@ class Harness:
             self.loop = asyncio.get_running_loop()
             await self.server.serve()
 
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=self.server.config.get_loop_factory()) as runner:
+            runner.run(main())
 
     def close(self) -> None:
         from innkeeper.engine.sampling import SamplerChain
@@ -283,6 +285,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         samples = [h.generate(args.route, args.tokens, args.streams) for _ in range(args.repeats)]
         result: dict[str, Any] = {
             "route": args.route,
+            "loop": type(h.loop).__module__.split(".")[0],
             "streams": args.streams,
             "tokens_per_run": samples[0].tokens,
             "runs": len(samples),
@@ -307,7 +310,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     med = result["median_per_token"]
     lines = [
-        f"route {result['route']}, {result['streams']} stream(s), "
+        f"route {result['route']}, {result['streams']} stream(s), {result['loop']} loop, "
         f"{result['tokens_per_run']} tokens a run, median of {result['runs']} runs (µs/token):",
         f"  engine thread outside llama_decode  {med['engine_outside_decode_us']:8.1f}",
         f"    of which llama_sampler_sample     {med['sampler_c_us']:8.1f}",

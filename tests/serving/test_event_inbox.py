@@ -7,14 +7,12 @@ engine thread here is a plain thread putting events as fast as it can while the 
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 
 import pytest
 
 from innkeeper.engine.events import FinishEvent, GenerationRequest, Timings, TokenEvent
 from innkeeper.engine.sampling import SamplingParams
-from innkeeper.serving import generation
 from innkeeper.serving.generation import EventInbox, RunningGeneration
 
 N = 3000
@@ -52,15 +50,6 @@ def test_every_event_arrives_once_in_order(bursty: bool) -> None:
     tokens, batches = asyncio.run(_read_all(bursty))
     assert tokens == list(range(N))
     assert batches < N  # events that piled up came together
-
-
-def test_without_eventfd_the_loop_is_woken_by_call_soon_threadsafe(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.delattr(os, "eventfd", raising=False)
-    monkeypatch.setattr(generation, "_wakers", type(generation._wakers)())
-    tokens, _ = asyncio.run(_read_all(bursty=True))
-    assert tokens == list(range(N))
 
 
 def test_a_closed_loop_refuses_events() -> None:

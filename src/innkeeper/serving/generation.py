@@ -8,15 +8,13 @@ whose events arrive in an `EventInbox`. Neither knows HTTP.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import os
 import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from innkeeper.engine.events import (
@@ -53,22 +51,16 @@ class LoopWaker:
     """Wakes the readers of one event loop from the engine thread, one hand-off for many.
 
     The engine delivers a whole step's events at once (one per stream); they cost the loop
-    one wake-up together, and none more while that one is still on its way. Where the OS
-    has eventfd (Linux) the wake-up is an eventfd write that the loop watches: one small
-    syscall on each side, where `call_soon_threadsafe` sends a byte over a socket pair and
-    the loop reads it back with two `recv`s. Elsewhere it is `call_soon_threadsafe`.
+    one `call_soon_threadsafe` together, and none more while that one is still on its way.
     """
 
-    __slots__ = ("__weakref__", "_fd", "_loop", "_pending", "_ready")
+    __slots__ = ("_loop", "_pending", "_ready")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         # Weak: the wakers table maps each loop to its waker and must not keep loops alive.
         self._loop = weakref.ref(loop)
         self._ready: deque[EventInbox] = deque()
         self._pending = False
-        self._fd = _watched_eventfd(loop, self._on_readable)
-        if self._fd >= 0:
-            weakref.finalize(self, os.close, self._fd)
 
     def notify(self, inbox: EventInbox) -> None:
         """Engine thread. The append comes before the flag test: a wake-up still pending
@@ -77,41 +69,16 @@ class LoopWaker:
         self._ready.append(inbox)
         if not self._pending:
             loop = self._loop()
-            if loop is None or loop.is_closed():
-                raise RuntimeError("the event loop of this request is closed")
+            if loop is None:
+                raise RuntimeError("the event loop of this request is gone")
             self._pending = True
-            if self._fd >= 0:
-                os.eventfd_write(self._fd, 1)
-            else:
-                loop.call_soon_threadsafe(self._wake_all)
-
-    def _on_readable(self) -> None:
-        with contextlib.suppress(BlockingIOError):  # already read by an earlier callback
-            os.eventfd_read(self._fd)
-        self._wake_all()
+            loop.call_soon_threadsafe(self._wake_all)
 
     def _wake_all(self) -> None:
         self._pending = False
         ready = self._ready
         while ready:
             ready.popleft().wake()
-
-
-def _watched_eventfd(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> int:
-    """A non-blocking eventfd that `loop` watches with `callback`, or -1 where there is none
-    (not Linux, or a loop without add_reader such as Windows' proactor)."""
-    if not hasattr(os, "eventfd"):
-        return -1
-    try:
-        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    except OSError:
-        return -1
-    try:
-        loop.add_reader(fd, callback)
-    except (NotImplementedError, RuntimeError):
-        os.close(fd)
-        return -1
-    return fd
 
 
 _wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWaker] = (
