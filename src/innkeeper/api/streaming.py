@@ -135,7 +135,7 @@ def _run_stream(
                         yield ping
                     continue
                 if coalesce:
-                    joined = _joined(chunk for ev in batch for chunk in frame(ev))
+                    joined = b"".join([chunk for ev in batch for chunk in frame(ev)])
                     if joined:
                         yield joined
                     continue
@@ -159,10 +159,6 @@ def _run_stream(
         media_type=media_type,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
-
-
-def _joined(chunks: Iterable[bytes]) -> bytes:
-    return b"".join(chunks)
 
 
 def sse_runs_response(
@@ -228,7 +224,7 @@ def sse_runs_response(
                         break
                     index, ev = merged.get_nowait()
                 if out:
-                    yield _joined(out)
+                    yield b"".join(out)
             if end is not None:
                 for chunk in end():
                     yield chunk
