@@ -28,7 +28,7 @@ from innkeeper.engine.events import ErrorKind, GenerationRequest
 from innkeeper.engine.generation import Generation, Perf, TokenPipeline
 from innkeeper.engine.kv_stash import KVStash
 from innkeeper.engine.sampling import GrammarError, SamplerChain
-from innkeeper.engine.slots import GENERATING, IDLE, Slot, common_prefix
+from innkeeper.engine.slots import GENERATING, IDLE, PROMPT, Slot, common_prefix
 
 __all__ = ["Perf", "QueueFullError", "Scheduler"]
 
@@ -189,11 +189,12 @@ class Scheduler:
         """
         self._decode_step()
         tokens = self.tokens
-        if tokens.outbox and (tokens.urgent or self._queue or not self._all_generating()):
+        if tokens.outbox and (tokens.urgent or self._queue or self._prompting()):
             tokens.deliver()
 
-    def _all_generating(self) -> bool:
-        return all(s.state is GENERATING for s in self.slots if s.gen is not None)
+    def _prompting(self) -> bool:
+        """Whether a running request is still in its prompt (the next decode may be long)."""
+        return PROMPT in [slot.state for slot in self.slots]
 
     def _decode_step(self) -> None:
         if self._queue:
