@@ -198,6 +198,7 @@ class Scheduler:
 
     def _decode_step(self) -> None:
         if self._queue:
+            self.tokens.deliver()  # admission may take a while (cache restore, images)
             self._admit()
         finish = self.tokens.finish
         for gen in self._running():
