@@ -1,10 +1,12 @@
 """One command: innkeeper against llama.cpp's llama-server, same model, same run.
 
 `python -m bench.run` (what `make bench` calls) finds or builds llama-server from the
-llama.cpp that llama-cpp-python vendors, starts it (-np 1 for the single-stream scenarios,
--np 4 -kvu for concurrency) and innkeeper on the same model, threads, context and flash-attn
-setting, then runs every scenario on both in interleaved rounds: within a round each scenario
-runs on the two servers back to back, the order alternating between rounds, so each
+llama.cpp that llama-cpp-python vendors, then compares like with like: llama-server
+-np N -kvu and innkeeper --parallel N (N = --parallel, default 4) on the same model, threads,
+context and flash-attn setting run every scenario. The single-stream scenarios also run on
+llama-server -np 1 against innkeeper --parallel 1, reported apart (--single-slot). Rounds
+interleave: within a round each scenario runs on the two servers of a pair back to back, the
+order alternating between rounds (ABBA over an even number of rounds), so each
 innkeeper/llama-server ratio is paired in time. Output: results.json and results.md in --out.
 """
 
@@ -35,13 +37,9 @@ from bench.llama_server import (
 from bench.models import BenchModel, ModelError, resolve
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIO_REF = {
-    "single": "ref1",
-    "prompt": "ref1",
-    "chat": "ref1",
-    "revisit": "ref1",
-    "concurrency": "ref4",
-}
+# Which servers each comparison pairs: every scenario runs on "same" (as many slots on both
+# sides); the --single-slot scenarios also on "single" (one slot on both sides).
+PAIRS = {"same": ("ref4", "cand"), "single": ("ref1", "cand1")}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,7 +48,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--models",
         help="comma-separated: smollm2, gemma3 or .gguf paths (default: both; --quick: smollm2)",
     )
-    p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick: 2)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="interleaved rounds, the order alternating: ABBA when even (default 4; --quick: 2)",
+    )
     p.add_argument("--quick", action="store_true", help="~3-minute smoke run: smaller scenarios")
     p.add_argument("--out", type=Path, help="result folder (default bench/results/<date-time>/)")
     p.add_argument(
@@ -68,10 +70,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="same setting on both sides (default off, as in the peers' baseline)",
     )
     p.add_argument(
+        "--parallel",
         "--ref-parallel",
+        dest="parallel",
         type=int,
         default=4,
-        help="slots of the llama-server used for concurrency (default 4, with -kvu)",
+        help="slots on both sides for every scenario: llama-server -np N -kvu, innkeeper "
+        "--parallel N (default 4)",
+    )
+    p.add_argument(
+        "--single-slot",
+        default="single",
+        help="scenarios also compared with one slot on both sides (llama-server -np 1, "
+        "innkeeper --parallel 1), reported apart; comma-separated, empty for none "
+        "(default single)",
     )
     p.add_argument(
         "--candidate",
@@ -130,12 +142,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true", help="exit 1 when a target FAILs")
     args = p.parse_args(argv)
     args.models = (args.models or ("smollm2" if args.quick else "smollm2,gemma3")).split(",")
-    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.rounds = args.rounds or (2 if args.quick else 4)
     args.gate_wait = (
         args.gate_wait if args.gate_wait is not None else (20.0 if args.quick else 120.0)
     )
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = [s for s in args.scenarios if s not in loadgen.SCENARIOS]
+    args.single_slot = [s.strip() for s in args.single_slot.split(",") if s.strip()]
+    unknown = [s for s in args.scenarios + args.single_slot if s not in loadgen.SCENARIOS]
     if unknown:
         p.error(f"unknown scenario(s) {unknown}; known: {', '.join(loadgen.SCENARIOS)}")
     if args.rounds < 1:
@@ -182,30 +195,41 @@ def _innkeeper_version() -> str:
 
 
 def _specs(model: BenchModel, args: argparse.Namespace, binary: Path) -> list[servers.ServerSpec]:
+    """The servers of both comparisons: N slots on each side, and one slot on each side
+    when a --single-slot scenario runs."""
     common = {"threads": args.threads, "ctx_size": args.ctx_size, "flash_attn": args.flash_attn}
-    roles = {SCENARIO_REF[s] for s in args.scenarios}
+    slots = [args.parallel]
+    if any(s in args.scenarios for s in args.single_slot) and args.parallel != 1:
+        slots.append(1)
     specs = []
-    if "ref1" in roles:
+    for n in slots:
         specs.append(
             servers.llama_server_spec(
-                binary, model.path, parallel=1, extra=args.llama_arg, **common
+                binary, model.path, parallel=n, extra=args.llama_arg, **common
             )
         )
-    if "ref4" in roles:
-        specs.append(
-            servers.llama_server_spec(
-                binary, model.path, parallel=args.ref_parallel, extra=args.llama_arg, **common
+        if args.candidate == "innkeeper":
+            cand = servers.innkeeper_spec(
+                model.path, parallel=n, extra=args.innkeeper_arg, **common
             )
-        )
-    if args.candidate == "innkeeper":
-        specs.append(servers.innkeeper_spec(model.path, extra=args.innkeeper_arg, **common))
-    else:
-        cand = servers.llama_server_spec(
-            binary, model.path, parallel=args.ref_parallel, extra=args.llama_arg, **common
-        )
-        cand.name, cand.role = f"candidate {cand.name}", "cand"
+        else:
+            cand = servers.llama_server_spec(
+                binary, model.path, parallel=n, extra=args.llama_arg, **common
+            )
+            cand.name = f"candidate {cand.name}"
+        cand.role = "cand1" if n == 1 else "cand"
         specs.append(cand)
+    if args.parallel == 1:  # one comparison serves both: the same servers under both names
+        for spec in specs:
+            spec.role = {"ref1": "ref4", "cand1": "cand"}.get(spec.role, spec.role)
     return specs
+
+
+def _pairs(scen: str, args: argparse.Namespace) -> list[str]:
+    """The comparisons scenario `scen` runs in."""
+    if scen in args.single_slot and args.parallel != 1:
+        return ["same", "single"]
+    return ["same"]
 
 
 async def _run_scenario(
@@ -277,7 +301,8 @@ def _run_one(
     )
     return {
         "round": rnd, "scenario": scen, "server": server.spec.name,
-        "role": "cand" if server.spec.role == "cand" else "ref",
+        "role": "cand" if server.spec.role.startswith("cand") else "ref",
+        "group": "single" if server.spec.role.endswith("1") else "same",
         "metrics": res.metrics, "errors": res.errors,
         "gate": cpu.as_dict(gate), "cpu": cpu.as_dict(use),
         "requests": res.requests,
@@ -296,7 +321,7 @@ def _llama_server_kv_mib(
     spec = servers.llama_server_spec(
         binary,
         model.path,
-        parallel=args.ref_parallel,
+        parallel=args.parallel,
         threads=args.threads,
         ctx_size=args.ctx_size,
         flash_attn=args.flash_attn,
@@ -341,6 +366,7 @@ def run_model(
             started[spec.role] = servers.start(spec, log_dir)
         # Prompt tokens are counted (when a reply has no usage) by a llama-server: same model.
         refs = [s for r, s in started.items() if r.startswith("ref")] or list(started.values())
+        refs.sort(key=lambda s: s.spec.role != "ref4")
         tokenizer_url = refs[0].url
         rng = random.Random(args.seed)
         gen = loadgen.TextGen(rng, asyncio.run(_calibrate(tokenizer_url, rng)))
@@ -358,21 +384,13 @@ def run_model(
             done_rounds = rnd + 1
             for k in range(n):
                 scen = args.scenarios[(rnd + k) % n]
-                pair = [started[SCENARIO_REF[scen]], started["cand"]]
-                if (rnd + k) % 2:
-                    pair.reverse()
-                for attempt in range(args.retries + 1):
-                    pair_runs = [
-                        _run_one(model.name, rnd, scen, server, tokenizer_url, gen, cfg, args)
-                        for server in pair
-                    ]
-                    worst = max(r["cpu"]["foreign"] for r in pair_runs)
-                    if worst <= args.retry_foreign or attempt == args.retries:
-                        runs += pair_runs
-                        break
-                    _log(f"{model.name} r{rnd + 1} {scen}: other processes used {worst:.2f} "
-                         "cores: running the pair again")  # fmt: skip
-                    discarded += pair_runs
+                for group in _pairs(scen, args):
+                    ref_role, cand_role = PAIRS[group]
+                    pair = [started[ref_role], started[cand_role]]
+                    if (rnd + k) % 2:
+                        pair.reverse()
+                    runs += _run_pair(model.name, rnd, scen, pair, tokenizer_url, gen, cfg, args,
+                                      discarded)  # fmt: skip
     except KeyboardInterrupt:
         # Ctrl-C: keep what was measured; main() reports it and runs no further model.
         _log(f"{model.name}: interrupted; reporting the pairs measured so far")
@@ -381,6 +399,7 @@ def run_model(
         for server in started.values():
             server.stop()
     rounds = build_rounds(runs, done_rounds, args.max_foreign)
+    single = build_rounds(runs, done_rounds, args.max_foreign, group="single")
     metrics = report.metrics_for(cfg.conc_levels, cfg.chat_turns)
     kv = {role: s.kv_mib() for role, s in started.items()}
     kv["ref4"] = _llama_server_kv_mib(model, args, binary, log_dir)
@@ -397,16 +416,49 @@ def run_model(
         "summary": report.summarize(rounds, metrics),
         "kv_mib": kv,
         "checks": [*report.evaluate(rounds), report.kv_check(kv)],
+        "single_slot": {
+            "rounds": single,
+            "summary": report.summarize(single, metrics),
+            "checks": report.evaluate(single, report.SINGLE_SLOT_CHECKS),
+        },
     }
 
 
+def _run_pair(
+    model: str,
+    rnd: int,
+    scen: str,
+    pair: list[servers.RunningServer],
+    tokenizer_url: str,
+    gen: loadgen.TextGen,
+    cfg: loadgen.ScenarioConfig,
+    args: argparse.Namespace,
+    discarded: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """One scenario on both servers of a pair, again when other processes got in the way."""
+    for attempt in range(args.retries + 1):
+        pair_runs = [
+            _run_one(model, rnd, scen, server, tokenizer_url, gen, cfg, args) for server in pair
+        ]
+        worst = max(r["cpu"]["foreign"] for r in pair_runs)
+        if worst <= args.retry_foreign or attempt == args.retries:
+            return pair_runs
+        _log(f"{model} r{rnd + 1} {scen}: other processes used {worst:.2f} "
+             "cores: running the pair again")  # fmt: skip
+        discarded += pair_runs
+    return []
+
+
 def build_rounds(
-    runs: list[dict[str, Any]], n_rounds: int, max_foreign: float | None
+    runs: list[dict[str, Any]], n_rounds: int, max_foreign: float | None, group: str = "same"
 ) -> list[report.Round]:
-    """Per round, the merged metrics of each side; a pair over `max_foreign` cores is dropped."""
+    """Per round, the merged metrics of each side of one comparison (`group`: "same" slots,
+    or "single" slot); a pair over `max_foreign` cores is dropped."""
     rounds: list[report.Round] = [{"ref": {}, "cand": {}} for _ in range(n_rounds)]
     by_key: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for run in runs:
+        if run.get("group", "same") != group:
+            continue
         by_key.setdefault((run["round"], run["scenario"]), []).append(run)
     for (rnd, _scen), pair in by_key.items():
         if max_foreign is not None and any(r["cpu"]["foreign"] > max_foreign for r in pair):
@@ -445,21 +497,32 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{rounds} interleaved rounds{quick}.",
         "",
         "Values: median over rounds (min-max). Ratio: median over rounds of the per-round "
-        f"ratio {cand}/llama-server (both measured in the same minutes). The llama-server "
-        "column is -np 1 for single-stream rows and -np 4 -kvu for the stream rows.",
+        f"ratio {cand}/llama-server (both measured in the same minutes, the order "
+        f"alternating). Both sides have {meta['args']['parallel']} slot(s) in every row; the "
+        "single-slot comparison (one slot each) follows each model's table.",
     ]
     for name, m in result["models"].items():
         metrics = report.metrics_for(tuple(m["config"]["conc_levels"]), m["config"]["chat_turns"])
+        ref = next((s["name"] for r, s in m["servers"].items() if r == "ref4"), "llama-server")
         lines += [
             "",
             f"## {m['model']['description']} ({name})",
             "",
-            report.render_table(m["summary"], metrics, cand),
+            report.render_table(m["summary"], metrics, cand, ref),
             "",
             report.render_checks(m["checks"]),
-            "",
-            contamination(m["runs"]),
         ]
+        single = m.get("single_slot")
+        if single and any(r["ref"] or r["cand"] for r in single["rounds"]):
+            lines += [
+                "",
+                "### One slot on both sides (llama-server -np 1, innkeeper --parallel 1)",
+                "",
+                report.render_table(single["summary"], metrics, cand, report.NP1),
+                "",
+                report.render_checks(single["checks"]),
+            ]
+        lines += ["", contamination(m["runs"])]
     return "\n".join(lines) + "\n"
 
 

@@ -32,7 +32,9 @@ class ServerSpec:
     """How to start one server: a name for reports, its role, and its command line."""
 
     name: str
-    role: str  # ref1 (llama-server -np 1), ref4 (llama-server -np 4) or cand (the candidate)
+    # ref4: llama-server with the bench's slots (-np N -kvu); cand: the candidate with as many;
+    # ref1 and cand1: both with one slot (the separate single-slot comparison).
+    role: str
     cmd: list[str]
     port: int
     env: dict[str, str] = field(default_factory=dict)
@@ -118,9 +120,11 @@ def innkeeper_spec(
     threads: int,
     ctx_size: int,
     flash_attn: str,
+    parallel: int | None = None,
     extra: list[str] | None = None,
 ) -> ServerSpec:
-    """`python -m innkeeper serve` with the same model, threads, context and flash-attn."""
+    """`python -m innkeeper serve` with the same model, threads, context and flash-attn, and
+    `parallel` slots like the llama-server it is compared with (None: innkeeper's default)."""
     port = free_port()
     cmd = [
         sys.executable, "-m", "innkeeper", "serve", str(model), "--host", "127.0.0.1",
@@ -128,9 +132,14 @@ def innkeeper_spec(
         "--flash-attn", flash_attn,
         "--no-profile",  # a developer's tuned profile must not skew the comparison
     ]  # fmt: skip
+    name, role = "innkeeper", "cand"
+    if parallel is not None:
+        cmd += ["--parallel", str(parallel)]
+        name = f"innkeeper --parallel {parallel}"
+        role = "cand1" if parallel == 1 else "cand"
     cmd += extra or []
     # llama.cpp's own log lines (KV cache sizes) go to the server log, as llama-server's do.
-    return ServerSpec("innkeeper", "cand", cmd, port, env={"INNKEEPER_LLAMA_LOG": "1"})
+    return ServerSpec(name, role, cmd, port, env={"INNKEEPER_LLAMA_LOG": "1"})
 
 
 def llama_router_spec(

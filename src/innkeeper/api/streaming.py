@@ -21,8 +21,13 @@ SSE_TYPE = "text/event-stream"
 NDJSON_TYPE = "application/x-ndjson"
 
 
+# One encoder for every chunk: json.dumps with any non-default option builds a new
+# JSONEncoder per call, once per token here.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(obj)
 
 
 def sse(data: Any, event: str | None = None) -> bytes:
@@ -69,7 +74,14 @@ def sse_response(
     if ping_every is None:
         ping_every = service.sse_ping_interval
     return _run_stream(
-        service, running, frame, tail=tail, ping=PING, ping_every=ping_every, media_type=SSE_TYPE
+        service,
+        running,
+        frame,
+        tail=tail,
+        ping=PING,
+        ping_every=ping_every,
+        media_type=SSE_TYPE,
+        coalesce=True,
     )
 
 
@@ -92,6 +104,7 @@ def ndjson_response(
         ping=None,
         ping_every=None,
         media_type=NDJSON_TYPE,
+        coalesce=False,
     )
 
 
@@ -104,17 +117,33 @@ def _run_stream(
     ping: bytes | None,
     ping_every: float | None,
     media_type: str,
+    coalesce: bool,
+    head: Iterable[bytes] = (),
+    end: Callable[[], Iterable[bytes]] | None = None,
 ) -> StreamingResponse:
-    """One run's events as a stream: each chunk `frame` makes is one body message."""
+    """One run's events as a stream. With `coalesce` (SSE), the chunks of every event that
+    was already waiting go out as one body message; without (NDJSON), each chunk `frame`
+    makes is its own body message."""
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            async for ev in running.events(ping_every):
-                if ev is None:
+            for chunk in head:
+                yield chunk
+            async for batch in running.batches(ping_every):
+                if batch is None:
                     if ping:
                         yield ping
                     continue
-                for chunk in frame(ev):
+                if coalesce:
+                    joined = b"".join([chunk for ev in batch for chunk in frame(ev)])
+                    if joined:
+                        yield joined
+                    continue
+                for ev in batch:
+                    for chunk in frame(ev):
+                        yield chunk
+            if end is not None:
+                for chunk in end():
                     yield chunk
             if tail:
                 yield tail
@@ -150,6 +179,22 @@ def sse_runs_response(
     """
     if ping_every is None:
         ping_every = service.sse_ping_interval
+    if len(runs) == 1:
+        # One run needs no merging: frame its batches as they come (no pump task, no
+        # second queue between the engine and the socket).
+        only = runs[0]
+        return _run_stream(
+            service,
+            only,
+            lambda ev: frame(0, ev),
+            tail=tail,
+            ping=PING,
+            ping_every=ping_every,
+            media_type=SSE_TYPE,
+            coalesce=True,
+            head=head,
+            end=end,
+        )
 
     async def body() -> AsyncIterator[bytes]:
         merged: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
@@ -170,10 +215,16 @@ def sse_runs_response(
                 except asyncio.TimeoutError:
                     yield PING
                     continue
-                if isinstance(ev, FinishEvent):
-                    left -= 1
-                for chunk in frame(index, ev):
-                    yield chunk
+                out: list[bytes] = []
+                while True:
+                    if isinstance(ev, FinishEvent):
+                        left -= 1
+                    out.extend(frame(index, ev))
+                    if merged.empty():
+                        break
+                    index, ev = merged.get_nowait()
+                if out:
+                    yield b"".join(out)
             if end is not None:
                 for chunk in end():
                     yield chunk

@@ -4,6 +4,11 @@ After each decode step the scheduler hands every sequence that has logits to
 `TokenPipeline.sample`. The token goes through the request's `TextStream` (UTF-8 pieces,
 stop strings held back until they can no longer match, banned strings rolled back) and out
 as events; a request ends through `finish`, which frees its slot and records its timings.
+
+Events wait in an outbox until the scheduler calls `deliver`, just before the next
+`llama_decode` (which releases the GIL): the consumers' threads then run while the model
+does, instead of contending with the engine thread for the GIL while it builds the next
+batch, and every event of a step reaches its consumers together.
 """
 
 from __future__ import annotations
@@ -104,6 +109,18 @@ class TokenPipeline:
         self.ctx = ctx
         self.stash = stash
         self.perf = perf
+        self.outbox: list[tuple[GenerationRequest, TokenEvent | FinishEvent]] = []
+        self.urgent = False  # a finish event waits: deliver it without waiting for a decode
+
+    def deliver(self) -> None:
+        """Hand every waiting event to its request's consumer, in order."""
+        outbox = self.outbox
+        if not outbox:
+            return
+        self.outbox = []
+        self.urgent = False
+        for req, event in outbox:
+            send(req, event)
 
     def sample(self, gen: Generation, idx: int) -> None:
         """Pick the token at batch row `idx` and act on it."""
@@ -122,10 +139,22 @@ class TokenPipeline:
         if gen.t_first == 0.0:
             gen.t_first = time.monotonic()
         logprobs = self._logprobs(idx, req.n_logprobs) if req.n_logprobs else None
+        if not req.params.grammar:
+            tok = gen.chain.sample(self.ctx.ptr, idx)
+        elif (tok := self._sample_grammar(gen, idx)) < 0:
+            return
+        if req.cancelled:
+            self.finish(gen, "abort")
+            return
+        self._on_token(gen, tok, logprobs(tok) if logprobs is not None else None)
+
+    def _sample_grammar(self, gen: Generation, idx: int) -> int:
+        """Sample under a grammar, timed; -1 when the step was too slow and the request ended."""
+        req = gen.req
         t0 = time.monotonic()
         tok = gen.chain.sample(self.ctx.ptr, idx)
         took = time.monotonic() - t0
-        if req.params.grammar and took > GRAMMAR_STEP_LIMIT_S:
+        if took > GRAMMAR_STEP_LIMIT_S:
             # Static limits keep accepted grammars cheap; this ends one that slipped through
             # after a single slow step instead of letting it hold every slot for minutes.
             log.warning("request %d: one grammar step took %.1f s: ending it", req.id, took)
@@ -135,11 +164,8 @@ class TokenPipeline:
                 error=f"the grammar is too costly to run (one token took {took:.1f} s)",
                 kind=ErrorKind.GRAMMAR,
             )
-            return
-        if req.cancelled:
-            self.finish(gen, "abort")
-            return
-        self._on_token(gen, tok, logprobs(tok) if logprobs is not None else None)
+            return -1
+        return tok
 
     def _logprobs(self, idx: int, n: int) -> Callable[[int], TokenLogprob]:
         """Log-softmax of the raw logits row; the chosen token is looked up after sampling."""
@@ -224,7 +250,7 @@ class TokenPipeline:
         """Send text the stream has handed out (and counted as sent) with its tokens."""
         if not text and not tokens:
             return
-        send(gen.req, TokenEvent(text=text, tokens=tokens, logprobs=lps))
+        self.outbox.append((gen.req, TokenEvent(text=text, tokens=tokens, logprobs=lps)))
 
     def _flush(self, gen: Generation, tokens: tuple[int, ...] = (), lps: tuple = ()) -> None:
         self._emit(gen, gen.stream.flush(), tokens, lps)
@@ -283,7 +309,7 @@ class TokenPipeline:
             timings.prompt_ms,
             timings.predicted_per_second,
         )
-        send(
+        self._finished(
             gen.req,
             FinishEvent(
                 reason=reason,
@@ -309,12 +335,16 @@ class TokenPipeline:
         timings = Timings(len(req.prompt), 0, 0, 0.0, 0.0, 0.0)
         if reason == "abort":
             self.perf.total_aborted += 1
-        send(
+        self._finished(
             req,
             FinishEvent(
                 reason=reason, text="", timings=timings, seed=-1, error=error, error_kind=kind
             ),
         )
+
+    def _finished(self, req: GenerationRequest, event: FinishEvent) -> None:
+        self.outbox.append((req, event))
+        self.urgent = True
 
 
 def send(req: GenerationRequest, event: TokenEvent | FinishEvent) -> None:

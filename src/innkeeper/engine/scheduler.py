@@ -32,7 +32,7 @@ from innkeeper.engine.events import ErrorKind, GenerationRequest
 from innkeeper.engine.generation import Generation, Perf, TokenPipeline
 from innkeeper.engine.kv_stash import KVStash
 from innkeeper.engine.sampling import GrammarError, SamplerChain
-from innkeeper.engine.slots import GENERATING, IDLE, Slot, common_prefix
+from innkeeper.engine.slots import GENERATING, IDLE, PROMPT, Slot, common_prefix
 from innkeeper.engine.vision import MediaPrompt, Vision
 
 __all__ = ["Perf", "QueueFullError", "Scheduler"]
@@ -164,6 +164,7 @@ class Scheduler:
                     self.tokens.finish(
                         gen, "error", error=f"engine error: {exc}", kind=ErrorKind.INTERNAL
                     )
+                self.tokens.deliver()
         self._batch.free()
         with self._cond:
             for _, future in self._calls:
@@ -187,8 +188,24 @@ class Scheduler:
         return [s.gen for s in self.slots if s.gen is not None]
 
     def _step(self) -> None:
-        """Admit, then build one batch (every sampled token, then prompt chunks) and decode it."""
+        """Admit, build one batch (every sampled token, then prompt chunks), decode it, sample.
+
+        The events of a step go out just before the next decode (TokenPipeline.deliver), or
+        at once when the next decode is not about to follow: a request finished, one is
+        waiting for admission, or a prompt is being evaluated.
+        """
+        self._decode_step()
+        tokens = self.tokens
+        if tokens.outbox and (tokens.urgent or self._queue or self._prompting()):
+            tokens.deliver()
+
+    def _prompting(self) -> bool:
+        """Whether a running request is still in its prompt (the next decode may be long)."""
+        return PROMPT in [slot.state for slot in self.slots]
+
+    def _decode_step(self) -> None:
         if self._queue:
+            self.tokens.deliver()  # admission may take a while (cache restore, images)
             self._admit()
         finish = self.tokens.finish
         for gen in self._running():
@@ -217,6 +234,7 @@ class Scheduler:
         if batch.n == 0:
             return
 
+        self.tokens.deliver()
         t0 = time.monotonic()
         ret = self.ctx.decode(batch)
         dt = time.monotonic() - t0

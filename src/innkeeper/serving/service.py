@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 from innkeeper.engine.backend import ModelInfo
 from innkeeper.engine.embeddings import Embeddings
 from innkeeper.engine.engine import Engine, EngineStats
-from innkeeper.engine.events import Event, FinishEvent, GenerationRequest
+from innkeeper.engine.events import FinishEvent, GenerationRequest
 from innkeeper.engine.sampling import GrammarError, check_grammar
 from innkeeper.engine.scheduler import QueueFullError
 from innkeeper.engine.templates import ChatTemplate
@@ -29,7 +29,7 @@ from innkeeper.engine.tokenizer import TokenizeCancelled, TooManyTokens
 from innkeeper.engine.vision import ImageInput, MediaPrompt, VisionError
 from innkeeper.serving import embeddings
 from innkeeper.serving.errors import ClientGone, ModelBusy, ParamError
-from innkeeper.serving.generation import Generation, RunningGeneration
+from innkeeper.serving.generation import EventInbox, Generation, RunningGeneration
 
 log = logging.getLogger("innkeeper.serving")
 
@@ -414,17 +414,12 @@ class Service:
         prompt, max_tokens = self.prepare(prompt, gen, default_max_tokens, media)
         # Routes check the grammar off the loop first (`check_grammar`); this is then a lookup.
         self.check_grammar_now(gen.params.grammar)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-
-        def on_event(ev: Event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
-
+        inbox = EventInbox(asyncio.get_running_loop())
         req = GenerationRequest(
             prompt=prompt,
             params=gen.params,
             max_tokens=max_tokens,
-            on_event=on_event,
+            on_event=inbox.put,
             stop=gen.stop,
             banned_strings=gen.banned_strings,
             n_logprobs=max(n_logprobs, gen.n_probs),
@@ -432,7 +427,7 @@ class Service:
             slot=slot,
             media=media,
         )
-        running = RunningGeneration(request=req, queue=queue, genkey=genkey)
+        running = RunningGeneration(request=req, queue=inbox, genkey=genkey)
         if self.closed:
             raise ModelBusy(
                 f"model {self.model_id!r} was just unloaded; send the request again",

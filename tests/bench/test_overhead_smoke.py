@@ -1,0 +1,45 @@
+"""bench/overhead.py on the embedded model: a short run gives sane per-thread figures.
+
+The tool's numbers back the claims about per-token cost, so its plumbing (thread ids,
+schedstat reads, decode timing, the profiler on both threads) must work; the values
+themselves depend on the machine and are not asserted beyond being plausible.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import overhead  # noqa: E402
+
+
+def test_a_short_run_measures_both_threads_and_profiles_them() -> None:
+    argv = ["--tokens", "16", "--repeats", "2", "--profile", "--top", "8", "--time-handoff"]
+    args = overhead.parse_args(argv)
+    result = overhead.measure(args)
+    assert result["tokens_per_run"] == 16  # greedy, ignore_eos: exactly what was asked
+    med = result["median_per_token"]
+    assert med["steps_per_token"] == 1.0  # one decode per token at one stream
+    assert med["engine_in_decode_us"] > 0 and med["sampler_c_us"] > 0
+    assert med["event_loop_us"] > 0 and med["engine_outside_decode_us"] > med["sampler_c_us"]
+    assert 0 < med["deliver_us"] < med["engine_python_us"]
+    # Thread CPU outside decode is far below the decode itself even for this tiny model.
+    assert med["total_python_us"] < med["engine_in_decode_us"]
+    prof = result["profile"]
+    assert prof["tokens"] == 16
+    engine_fns = " ".join(r["function"] for r in prof["engine_top"])
+    assert "decode" in engine_fns
+    assert prof["loop_calls_per_token"] > 0 and len(prof["loop_top"]) == 8
+    text = overhead.render(result)
+    assert "engine thread outside llama_decode" in text and "event-loop thread" in text
+    assert "handing events to the loop" in text
+
+
+def test_ollama_route_streams_too() -> None:
+    args = overhead.parse_args(["--tokens", "8", "--repeats", "1", "--route", "ollama"])
+    result = overhead.measure(args)
+    assert result["tokens_per_run"] == 8
