@@ -106,6 +106,7 @@ class ModelParams:
     split_mode: str = "layer"
     tensor_split: tuple[float, ...] | None = None
     cpu_tensor_patterns: tuple[str, ...] = ()  # tensor-name regexes kept in RAM (MoE experts)
+    rpc: tuple[str, ...] = ()  # RPC workers (HOST:PORT) whose devices join this load
 
 
 def model_params_struct(params: ModelParams) -> tuple[C.llama_model_params, list[object]]:
@@ -131,6 +132,13 @@ def model_params_struct(params: ModelParams) -> tuple[C.llama_model_params, list
             set_fields(item, pattern=pattern.encode(), buft=buft)
         keep.append(overrides)  # the last entry stays zeroed: the NULL terminator
         set_fields(mp, tensor_buft_overrides=ctypes.cast(overrides, ctypes.c_void_p))
+    if params.rpc:
+        from innkeeper.engine.rpc import model_devices  # rpc.py builds on this module
+
+        found = model_devices(params.rpc)
+        devices = (ctypes.c_void_p * (len(found) + 1))(*found)
+        keep.append(devices)  # the last entry stays zeroed: the NULL terminator
+        set_fields(mp, devices=ctypes.cast(devices, ctypes.c_void_p))
     return mp, keep
 
 
@@ -569,4 +577,10 @@ def system_info() -> str:
 
 
 def supports_gpu_offload() -> bool:
-    return bool(C.llama_supports_gpu_offload())
+    """Whether this machine has a device to offload layers to. llama.cpp also says yes for
+    any build with RPC, where a CPU-only machine offloads nothing unless `--rpc` is given."""
+    if not C.llama_supports_gpu_offload():
+        return False
+    from innkeeper.engine.rpc import available, local_gpus
+
+    return not available() or bool(local_gpus())

@@ -14,7 +14,7 @@ from innkeeper.engine.backend import supports_gpu_offload
 from innkeeper.models.hardware import Hardware
 from innkeeper.models.memory import AutoSettings, auto_settings
 from innkeeper.models.safety import is_pickle_weights
-from innkeeper.settings import ConfigError
+from innkeeper.settings import ALL_LAYERS, ConfigError
 from innkeeper.settings.engine import EngineConfig
 
 log = logging.getLogger("innkeeper")
@@ -96,12 +96,14 @@ def planned_engine(cfg: EngineConfig, auto: AutoSettings | None) -> EngineConfig
     Several GPUs and no --tensor-split: the plan's per-GPU layer counts become the split, so
     llama.cpp places layers exactly as `fit` and the plan did.
     """
-    offload = supports_gpu_offload()
+    offload = supports_gpu_offload() or bool(cfg.rpc)
     gpu_layers = cfg.gpu_layers
+    if gpu_layers is None and cfg.rpc:  # the plan knows no workers: llama.cpp splits by memory
+        gpu_layers = ALL_LAYERS
     if gpu_layers is None:
-        gpu_layers = auto.gpu_layers if auto else (999 if offload else 0)
+        gpu_layers = auto.gpu_layers if auto else (ALL_LAYERS if offload else 0)
     tensor_split = cfg.tensor_split
-    if auto is not None and tensor_split is None and cfg.split_mode != "none":
+    if auto is not None and tensor_split is None and cfg.split_mode != "none" and not cfg.rpc:
         gpus = [d for d in auto.plan.devices if d.kind == "gpu"]
         if len(gpus) > 1 and any(d.layers for d in gpus):
             tensor_split = tuple(float(d.layers) for d in gpus)

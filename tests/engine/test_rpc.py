@@ -1,0 +1,155 @@
+"""llama.cpp's RPC backend: the embedded model split across this process and two real
+`innkeeper worker`s on loopback (CPU devices), and workers that cannot take part."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from innkeeper.engine import rpc
+from tests.engine.conftest import Runner, make_engine
+from tests.helpers import ARTIFACTS, free_port
+
+pytestmark = pytest.mark.skipif(
+    not rpc.available(),
+    reason="this llama-cpp-python has no RPC backend (no libggml-rpc.so): `make install` "
+    "rebuilds it with -DGGML_RPC=ON",
+)
+
+PROMPT = "The three primary colours are"
+
+
+@contextlib.contextmanager
+def run_worker(port: int, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`innkeeper worker --port PORT` until it answers the RPC handshake; stopped on exit."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = (ARTIFACTS / f"worker-{port}.log").open("wb")
+    cmd = [sys.executable, "-m", "innkeeper", "worker", "--port", str(port), "--threads", "1"]
+    proc = subprocess.Popen([*cmd, *args], stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (ARTIFACTS / f"worker-{port}.log").read_text()
+            try:
+                rpc.probe(f"127.0.0.1:{port}", timeout=2)
+                break
+            except rpc.WorkerUnreachable:
+                assert time.monotonic() < deadline, "the worker never answered"
+                time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def workers() -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
+    a, b = free_port(), free_port()
+    with run_worker(a) as pa, run_worker(b) as pb:
+        yield [(f"127.0.0.1:{a}", pa), (f"127.0.0.1:{b}", pb)]
+
+
+def greedy(**config: object) -> tuple[str, int]:
+    """Greedy text of PROMPT on an engine loaded with `config`, and the model's layer count."""
+    engine = make_engine(parallel=1, ctx_size=512, **config)
+    try:
+        text, _, _ = Runner(engine).run(engine.model.tokenize(PROMPT), max_tokens=24)
+        return text, engine.model.info.n_layer
+    finally:
+        engine.close()
+
+
+def test_probe_reports_the_protocol_and_each_device(workers) -> None:
+    for endpoint, _ in workers:
+        info = rpc.probe(endpoint)
+        assert info.version[:2] == (rpc.PROTO_MAJOR, rpc.PROTO_MINOR)
+        assert len(info.devices) == 1  # the CPU: this machine has no accelerator to lend
+        assert 0 < info.devices[0].free_bytes <= info.devices[0].total_bytes
+
+
+@pytest.mark.slow
+def test_split_across_this_process_and_two_workers_is_identical_to_local(workers) -> None:
+    """A third of the layers here, a third on each worker: the same greedy text, and each
+    worker's memory grew by about its share of the weights."""
+    local, n_layer = greedy()
+    before = [psutil.Process(p.pid).memory_info().rss for _, p in workers]
+    offloaded = n_layer * 2 // 3
+    engine = make_engine(
+        parallel=1,
+        ctx_size=512,
+        rpc=tuple(e for e, _ in workers),
+        gpu_layers=offloaded,
+        tensor_split=(1.0, 1.0),
+    )
+    try:
+        grown = [
+            psutil.Process(p.pid).memory_info().rss - b
+            for (_, p), b in zip(workers, before, strict=True)
+        ]
+        text, _, _ = Runner(engine).run(engine.model.tokenize(PROMPT), max_tokens=24)
+        share = engine.model.info.size_bytes * (offloaded // 2) / n_layer
+    finally:
+        engine.close()
+    assert text == local
+    for g in grown:  # the worker really holds its layers (RSS: what it wrote into its RAM)
+        assert g > 0.6 * share, (g, share)
+
+
+def test_an_unreachable_worker_is_one_error_naming_it_before_any_load() -> None:
+    endpoint = f"127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(rpc.WorkerUnreachable, match=endpoint):
+        make_engine(parallel=1, ctx_size=512, rpc=(endpoint,), gpu_layers=10)
+    assert time.monotonic() - t0 < 10  # ggml's own client would have aborted the process
+
+
+@contextlib.contextmanager
+def fake_worker(reply: bytes | None) -> Iterator[str]:
+    """A TCP server that answers one HELLO with `reply` (None: hangs up)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(1 + 8 + 24)
+            if reply is not None:
+                conn.sendall(struct.pack("<Q", len(reply)) + reply)
+                time.sleep(0.5)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield f"127.0.0.1:{srv.getsockname()[1]}"
+    finally:
+        t.join(5)
+        srv.close()
+
+
+def test_a_worker_on_another_protocol_version_is_refused_by_name() -> None:
+    with (
+        fake_worker(bytes([6, 0, 0, 0]) + bytes(24)) as endpoint,
+        pytest.raises(rpc.WorkerVersionMismatch, match=rf"{endpoint}.*6\.0\.0"),
+    ):
+        rpc.probe(endpoint)
+
+
+def test_something_else_on_the_port_is_not_a_worker() -> None:
+    with fake_worker(None) as endpoint, pytest.raises(rpc.WorkerUnreachable, match=endpoint):
+        rpc.probe(endpoint)
