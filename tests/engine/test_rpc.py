@@ -13,12 +13,13 @@ import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import psutil
 import pytest
 
 from innkeeper.engine import rpc
 from tests.engine.conftest import Runner, make_engine
-from tests.helpers import ARTIFACTS, free_port
+from tests.helpers import ARTIFACTS, free_port, run_server
 
 pytestmark = pytest.mark.skipif(
     not rpc.available(),
@@ -102,10 +103,16 @@ def test_split_across_this_process_and_two_workers_is_identical_to_local(workers
             for (_, p), b in zip(workers, before, strict=True)
         ]
         text, _, _ = Runner(engine).run(engine.model.tokenize(PROMPT), max_tokens=24)
-        share = engine.model.info.size_bytes * (offloaded // 2) / n_layer
+        share = engine.model.info.size_bytes * (offloaded // 2 - 1) / n_layer
+        placed = engine.model.info.layer_devices
     finally:
         engine.close()
     assert text == local
+    (a, _), (b, _) = workers
+    # llama.cpp counts the output layer among --gpu-layers: one repeating layer fewer moves
+    assert [d for d, _ in placed] == ["CPU", f"RPC0 [{a}]", f"RPC1 [{b}]"]
+    assert placed[0][1] == n_layer + 1 - offloaded and sum(n for _, n in placed) == n_layer
+    assert min(n for _, n in placed[1:]) >= offloaded // 2 - 1
     for g in grown:  # the worker really holds its layers (RSS: what it wrote into its RAM)
         assert g > 0.6 * share, (g, share)
 
@@ -153,3 +160,19 @@ def test_a_worker_on_another_protocol_version_is_refused_by_name() -> None:
 def test_something_else_on_the_port_is_not_a_worker() -> None:
     with fake_worker(None) as endpoint, pytest.raises(rpc.WorkerUnreachable, match=endpoint):
         rpc.probe(endpoint)
+
+
+@pytest.mark.slow
+def test_serve_rpc_answers_as_the_local_model_and_its_banner_shows_the_split(workers) -> None:
+    local, n_layer = greedy()
+    endpoints = ",".join(e for e, _ in workers)
+    args = ("--rpc", endpoints, "--gpu-layers", str(n_layer), "--ctx-size", "512")
+    with run_server(*args, "--parallel", "1", name="rpc") as srv:
+        body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+        reply = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        banner = srv.log()
+    assert reply.json()["choices"][0]["text"] == local
+    flat = "".join(banner.split())  # the banner's table wraps long rows
+    (a, _), (b, _) = workers
+    assert f"devicesCPU1layer,RPC0[{a}]" in flat and f"RPC1[{b}]" in flat

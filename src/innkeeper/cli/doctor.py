@@ -196,7 +196,9 @@ def gather_build() -> BuildFacts:
         system_info=_text(llama_cpp.llama_print_system_info()).strip(),
         backends=backends,
         devices=tuple(devices),
-        gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
+        # llama.cpp also says yes for any build with RPC: offload here means a local GPU.
+        gpu_offload=bool(llama_cpp.llama_supports_gpu_offload())
+        and any(d.type in ("gpu", "igpu") for d in devices),
     )
 
 

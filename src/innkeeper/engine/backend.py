@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -147,6 +148,8 @@ _initialised = False
 _log_callback = None  # kept alive for as long as llama.cpp may call it
 _quiet = False
 _recent_errors: deque[str] = deque(maxlen=8)
+_LAYER_PLACED = re.compile(rb"layer\s+(\d+) assigned to device ([^,\s]+)")
+_layer_devices: list[tuple[int, str]] = []  # (layer, device) as llama.cpp places the last load
 _mlock_failures = 0  # llama.cpp only warns when mlock fails; counted so --mlock can refuse
 
 
@@ -170,6 +173,9 @@ def init_backend(quiet: bool = True) -> None:
                 _recent_errors.append(text.decode("utf-8", "replace").strip())
             if b"failed to mlock" in text:  # a warning: llama-mmap.cpp's only signal of it
                 _mlock_failures += 1
+            placed = _LAYER_PLACED.search(text)
+            if placed:  # load_tensors: layer 3 assigned to device RPC0, is_swa = 0
+                _layer_devices.append((int(placed[1]), placed[2].decode("utf-8", "replace")))
             if not _quiet:
                 with contextlib.suppress(OSError):
                     os.write(2, text)
@@ -198,6 +204,8 @@ class ModelInfo:
     architecture: str
     file_type: str | None
     fim_tokens: dict[str, int]  # fill-in-the-middle tokens: pre, suf, mid, rep, sep (if any)
+    # Repeating layers per device as llama.cpp placed them (CPU, CUDA0, RPC0 [host:port]…)
+    layer_devices: tuple[tuple[str, int], ...] = ()
 
 
 class Model:
@@ -213,6 +221,7 @@ class Model:
         self.params = params or ModelParams()
         mp, self._keep = model_params_struct(self.params)  # alive as long as the model
         _recent_errors.clear()  # last_error() reports this load's lines only
+        _layer_devices.clear()
         mlock_failures = _mlock_failures
         ptr = C.llama_model_load_from_file(str(path).encode(), mp)
         if not ptr:
@@ -257,7 +266,21 @@ class Model:
             architecture=self.meta("general.architecture") or "unknown",
             file_type=self.meta("general.file_type"),
             fim_tokens=self._fim_tokens(),
+            layer_devices=self._layer_devices(int(C.llama_model_n_layer(ptr))),
         )
+
+    def _layer_devices(self, n_layer: int) -> tuple[tuple[str, int], ...]:
+        """Layers per device, in order; an RPC device is shown with its worker's address."""
+        counts: dict[str, int] = {}
+        for layer, device in _layer_devices:
+            if layer < n_layer:  # llama.cpp also logs the output layer as layer n_layer
+                counts[device] = counts.get(device, 0) + 1
+        if self.params.rpc:
+            from innkeeper.engine.rpc import device_labels
+
+            labels = device_labels()
+            counts = {labels.get(d, d): n for d, n in counts.items()}
+        return tuple(counts.items())
 
     def _desc(self) -> str:
         buf = ctypes.create_string_buffer(256)

@@ -233,11 +233,26 @@ def model_devices(endpoints: tuple[str, ...]) -> list[int]:
         reg = lib.ggml_backend_rpc_add_server(endpoint.encode())
         if not reg:
             raise RpcError(f"RPC worker {endpoint} offers no device")
-        devices += [
+        _added[endpoint] = [
             int(ggml.ggml_backend_reg_dev_get(reg, i))
             for i in range(ggml.ggml_backend_reg_dev_count(reg))
         ]
+        devices += _added[endpoint]
     return devices + [d.ptr for d in local_gpus()]
+
+
+_added: dict[str, list[int]] = {}  # endpoint -> its devices (ggml keeps them for the process)
+
+
+def device_labels() -> dict[str, str]:
+    """ggml's name of each worker device added so far -> `RPC0 [host:port]`."""
+    ggml = _ggml()
+    out = {}
+    for endpoint, devices in _added.items():
+        for dev in devices:
+            name = (ggml.ggml_backend_dev_name(dev) or b"").decode()
+            out[name] = f"{name} [{endpoint}]"
+    return out
 
 
 def start_server(
