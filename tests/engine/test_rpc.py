@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -176,3 +178,53 @@ def test_serve_rpc_answers_as_the_local_model_and_its_banner_shows_the_split(wor
     flat = "".join(banner.split())  # the banner's table wraps long rows
     (a, _), (b, _) = workers
     assert f"devicesCPU1layer,RPC0[{a}]" in flat and f"RPC1[{b}]" in flat
+
+
+# Loads as `serve` would (the plan's layers and split) and prints llama.cpp's buffer lines.
+LOAD_AS_SERVE = """
+import sys
+from innkeeper.engine.engine import Engine, EngineConfig
+from innkeeper.engine.planning import plan_settings, planned_engine
+from innkeeper.models.store import default_model_path
+cfg = EngineConfig(model_path=default_model_path(), ctx_size=512, threads=1, parallel=1,
+                   rpc=tuple(sys.argv[1].split(",")))
+Engine(planned_engine(cfg, plan_settings(cfg))).close()
+"""
+
+
+@pytest.mark.slow
+def test_fit_rpc_plans_what_the_workers_allocate(workers) -> None:
+    """`fit --rpc` asks the workers, splits the layers as llama.cpp does, and each worker's
+    weights and KV cache are what llama.cpp then allocates there, within 5%."""
+    from innkeeper.models.store import default_model_path
+
+    endpoints = [e for e, _ in workers]
+    args = ["--rpc", ",".join(endpoints), "--ctx-size", "512", "--parallel", "1"]
+    fit = subprocess.run(
+        [sys.executable, "-m", "innkeeper", "fit", str(default_model_path()), *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert fit.returncode == 0, fit.stderr
+    plan = json.loads(fit.stdout)
+    gpus = [d for d in plan["devices"] if d["kind"] == "gpu"]
+    assert [g["name"].split(": ", 1)[-1] for g in gpus] == [f"RPC {e}" for e in endpoints]
+    assert all(g["layers"] > 0 for g in gpus) and plan["network_bytes_per_token"] > 0
+    load = subprocess.run(
+        [sys.executable, "-c", LOAD_AS_SERVE, ",".join(endpoints)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "INNKEEPER_LLAMA_LOG": "1"},
+    )
+    assert load.returncode == 0, load.stderr[-2000:]
+    for endpoint, planned in zip(endpoints, gpus, strict=True):
+        sizes = re.findall(
+            rf"RPC\d+\[{re.escape(endpoint)}\] (?:model|KV) buffer size =\s*([\d.]+) MiB",
+            load.stderr,
+        )
+        assert len(sizes) == 2, load.stderr[-2000:]
+        allocated = sum(float(s) for s in sizes) * 2**20
+        wanted = planned["weights_bytes"] + planned["kv_cache_bytes"]
+        assert abs(allocated - wanted) <= 0.05 * wanted, (endpoint, allocated, wanted)

@@ -236,6 +236,10 @@ class Model:
                 "or drop --mlock"
             )
         self.ptr = ptr
+        if self.params.rpc:
+            from innkeeper.engine.rpc import hold
+
+            hold(self.params.rpc, True)
         self.vocab = C.llama_model_get_vocab(ptr)
         self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
         self.bos = int(C.llama_vocab_bos(self.vocab))
@@ -360,6 +364,10 @@ class Model:
         if self.ptr:
             C.llama_model_free(self.ptr)
             self.ptr = None
+            if self.params.rpc:
+                from innkeeper.engine.rpc import hold
+
+                hold(self.params.rpc, False)
 
 
 @dataclass(frozen=True)

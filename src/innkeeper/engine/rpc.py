@@ -14,12 +14,14 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import llama_cpp as C
 
 from innkeeper.engine.backend import BackendError
+from innkeeper.models.hardware import GPU, Hardware
 
 # ggml-rpc.h / ggml-rpc.cpp of the pinned llama.cpp
 PROTO_MAJOR, PROTO_MINOR = 7, 0
@@ -119,6 +121,55 @@ def probe(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> WorkerInfo:
             "there, and the tunnel up?"
         ) from None
     return WorkerInfo(endpoint, version, tuple(devices))
+
+
+def with_workers(hw: Hardware, endpoints: tuple[str, ...]) -> Hardware:
+    """`hw` with each worker's devices as GPUs in front of the local ones (llama.cpp's order),
+    sized by what the workers report free: the memory plan then splits layers across them
+    as llama.cpp will. RpcError for a worker that does not answer."""
+    remote = [
+        GPU(
+            0,
+            f"RPC {info.endpoint}" + (f" #{d.index}" if len(info.devices) > 1 else ""),
+            d.total_bytes,
+            d.free_bytes,
+        )
+        for info in (ask(e) for e in endpoints)
+        for d in info.devices
+    ]
+    gpus = [replace(g, index=i) for i, g in enumerate((*remote, *hw.gpus))]
+    return replace(hw, gpus=tuple(gpus))
+
+
+def transfer_per_token(n_embd: int, n_devices: int) -> int:
+    """Bytes that cross the network per generated token: the f32 hidden state, once per
+    hand-over between consecutive devices (llama.cpp's layer split runs them in turn)."""
+    return 4 * n_embd * max(n_devices - 1, 0)
+
+
+# A worker serves one connection at a time, and ggml keeps one per endpoint for as long as a
+# model here uses it: a probe of such a worker would wait for nothing. Its last answer is used.
+_in_use: dict[str, int] = {}
+_last: dict[str, WorkerInfo] = {}
+_lock = threading.Lock()
+
+
+def ask(endpoint: str) -> WorkerInfo:
+    """`probe`, or the last answer while a model of this process holds the worker."""
+    with _lock:
+        if _in_use.get(endpoint) and endpoint in _last:
+            return _last[endpoint]
+    info = probe(endpoint)
+    with _lock:
+        _last[endpoint] = info
+    return info
+
+
+def hold(endpoints: tuple[str, ...], held: bool) -> None:
+    """Count a loaded model's use of its workers (`held`), or its release."""
+    with _lock:
+        for e in endpoints:
+            _in_use[e] = max(_in_use.get(e, 0) + (1 if held else -1), 0)
 
 
 # ---- ggml's backend registry, through ctypes ------------------------------------------------
@@ -224,7 +275,7 @@ def model_devices(endpoints: tuple[str, ...]) -> list[int]:
     """
     lib = _rpc()
     for endpoint in endpoints:
-        info = probe(endpoint)
+        info = ask(endpoint)
         if not info.devices:
             raise RpcError(f"RPC worker {endpoint} offers no device")
     ggml = _ggml()

@@ -153,9 +153,9 @@ class EngineConfig:
         "--rpc",
         parse=parse_endpoints,
         metavar="HOST:PORT,…",
-        help="add the devices of `innkeeper worker`s on other machines (llama.cpp's RPC); "
-        "their shares come first in --tensor-split, in this order, then local GPUs",
+        help="`innkeeper worker`s lending their devices (first in --tensor-split)",
         panel=PANEL_MEMORY,
+        memory=True,
     )
     kv_offload: bool = setting(
         True,
