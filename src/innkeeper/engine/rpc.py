@@ -12,6 +12,7 @@ before any weights move and before llama.cpp ever connects.
 from __future__ import annotations
 
 import ctypes
+import os
 import socket
 import struct
 import threading
@@ -165,11 +166,53 @@ def ask(endpoint: str) -> WorkerInfo:
     return info
 
 
+_ABORT = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+_on_abort = None  # kept alive for as long as ggml may call it
+
+
+def _name_lost_workers(message: bytes | None) -> None:
+    """ggml's abort hook while workers are in use: a worker that dies mid-generation makes
+    ggml's client abort the process (it cannot give an error back through llama_decode).
+    What cannot be avoided here is at least said: one error line naming the worker gone."""
+    text = (message or b"").decode("utf-8", "replace").strip()
+    if "RPC" not in text:  # any other abort: what ggml itself would print
+        os.write(2, f"{text}\n".encode())
+        _lib("libggml-base").ggml_print_backtrace()
+        return
+    with _lock:
+        used = [e for e, n in _in_use.items() if n]
+    gone = []
+    for endpoint in used:
+        host, _, port = endpoint.rpartition(":")
+        try:  # a live worker holds our connection and accepts silently; a dead one refuses
+            socket.create_connection((host, int(port)), timeout=1).close()
+        except OSError:
+            gone.append(endpoint)
+    who = ", ".join(gone) or ", ".join(used) or "?"
+    text = text.rsplit(": ", 1)[-1]  # ggml's words, without its source path and line
+    os.write(
+        2,
+        f"error: RPC worker {who} stopped answering during generation ({text}); llama.cpp "
+        "cannot continue without it, so innkeeper exits: restart the worker, then innkeeper\n".encode(),
+    )
+
+
+def _hook_abort() -> None:
+    global _on_abort
+    if _on_abort is None:
+        _on_abort = _ABORT(_name_lost_workers)
+        fn = _lib("libggml-base").ggml_set_abort_callback
+        fn.restype, fn.argtypes = ctypes.c_void_p, [_ABORT]
+        fn(_on_abort)
+
+
 def hold(endpoints: tuple[str, ...], held: bool) -> None:
     """Count a loaded model's use of its workers (`held`), or its release."""
     with _lock:
         for e in endpoints:
             _in_use[e] = max(_in_use.get(e, 0) + (1 if held else -1), 0)
+    if held:
+        _hook_abort()
 
 
 # ---- ggml's backend registry, through ctypes ------------------------------------------------
@@ -179,9 +222,17 @@ def _lib_dir() -> Path:
     return Path(C.__file__).parent / "lib"
 
 
+def _lib(name: str) -> ctypes.CDLL:
+    """A ggml library as libllama loaded it: by its soname file. Wheels hold `libggml.so`
+    and `libggml.so.0` as two copies, and opening the other one would load a second ggml
+    with registries and hooks of its own."""
+    path = _lib_dir() / f"{name}.so.0"
+    return ctypes.CDLL(str(path if path.is_file() else _lib_dir() / f"{name}.so"))
+
+
 def _ggml() -> ctypes.CDLL:
-    """libggml (already loaded by libllama: the same handle and registry)."""
-    lib = ctypes.CDLL(str(_lib_dir() / "libggml.so"))
+    """libggml, the instance libllama uses (the same registry)."""
+    lib = _lib("libggml")
     vp, size = ctypes.c_void_p, ctypes.c_size_t
     for name, restype, argtypes in (
         ("ggml_backend_dev_count", size, []),
@@ -212,7 +263,7 @@ UNAVAILABLE = (
 def _rpc() -> ctypes.CDLL:
     if not available():
         raise RpcUnavailable(UNAVAILABLE)
-    lib = ctypes.CDLL(str(_lib_dir() / "libggml-rpc.so"))
+    lib = _lib("libggml-rpc")
     vp, size = ctypes.c_void_p, ctypes.c_size_t
     lib.ggml_backend_rpc_add_server.restype = vp
     lib.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
