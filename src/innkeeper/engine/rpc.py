@@ -6,7 +6,9 @@ adds each worker's devices to a model's device list and llama.cpp places layers 
 ggml's client aborts the whole process when a worker cannot be reached or speaks another
 protocol version (GGML_ABORT in ggml-rpc.cpp), so every endpoint is first asked here, in
 Python, with the same HELLO message and a timeout: a bad worker is one typed error naming it,
-before any weights move and before llama.cpp ever connects.
+before any weights move and before llama.cpp ever connects. A worker that dies mid-generation
+still aborts the process inside ggml (llama_decode has no way to return it as an error); the
+abort hook below at least names the worker in one line.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from innkeeper.models.hardware import GPU, Hardware
 PROTO_MAJOR, PROTO_MINOR = 7, 0
 _CMD_GET_DEVICE_MEMORY, _CMD_HELLO, _CMD_DEVICE_COUNT = 11, 14, 15
 _CONN_CAPS_SIZE = 24  # transport.h: zeros ask for plain TCP
-DEFAULT_PORT = 50052
 PROBE_TIMEOUT_S = 5.0
 # ggml_backend_dev_type (ggml-backend.h)
 DEV_CPU, DEV_GPU, DEV_IGPU = 0, 1, 2
