@@ -14,15 +14,30 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-## install: the server and its runtime dependencies (llama-cpp-python is pinned, so pip reuses its wheel)
+## install: the server and its runtime dependencies. llama-cpp-python (pinned) is built once with
+## llama.cpp's RPC backend (`innkeeper worker`, `serve --rpc`) into $(RPC_WHEELS) and reused from
+## there: pip's own cache would hand back a wheel without RPC (its key ignores CMAKE_ARGS).
 ## The first install compiles llama.cpp: it says so, and shows pip's progress instead of nothing.
+RPC_WHEELS ?= $(HOME)/.cache/innkeeper/wheels/rpc
 install: $(BIN)/python
-	@if $(BIN)/python -c 'import importlib.metadata as m, sys; sys.exit(m.version("llama_cpp_python") != sys.argv[1])' \
+	@if $(BIN)/python -c 'import importlib.metadata as m, pathlib, sys, llama_cpp; \
+	    sys.exit(m.version("llama_cpp_python") != sys.argv[1] or \
+	    not (pathlib.Path(llama_cpp.__file__).parent / "lib" / "libggml-rpc.so").is_file())' \
 	    "$(LLAMA_CPP_PYTHON)" 2>/dev/null; then \
 	    $(BIN)/pip install --quiet -e .; \
 	else \
-	    echo "installing innkeeper: the first install builds llama.cpp (llama-cpp-python $(LLAMA_CPP_PYTHON)) from source,"; \
-	    echo "about 7 minutes on 2 cores, while pip shows 'Building wheel for llama-cpp-python'; later installs reuse it"; \
+	    if ! $(BIN)/pip download --quiet --no-deps --only-binary :all: --no-index --find-links "$(RPC_WHEELS)" \
+	        -d "$(RPC_WHEELS)" "llama-cpp-python==$(LLAMA_CPP_PYTHON)" 2>/dev/null; then \
+	        echo "installing innkeeper: the first install builds llama.cpp (llama-cpp-python $(LLAMA_CPP_PYTHON)) from source,"; \
+	        echo "with RPC, into $(RPC_WHEELS): about 7 minutes on 2 cores, while pip shows 'Building wheel for"; \
+	        echo "llama-cpp-python'; later installs reuse it"; \
+	        mkdir -p "$(RPC_WHEELS)"; \
+	        CMAKE_ARGS="-DGGML_RPC=ON $(CMAKE_ARGS)" $(BIN)/pip wheel --progress-bar on --no-deps \
+	            --no-cache-dir --no-binary llama-cpp-python -w "$(RPC_WHEELS)" \
+	            "llama-cpp-python==$(LLAMA_CPP_PYTHON)" || exit 1; \
+	    fi; \
+	    $(BIN)/pip install --quiet --force-reinstall --no-deps --no-index --find-links "$(RPC_WHEELS)" \
+	        "llama-cpp-python==$(LLAMA_CPP_PYTHON)" || exit 1; \
 	    $(BIN)/pip install --progress-bar on -e .; \
 	fi
 

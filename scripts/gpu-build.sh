@@ -143,14 +143,16 @@ check_metal() {
 [ "$mode" = "--check" ] && exit 0
 
 # --- already built? ---------------------------------------------------------------------------
-# `innkeeper doctor --json` names the backends compiled into the installed llama.cpp.
+# `innkeeper doctor --json` names the backends compiled into the installed llama.cpp
+# (RPC among them when it was built with -DGGML_RPC=ON).
 if [ -x "$bin/innkeeper" ] && report="$("$bin/innkeeper" doctor --json 2>/dev/null)"; then
     if printf '%s' "$report" | "$bin/python" -c '
 import json, sys
 r = json.load(sys.stdin)
-ok = sys.argv[1].lower() in [b.lower() for b in r["backends"]] and r["llama_cpp_python"] == sys.argv[2]
+have = [b.lower() for b in r["backends"]]
+ok = sys.argv[1].lower() in have and "rpc" in have and r["llama_cpp_python"] == sys.argv[2]
 sys.exit(0 if ok else 1)' "$name" "$version"; then
-        echo "llama-cpp-python $version is already built with $name: nothing to do"
+        echo "llama-cpp-python $version is already built with $name and RPC: nothing to do"
         exit 0
     fi
 fi
@@ -162,7 +164,8 @@ fetch=("$bin/pip" download --quiet --no-deps --no-binary :all: -d "$cache"
     "llama-cpp-python==$version")
 # --no-cache-dir: pip would otherwise reuse the CPU wheel it built from the same sdist.
 cmd=("$bin/pip" install --force-reinstall --no-deps --no-cache-dir "$sdist")
-args="$flag${CMAKE_ARGS:+ $CMAKE_ARGS}"
+# RPC too: `innkeeper worker` and `serve --rpc` need it on every build (CPU ones: make install).
+args="$flag -DGGML_RPC=ON${CMAKE_ARGS:+ $CMAKE_ARGS}"
 if [ "$mode" = "--dry-run" ]; then
     [ -f "$sdist" ] || echo "${fetch[*]}"
     echo "CMAKE_ARGS=\"$args\" ${cmd[*]}"

@@ -57,6 +57,7 @@ def test_doctor_json_on_this_machine() -> None:
     assert any(d["type"] == "cpu" for d in report["devices"])
     gpu_backend = any(b in report["backends"] for b in ("CUDA", "Vulkan", "Metal"))
     assert report["gpu_offload"] == gpu_backend
+    assert report["rpc"] == ("RPC" in report["backends"])
     if not gpu_backend:  # this machine's CPU build: no offload, and nothing to fix unless a GPU
         assert report["gpu_offload"] is False
         codes = [p["code"] for p in report["problems"]]

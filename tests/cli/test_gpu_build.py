@@ -146,7 +146,7 @@ def test_dry_run_prints_the_pinned_rebuild(tmp_path: Path) -> None:
     download, command = proc.stdout.strip().splitlines()[-2:]
     assert " download " in download and "--no-binary :all:" in download
     assert download.endswith(f"-d {sdist.parent} llama-cpp-python=={version}")
-    assert command.startswith('CMAKE_ARGS="-DGGML_CUDA=on" ')
+    assert command.startswith('CMAKE_ARGS="-DGGML_CUDA=on -DGGML_RPC=ON" ')
     assert "--force-reinstall --no-deps --no-cache-dir" in command
     assert command.endswith(str(sdist))
     # Once the source is in the cache, it is not downloaded again.
@@ -185,11 +185,19 @@ def stand_in_venv(tmp_path: Path, backends: str, pip_fails: bool = False) -> Pat
 
 
 def test_nothing_is_rebuilt_when_the_build_already_has_the_backend(tmp_path: Path) -> None:
-    venv = stand_in_venv(tmp_path, '"CUDA", "CPU"')
+    venv = stand_in_venv(tmp_path, '"CUDA", "RPC", "CPU"')
     proc = run("cuda", str(venv), env=fake_cuda(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    assert "already built with CUDA: nothing to do" in proc.stdout
+    assert "already built with CUDA and RPC: nothing to do" in proc.stdout
     assert not (tmp_path / "pip-calls").exists()
+
+
+def test_a_gpu_build_without_rpc_is_rebuilt_with_it(tmp_path: Path) -> None:
+    env = {**fake_cuda(tmp_path), "INNKEEPER_CACHE": str(tmp_path / "cache")}
+    proc = run("cuda", str(stand_in_venv(tmp_path, '"CUDA", "CPU"')), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert 'CMAKE_ARGS="-DGGML_CUDA=on -DGGML_RPC=ON"' in proc.stdout
+    assert (tmp_path / "pip-calls").read_text().splitlines()[-1].split()[0] == "install"
 
 
 def test_the_source_is_downloaded_once_and_reused(tmp_path: Path) -> None:

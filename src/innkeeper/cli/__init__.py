@@ -9,6 +9,7 @@ from innkeeper.cli import models as _models  # noqa: F401  (registers `models`)
 from innkeeper.cli import pull as _pull  # noqa: F401  (registers `pull`)
 from innkeeper.cli import serve as _serve  # noqa: F401  (registers `serve`)
 from innkeeper.cli import tune as _tune  # noqa: F401  (registers `tune`)
+from innkeeper.cli import worker as _worker  # noqa: F401  (registers `worker`)
 from innkeeper.cli.app import CliError, app, fail
 
 

@@ -77,6 +77,11 @@ class BuildFacts:
         return any(b.lower() == name.lower() for b in self.backends)
 
     @property
+    def rpc(self) -> bool:
+        """Built with llama.cpp's RPC backend: `innkeeper worker` and `serve --rpc` work."""
+        return self.has_backend("RPC")
+
+    @property
     def gpu_devices(self) -> tuple[Device, ...]:
         return tuple(d for d in self.devices if d.type in ("gpu", "igpu"))
 
@@ -118,6 +123,7 @@ class Report:
             "devices": [asdict(d) for d in b.devices],
             "cpu_features": list(b.cpu_features),
             "gpu_offload": b.gpu_offload,
+            "rpc": b.rpc,
             "nvidia_gpus": [asdict(g) for g in h.nvidia_gpus],
             "vram_free_bytes": sum(g.free_bytes for g in h.nvidia_gpus)
             or sum(d.free_bytes for d in b.gpu_devices),
@@ -190,7 +196,9 @@ def gather_build() -> BuildFacts:
         system_info=_text(llama_cpp.llama_print_system_info()).strip(),
         backends=backends,
         devices=tuple(devices),
-        gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
+        # llama.cpp also says yes for any build with RPC: offload here means a local GPU.
+        gpu_offload=bool(llama_cpp.llama_supports_gpu_offload())
+        and any(d.type in ("gpu", "igpu") for d in devices),
     )
 
 
@@ -297,6 +305,10 @@ def doctor_command(
     t.add_row("llama-cpp-python", b.llama_cpp_python)
     t.add_row("backends", ", ".join(b.backends) or "-")
     t.add_row("GPU offload", "[green]yes[/]" if b.gpu_offload else "no")
+    t.add_row(
+        "RPC (worker, --rpc)",
+        "[green]yes[/]" if b.rpc else "no: `make install` rebuilds llama.cpp with it",
+    )
     for d in b.devices:
         mem = f", {format_size(d.free_bytes)} free" if d.type != "cpu" else ""
         t.add_row(f"device {d.name}", f"{d.description} ({d.type}{mem})")

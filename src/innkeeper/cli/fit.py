@@ -129,6 +129,8 @@ def fit_command(**values: Any) -> None:
         server = build_config(Path(), values)  # serve's settings, parsed and checked as serve's
         cfg = server.engine
         hw = hardware_with_overrides(vram=server.plan_vram, ram=server.plan_ram)
+        if cfg.rpc:  # each worker's devices, sized by what it reports free
+            hw = _with_workers(hw, cfg.rpc)
         # hub repos and folders of variants: the file `pull` would pick, planned with these flags
         machine = hub.Machine(hw, memory_settings(cfg), cfg.ctx_size, cfg.gpu_layers)
         ident = identify(target, machine)
@@ -171,6 +173,8 @@ def fit_command(**values: Any) -> None:
             "ctx_size": ctx,
             "hardware": hw.to_json(),
         }
+        if cfg.rpc:
+            out["network_bytes_per_token"] = _network(spec, plan)
         if rows:
             out["variants"] = [
                 {
@@ -228,6 +232,24 @@ def _measure(ident: Identification, cfg: EngineConfig, plan: MemoryPlan) -> dict
     }
 
 
+def _with_workers(hw: Hardware, endpoints: tuple[str, ...]) -> Hardware:
+    """`hw` with the RPC workers' devices, or one error line naming the one that failed."""
+    from innkeeper.engine.rpc import RpcError, with_workers
+
+    try:
+        return with_workers(hw, endpoints)
+    except RpcError as exc:
+        fail(str(exc))
+
+
+def _network(spec: ModelSpec, plan: MemoryPlan) -> int:
+    """Bytes per token crossing between the devices that hold layers (RAM included)."""
+    from innkeeper.engine.rpc import transfer_per_token
+
+    used = sum(1 for d in plan.devices if d.layers or d.kind == "ram")
+    return transfer_per_token(spec.n_embd, used)
+
+
 def _render(
     ident: Identification,
     spec: ModelSpec,
@@ -261,6 +283,11 @@ def _render(
     )
     for note in plan.notes:
         console.print(f"[dim]· {note}[/]")
+    if e.rpc:
+        console.print(
+            f"[dim]· network: {format_size(_network(spec, plan))} per generated token between "
+            "the devices (hidden state hand-overs; a prompt sends as much per token)[/]"
+        )
     if rows:
         t = Table(title=f"all quantizations at context {ctx:,}", title_justify="left")
         t.add_column("")

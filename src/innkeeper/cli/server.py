@@ -221,6 +221,9 @@ def print_banner(
         f"{stats.threads} threads ({stats.threads_batch} for prompts), "
         f"GPU layers {engine.config.gpu_layers}, {stats.slots} parallel slots",
     )
+    if engine.config.rpc:  # layers split across machines: where each share went
+        shares = ", ".join(f"{d} {n} layer{'s' * (n != 1)}" for d, n in info.layer_devices)
+        table.add_row("devices", shares or "-")
     if profile is not None:  # what `innkeeper tune` set, or why its profile was not used
         table.add_row("tuned profile", profile)
     template_given = engine.config.chat_template is not None

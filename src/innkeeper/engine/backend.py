@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -106,6 +107,7 @@ class ModelParams:
     split_mode: str = "layer"
     tensor_split: tuple[float, ...] | None = None
     cpu_tensor_patterns: tuple[str, ...] = ()  # tensor-name regexes kept in RAM (MoE experts)
+    rpc: tuple[str, ...] = ()  # RPC workers (HOST:PORT) whose devices join this load
 
 
 def model_params_struct(params: ModelParams) -> tuple[C.llama_model_params, list[object]]:
@@ -131,6 +133,13 @@ def model_params_struct(params: ModelParams) -> tuple[C.llama_model_params, list
             set_fields(item, pattern=pattern.encode(), buft=buft)
         keep.append(overrides)  # the last entry stays zeroed: the NULL terminator
         set_fields(mp, tensor_buft_overrides=ctypes.cast(overrides, ctypes.c_void_p))
+    if params.rpc:
+        from innkeeper.engine.rpc import model_devices  # rpc.py builds on this module
+
+        found = model_devices(params.rpc)
+        devices = (ctypes.c_void_p * (len(found) + 1))(*found)
+        keep.append(devices)  # the last entry stays zeroed: the NULL terminator
+        set_fields(mp, devices=ctypes.cast(devices, ctypes.c_void_p))
     return mp, keep
 
 
@@ -139,6 +148,8 @@ _initialised = False
 _log_callback = None  # kept alive for as long as llama.cpp may call it
 _quiet = False
 _recent_errors: deque[str] = deque(maxlen=8)
+_LAYER_PLACED = re.compile(rb"layer\s+(\d+) assigned to device ([^,\s]+)")
+_layer_devices: list[tuple[int, str]] = []  # (layer, device) as llama.cpp places the last load
 _mlock_failures = 0  # llama.cpp only warns when mlock fails; counted so --mlock can refuse
 
 
@@ -162,6 +173,9 @@ def init_backend(quiet: bool = True) -> None:
                 _recent_errors.append(text.decode("utf-8", "replace").strip())
             if b"failed to mlock" in text:  # a warning: llama-mmap.cpp's only signal of it
                 _mlock_failures += 1
+            placed = _LAYER_PLACED.search(text)
+            if placed:  # load_tensors: layer 3 assigned to device RPC0, is_swa = 0
+                _layer_devices.append((int(placed[1]), placed[2].decode("utf-8", "replace")))
             if not _quiet:
                 with contextlib.suppress(OSError):
                     os.write(2, text)
@@ -190,6 +204,8 @@ class ModelInfo:
     architecture: str
     file_type: str | None
     fim_tokens: dict[str, int]  # fill-in-the-middle tokens: pre, suf, mid, rep, sep (if any)
+    # Repeating layers per device as llama.cpp placed them (CPU, CUDA0, RPC0 [host:port]…)
+    layer_devices: tuple[tuple[str, int], ...] = ()
 
 
 class Model:
@@ -205,6 +221,7 @@ class Model:
         self.params = params or ModelParams()
         mp, self._keep = model_params_struct(self.params)  # alive as long as the model
         _recent_errors.clear()  # last_error() reports this load's lines only
+        _layer_devices.clear()
         mlock_failures = _mlock_failures
         ptr = C.llama_model_load_from_file(str(path).encode(), mp)
         if not ptr:
@@ -219,6 +236,10 @@ class Model:
                 "or drop --mlock"
             )
         self.ptr = ptr
+        if self.params.rpc:
+            from innkeeper.engine.rpc import hold
+
+            hold(self.params.rpc, True)
         self.vocab = C.llama_model_get_vocab(ptr)
         self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
         self.bos = int(C.llama_vocab_bos(self.vocab))
@@ -249,7 +270,21 @@ class Model:
             architecture=self.meta("general.architecture") or "unknown",
             file_type=self.meta("general.file_type"),
             fim_tokens=self._fim_tokens(),
+            layer_devices=self._layer_devices(int(C.llama_model_n_layer(ptr))),
         )
+
+    def _layer_devices(self, n_layer: int) -> tuple[tuple[str, int], ...]:
+        """Layers per device, in order; an RPC device is shown with its worker's address."""
+        counts: dict[str, int] = {}
+        for layer, device in _layer_devices:
+            if layer < n_layer:  # llama.cpp also logs the output layer as layer n_layer
+                counts[device] = counts.get(device, 0) + 1
+        if self.params.rpc:
+            from innkeeper.engine.rpc import device_labels
+
+            labels = device_labels()
+            counts = {labels.get(d, d): n for d, n in counts.items()}
+        return tuple(counts.items())
 
     def _desc(self) -> str:
         buf = ctypes.create_string_buffer(256)
@@ -329,6 +364,10 @@ class Model:
         if self.ptr:
             C.llama_model_free(self.ptr)
             self.ptr = None
+            if self.params.rpc:
+                from innkeeper.engine.rpc import hold
+
+                hold(self.params.rpc, False)
 
 
 @dataclass(frozen=True)
@@ -569,4 +608,10 @@ def system_info() -> str:
 
 
 def supports_gpu_offload() -> bool:
-    return bool(C.llama_supports_gpu_offload())
+    """Whether this machine has a device to offload layers to. llama.cpp also says yes for
+    any build with RPC, where a CPU-only machine offloads nothing unless `--rpc` is given."""
+    if not C.llama_supports_gpu_offload():
+        return False
+    from innkeeper.engine.rpc import available, local_gpus
+
+    return not available() or bool(local_gpus())

@@ -83,6 +83,7 @@ def model_params(config: EngineConfig) -> ModelParams:
         split_mode=config.split_mode,
         tensor_split=config.tensor_split,
         cpu_tensor_patterns=config.cpu_tensor_patterns,
+        rpc=config.rpc,
     )
 
 

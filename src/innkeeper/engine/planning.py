@@ -11,10 +11,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from innkeeper.engine.backend import supports_gpu_offload
-from innkeeper.models.hardware import Hardware
+from innkeeper.models.hardware import Hardware, detect_hardware
 from innkeeper.models.memory import AutoSettings, auto_settings
 from innkeeper.models.safety import is_pickle_weights
-from innkeeper.settings import ConfigError
+from innkeeper.settings import ALL_LAYERS, ConfigError
 from innkeeper.settings.engine import EngineConfig
 
 log = logging.getLogger("innkeeper")
@@ -83,6 +83,14 @@ def plan_settings(cfg: EngineConfig, hardware: Hardware | None = None) -> AutoSe
     (OSError) are only logged: the plan is advice, and llama.cpp has the last word on those.
     Anything else is a bug in the plan and propagates.
     """
+    if cfg.rpc:  # the workers' devices join the plan (one that does not answer: the load says)
+        from innkeeper.engine.rpc import RpcError, with_workers
+
+        try:
+            hardware = with_workers(hardware or detect_hardware(), cfg.rpc)
+        except RpcError as exc:
+            log.warning("memory plan unavailable: %s", exc)
+            return None
     try:
         return auto_settings(cfg, hardware)
     except (ConfigError, OSError) as exc:
@@ -96,10 +104,10 @@ def planned_engine(cfg: EngineConfig, auto: AutoSettings | None) -> EngineConfig
     Several GPUs and no --tensor-split: the plan's per-GPU layer counts become the split, so
     llama.cpp places layers exactly as `fit` and the plan did.
     """
-    offload = supports_gpu_offload()
+    offload = supports_gpu_offload() or bool(cfg.rpc)
     gpu_layers = cfg.gpu_layers
     if gpu_layers is None:
-        gpu_layers = auto.gpu_layers if auto else (999 if offload else 0)
+        gpu_layers = auto.gpu_layers if auto else (ALL_LAYERS if offload else 0)
     tensor_split = cfg.tensor_split
     if auto is not None and tensor_split is None and cfg.split_mode != "none":
         gpus = [d for d in auto.plan.devices if d.kind == "gpu"]

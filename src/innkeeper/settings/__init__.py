@@ -143,8 +143,9 @@ def parse_text(spec: Setting, value: Any, name: str | None = None) -> Any:
     if spec.parse is None or value is None:
         return value
     try:
-        if isinstance(value, tuple):
-            return tuple(spec.parse(v) if isinstance(v, str) else v for v in value)
+        if isinstance(value, tuple):  # a parser may split one item (`--rpc a:1,b:2`)
+            items = [spec.parse(v) if isinstance(v, str) else v for v in value]
+            return tuple(x for i in items for x in (i if isinstance(i, tuple) else (i,)))
         return spec.parse(value) if isinstance(value, str) else value
     except ValueError as exc:
         raise ConfigError(f"{name or spec.flag}: {exc}") from None
@@ -210,6 +211,36 @@ def parse_tensor_split(text: str) -> tuple[float, ...]:
             f"takes a share per GPU, numbers separated by commas such as 3,1 (got {text!r})"
         )
     return values
+
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+
+
+def parse_endpoint(text: str) -> str:
+    """`HOST:PORT` of an RPC worker, as ggml's RPC client parses it: a host name or IPv4
+    address (no scheme, no path, no IPv6) and a port from 1 to 65535."""
+    value = text.strip()
+    host, sep, port = value.rpartition(":")
+    if "://" in value or "/" in value:
+        raise ConfigError(f"takes HOST:PORT, not a URL (got {text!r}): e.g. 192.168.1.20:50052")
+    if not sep or not host:
+        raise ConfigError(f"takes HOST:PORT, e.g. 127.0.0.1:50052 (got {text!r})")
+    if not _HOST_RE.match(host):
+        raise ConfigError(f"{host!r} is not a host name or IPv4 address (in {text!r})")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"the port must be a number from 1 to 65535 (got {text!r})")
+    return f"{host}:{int(port)}"
+
+
+def parse_endpoints(text: str) -> tuple[str, ...]:
+    """`HOST:PORT[,HOST:PORT…]` -> the endpoints, each checked, none twice."""
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError(f"takes HOST:PORT[,HOST:PORT…] (got {text!r})")
+    endpoints = tuple(parse_endpoint(p) for p in parts)
+    if len(set(endpoints)) != len(endpoints):
+        raise ConfigError(f"names a worker twice (got {text!r})")
+    return endpoints
 
 
 def lower(text: str) -> str:

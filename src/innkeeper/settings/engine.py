@@ -26,6 +26,7 @@ from innkeeper.settings import (
     Shorthand,
     check_fields,
     lower,
+    parse_endpoints,
     parse_gpu_layers,
     parse_tensor_split,
     setting,
@@ -144,6 +145,15 @@ class EngineConfig:
         parse=parse_tensor_split,
         metavar="N,N…",
         help="share of the model per GPU, e.g. 3,1 (default: the memory plan's split)",
+        panel=PANEL_MEMORY,
+        memory=True,
+    )
+    rpc: tuple[str, ...] = setting(
+        (),
+        "--rpc",
+        parse=parse_endpoints,
+        metavar="HOST:PORT,…",
+        help="`innkeeper worker`s lending their devices (first in --tensor-split)",
         panel=PANEL_MEMORY,
         memory=True,
     )
@@ -358,6 +368,8 @@ class EngineConfig:
         check_v_cache(self.cache_type_v, self.flash_attn != "off")
         if self.tensor_split is not None and self.split_mode == "none":
             raise ConfigError("--tensor-split has no effect with --split-mode none: drop one")
+        if len(set(self.rpc)) != len(self.rpc):
+            raise ConfigError("--rpc names a worker twice")
         if self.mmproj is not None and not self.mmproj.is_file():
             raise ConfigError(f"--mmproj: {self.mmproj} is not a file")
         return self

@@ -1,0 +1,369 @@
+"""llama.cpp's RPC backend: other machines' devices as if they were local GPUs.
+
+A worker (`innkeeper worker`) runs ggml's RPC server over its own devices; the main process
+adds each worker's devices to a model's device list and llama.cpp places layers on them.
+
+ggml's client aborts the whole process when a worker cannot be reached or speaks another
+protocol version (GGML_ABORT in ggml-rpc.cpp), so every endpoint is first asked here, in
+Python, with the same HELLO message and a timeout: a bad worker is one typed error naming it,
+before any weights move and before llama.cpp ever connects. A worker that dies mid-generation
+still aborts the process inside ggml (llama_decode has no way to return it as an error); the
+abort hook below at least names the worker in one line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import struct
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import llama_cpp as C
+
+from innkeeper.engine.backend import BackendError
+from innkeeper.models.hardware import GPU, Hardware
+
+# ggml-rpc.h / ggml-rpc.cpp of the pinned llama.cpp
+PROTO_MAJOR, PROTO_MINOR = 7, 0
+_CMD_GET_DEVICE_MEMORY, _CMD_HELLO, _CMD_DEVICE_COUNT = 11, 14, 15
+_CONN_CAPS_SIZE = 24  # transport.h: zeros ask for plain TCP
+PROBE_TIMEOUT_S = 5.0
+# ggml_backend_dev_type (ggml-backend.h)
+DEV_CPU, DEV_GPU, DEV_IGPU = 0, 1, 2
+
+
+class RpcError(BackendError):
+    """A worker that cannot take part in a load; the message names it."""
+
+
+class RpcUnavailable(RpcError):
+    """This llama.cpp build has no RPC backend (built without GGML_RPC)."""
+
+
+class WorkerUnreachable(RpcError):
+    """Nothing answers at the endpoint (or it does not answer like an RPC worker)."""
+
+
+class WorkerVersionMismatch(RpcError):
+    """The worker speaks another RPC protocol version than this llama.cpp."""
+
+
+@dataclass(frozen=True)
+class WorkerDevice:
+    """One device of a worker, as its RPC server reports it."""
+
+    index: int
+    free_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    endpoint: str
+    version: tuple[int, int, int]
+    devices: tuple[WorkerDevice, ...]
+
+
+# ---- the wire: just enough of ggml's RPC protocol to ask a worker what it is ----------------
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the connection closed")
+        data += chunk
+    return data
+
+
+def _call(sock: socket.socket, cmd: int, payload: bytes, reply_size: int) -> bytes:
+    """| cmd (1 byte) | size (8 bytes) | payload | -> | size (8 bytes) | reply |"""
+    sock.sendall(struct.pack("<BQ", cmd, len(payload)) + payload)
+    (size,) = struct.unpack("<Q", _recv(sock, 8))
+    if size != reply_size:
+        raise ConnectionError(f"unexpected reply size {size} (expected {reply_size})")
+    return _recv(sock, size)
+
+
+def probe(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> WorkerInfo:
+    """Ask the worker at `endpoint` (HOST:PORT) its protocol version, devices and free memory.
+
+    A worker serves one client at a time: one that another server holds does not answer
+    within `timeout` and is reported unreachable (busy).
+    """
+    host, _, port = endpoint.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            reply = _call(sock, _CMD_HELLO, bytes(_CONN_CAPS_SIZE), 4 + _CONN_CAPS_SIZE)
+            version = (reply[0], reply[1], reply[2])
+            if version[0] != PROTO_MAJOR or version[1] > PROTO_MINOR:
+                raise WorkerVersionMismatch(
+                    f"RPC worker {endpoint} speaks protocol {'.'.join(map(str, version))}, "
+                    f"this llama.cpp {PROTO_MAJOR}.{PROTO_MINOR}: run the same innkeeper "
+                    "(the same llama-cpp-python) on both machines"
+                )
+            (count,) = struct.unpack("<I", _call(sock, _CMD_DEVICE_COUNT, b"", 4))
+            devices = []
+            for i in range(count):
+                raw = _call(sock, _CMD_GET_DEVICE_MEMORY, struct.pack("<I", i), 16)
+                free, total = struct.unpack("<QQ", raw)
+                devices.append(WorkerDevice(i, free, total))
+    except TimeoutError:
+        raise WorkerUnreachable(
+            f"RPC worker {endpoint} did not answer within {timeout:g}s (not a worker, or "
+            "busy serving another innkeeper)"
+        ) from None
+    except (OSError, ConnectionError) as exc:
+        raise WorkerUnreachable(
+            f"RPC worker {endpoint} is unreachable ({exc}): is `innkeeper worker` running "
+            "there, and the tunnel up?"
+        ) from None
+    return WorkerInfo(endpoint, version, tuple(devices))
+
+
+def with_workers(hw: Hardware, endpoints: tuple[str, ...]) -> Hardware:
+    """`hw` with each worker's devices as GPUs in front of the local ones (llama.cpp's order),
+    sized by what the workers report free: the memory plan then splits layers across them
+    as llama.cpp will. RpcError for a worker that does not answer."""
+    remote = [
+        GPU(
+            0,
+            f"RPC {info.endpoint}" + (f" #{d.index}" if len(info.devices) > 1 else ""),
+            d.total_bytes,
+            d.free_bytes,
+        )
+        for info in (ask(e) for e in endpoints)
+        for d in info.devices
+    ]
+    gpus = [replace(g, index=i) for i, g in enumerate((*remote, *hw.gpus))]
+    return replace(hw, gpus=tuple(gpus))
+
+
+def transfer_per_token(n_embd: int, n_devices: int) -> int:
+    """Bytes that cross the network per generated token: the f32 hidden state, once per
+    hand-over between consecutive devices (llama.cpp's layer split runs them in turn)."""
+    return 4 * n_embd * max(n_devices - 1, 0)
+
+
+# A worker serves one connection at a time, and ggml keeps one per endpoint for as long as a
+# model here uses it: a probe of such a worker would wait for nothing. Its last answer is used.
+_in_use: dict[str, int] = {}
+_last: dict[str, WorkerInfo] = {}
+_lock = threading.Lock()
+
+
+def ask(endpoint: str) -> WorkerInfo:
+    """`probe`, or the last answer while a model of this process holds the worker."""
+    with _lock:
+        if _in_use.get(endpoint) and endpoint in _last:
+            return _last[endpoint]
+    info = probe(endpoint)
+    with _lock:
+        _last[endpoint] = info
+    return info
+
+
+_ABORT = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+_on_abort = None  # kept alive for as long as ggml may call it
+
+
+def _name_lost_workers(message: bytes | None) -> None:
+    """ggml's abort hook while workers are in use: a worker that dies mid-generation makes
+    ggml's client abort the process (it cannot give an error back through llama_decode).
+    What cannot be avoided here is at least said: one error line naming the worker gone."""
+    text = (message or b"").decode("utf-8", "replace").strip()
+    if "RPC" not in text:  # any other abort: what ggml itself would print
+        os.write(2, f"{text}\n".encode())
+        _lib("libggml-base").ggml_print_backtrace()
+        return
+    with _lock:
+        used = [e for e, n in _in_use.items() if n]
+    gone = []
+    for endpoint in used:
+        host, _, port = endpoint.rpartition(":")
+        try:  # a live worker holds our connection and accepts silently; a dead one refuses
+            socket.create_connection((host, int(port)), timeout=1).close()
+        except OSError:
+            gone.append(endpoint)
+    who = ", ".join(gone) or ", ".join(used) or "?"
+    text = text.rsplit(": ", 1)[-1]  # ggml's words, without its source path and line
+    os.write(
+        2,
+        f"error: RPC worker {who} stopped answering during generation ({text}); llama.cpp "
+        "cannot continue without it, so innkeeper exits: restart the worker, then innkeeper\n".encode(),
+    )
+
+
+def _hook_abort() -> None:
+    global _on_abort
+    if _on_abort is None:
+        _on_abort = _ABORT(_name_lost_workers)
+        fn = _lib("libggml-base").ggml_set_abort_callback
+        fn.restype, fn.argtypes = ctypes.c_void_p, [_ABORT]
+        fn(_on_abort)
+
+
+def hold(endpoints: tuple[str, ...], held: bool) -> None:
+    """Count a loaded model's use of its workers (`held`), or its release."""
+    with _lock:
+        for e in endpoints:
+            _in_use[e] = max(_in_use.get(e, 0) + (1 if held else -1), 0)
+    if held:
+        _hook_abort()
+
+
+# ---- ggml's backend registry, through ctypes ------------------------------------------------
+
+
+def _lib_dir() -> Path:
+    return Path(C.__file__).parent / "lib"
+
+
+def _lib(name: str) -> ctypes.CDLL:
+    """A ggml library as libllama loaded it: by its soname file. Wheels hold `libggml.so`
+    and `libggml.so.0` as two copies, and opening the other one would load a second ggml
+    with registries and hooks of its own."""
+    path = _lib_dir() / f"{name}.so.0"
+    return ctypes.CDLL(str(path if path.is_file() else _lib_dir() / f"{name}.so"))
+
+
+def _ggml() -> ctypes.CDLL:
+    """libggml, the instance libllama uses (the same registry)."""
+    lib = _lib("libggml")
+    vp, size = ctypes.c_void_p, ctypes.c_size_t
+    for name, restype, argtypes in (
+        ("ggml_backend_dev_count", size, []),
+        ("ggml_backend_dev_get", vp, [size]),
+        ("ggml_backend_dev_name", ctypes.c_char_p, [vp]),
+        ("ggml_backend_dev_description", ctypes.c_char_p, [vp]),
+        ("ggml_backend_dev_type", ctypes.c_int, [vp]),
+        ("ggml_backend_dev_memory", None, [vp, ctypes.POINTER(size), ctypes.POINTER(size)]),
+        ("ggml_backend_reg_dev_count", size, [vp]),
+        ("ggml_backend_reg_dev_get", vp, [vp, size]),
+    ):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+def available() -> bool:
+    """Whether this llama-cpp-python was built with GGML_RPC (it ships libggml-rpc)."""
+    return (_lib_dir() / "libggml-rpc.so").is_file()
+
+
+UNAVAILABLE = (
+    "this llama-cpp-python was built without RPC (no libggml-rpc.so): run `make install`, "
+    "which rebuilds it with -DGGML_RPC=ON"
+)
+
+
+def _rpc() -> ctypes.CDLL:
+    if not available():
+        raise RpcUnavailable(UNAVAILABLE)
+    lib = _lib("libggml-rpc")
+    vp, size = ctypes.c_void_p, ctypes.c_size_t
+    lib.ggml_backend_rpc_add_server.restype = vp
+    lib.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_rpc_start_server.restype = None
+    lib.ggml_backend_rpc_start_server.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        size,
+        size,
+        ctypes.POINTER(vp),
+    ]
+    return lib
+
+
+@dataclass(frozen=True)
+class LocalDevice:
+    """A device of this machine, as ggml names it (the worker's --device takes the name)."""
+
+    name: str
+    description: str
+    type: int
+    free_bytes: int
+    total_bytes: int
+    ptr: int
+
+
+def local_devices() -> list[LocalDevice]:
+    """Every device of this machine's ggml backends (RPC devices are never registered)."""
+    C.llama_backend_init()
+    lib = _ggml()
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out.append(
+            LocalDevice(
+                (lib.ggml_backend_dev_name(dev) or b"").decode(),
+                (lib.ggml_backend_dev_description(dev) or b"").decode(),
+                int(lib.ggml_backend_dev_type(dev)),
+                int(free.value),
+                int(total.value),
+                int(dev),
+            )
+        )
+    return out
+
+
+def local_gpus() -> list[LocalDevice]:
+    """The accelerators llama.cpp offloads layers to by default (not the CPU)."""
+    return [d for d in local_devices() if d.type in (DEV_GPU, DEV_IGPU)]
+
+
+def model_devices(endpoints: tuple[str, ...]) -> list[int]:
+    """The device list of a load across workers: every worker's devices (in --rpc order),
+    then this machine's GPUs, as llama.cpp orders them (workers first: fewer transfers).
+
+    Each worker is probed first, so an unreachable or mismatched one is an RpcError here
+    and never reaches ggml's client, which would abort the process.
+    """
+    lib = _rpc()
+    for endpoint in endpoints:
+        info = ask(endpoint)
+        if not info.devices:
+            raise RpcError(f"RPC worker {endpoint} offers no device")
+    ggml = _ggml()
+    devices: list[int] = []
+    for endpoint in endpoints:
+        reg = lib.ggml_backend_rpc_add_server(endpoint.encode())
+        if not reg:
+            raise RpcError(f"RPC worker {endpoint} offers no device")
+        _added[endpoint] = [
+            int(ggml.ggml_backend_reg_dev_get(reg, i))
+            for i in range(ggml.ggml_backend_reg_dev_count(reg))
+        ]
+        devices += _added[endpoint]
+    return devices + [d.ptr for d in local_gpus()]
+
+
+_added: dict[str, list[int]] = {}  # endpoint -> its devices (ggml keeps them for the process)
+
+
+def device_labels() -> dict[str, str]:
+    """ggml's name of each worker device added so far -> `RPC0 [host:port]`."""
+    ggml = _ggml()
+    out = {}
+    for endpoint, devices in _added.items():
+        for dev in devices:
+            name = (ggml.ggml_backend_dev_name(dev) or b"").decode()
+            out[name] = f"{name} [{endpoint}]"
+    return out
+
+
+def start_server(
+    endpoint: str, devices: list[LocalDevice], threads: int, cache_dir: Path | None
+) -> None:
+    """Run ggml's RPC server over `devices`; blocks for as long as it serves (returns only
+    when it cannot start, e.g. the port is taken)."""
+    lib = _rpc()
+    arr = (ctypes.c_void_p * len(devices))(*[d.ptr for d in devices])
+    cache = str(cache_dir).encode() if cache_dir is not None else None
+    lib.ggml_backend_rpc_start_server(endpoint.encode(), cache, threads, len(devices), arr)
