@@ -100,9 +100,10 @@ def with_site(site: Path) -> dict[str, str]:
 
 def loaded_llama() -> tuple[Path, bool]:
     """The libllama that innkeeper loads in this environment, and whether it can use a GPU."""
-    code = (
+    code = (  # innkeeper's own answer: llama.cpp says yes for any RPC build, GPU or not
         "import innkeeper, llama_cpp\n"
-        "print(int(llama_cpp.llama_supports_gpu_offload()), llama_cpp.llama_cpp._lib._name)"
+        "from innkeeper.engine.backend import supports_gpu_offload\n"
+        "print(int(supports_gpu_offload()), llama_cpp.llama_cpp._lib._name)"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False

@@ -260,12 +260,20 @@ def test_real_cuda_toolkit_passes_or_says_what_is_missing_in_one_line_each() -> 
 
 def test_plain_make_serve_stays_cpu() -> None:
     dry = subprocess.run(
-        ["make", "-n", "serve"], cwd=REPO, capture_output=True, text=True, timeout=60
+        ["make", "--no-print-directory", "-n", "serve"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert dry.returncode == 0, dry.stderr
     assert 'if [ -n "" ]' in dry.stdout  # no GPU given: the build script is not run
     gpu = subprocess.run(
-        ["make", "-n", "serve", "GPU=cuda"], cwd=REPO, capture_output=True, text=True, timeout=60
+        ["make", "--no-print-directory", "-n", "serve", "GPU=cuda"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert './scripts/gpu-build.sh "cuda"' in gpu.stdout
 
@@ -274,13 +282,17 @@ def test_make_says_what_the_first_install_does_and_has_bench_gpu() -> None:
     """`make serve` no longer compiles llama.cpp for minutes without a word."""
     assert PINNED is not None
     dry = subprocess.run(
-        ["make", "-n", "install"], cwd=REPO, capture_output=True, text=True, timeout=60
+        ["make", "--no-print-directory", "-n", "install"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert dry.returncode == 0, dry.stderr
     assert f'"{PINNED.group(1)}"' in dry.stdout  # the pin, read from pyproject.toml
     assert "the first install builds llama.cpp" in dry.stdout
     bench = subprocess.run(
-        ["make", "-n", "bench-gpu", "ARGS=--rounds 1"],
+        ["make", "--no-print-directory", "-n", "bench-gpu", "ARGS=--rounds 1"],
         cwd=REPO,
         capture_output=True,
         text=True,

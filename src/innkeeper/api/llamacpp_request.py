@@ -106,7 +106,8 @@ def _tokens(service: Service, prompt: OnePrompt, limit: int, cancel: threading.E
 
 def _logit_bias(service: Service, value: LogitBias | None) -> dict[str, float] | None:
     """`[[id or text, bias or false]]` pairs, or an object, as `normalise`'s {id: bias}:
-    text stands for each of its tokens, false bans the token (as -100 does)."""
+    text stands for each of its tokens, false bans the token (as -100 does); an id outside
+    the vocabulary is ignored, as llama-server ignores it."""
     if value is None:
         return None
     pairs = list(value.items()) if isinstance(value, dict) else value
@@ -125,7 +126,8 @@ def _logit_bias(service: Service, value: LogitBias | None) -> dict[str, float] |
         else:
             ids = service.tokenize_now(key, False)
         for tok in ids:
-            out[str(tok)] = float(bias)
+            if 0 <= tok < service.n_vocab:  # as llama-server: ids outside the vocabulary
+                out[str(tok)] = float(bias)  # are skipped, not an error
     return out
 
 
