@@ -111,6 +111,10 @@ def test_api_contract(api_schema: Any, mode: GenerationMode) -> None:
             deadline=None,
             database=None,
             suppress_health_check=list(HealthCheck),
+            # the same examples every run: CI must not turn red by the draw (schemathesis
+            # cannot tell a custom format's valid strings, e.g. the empty grammar, from
+            # invalid ones in negative mode); explore with a seed by hand for new cases
+            derandomize=True,
             phases=[Phase.explicit, Phase.generate],
         )
         def check(case: Any) -> None:

@@ -212,6 +212,7 @@ STATUS_TEXT = {
 
 
 # Fields whose integers are token ids; lengths in tokens, bounded by the context.
+IMAGE_FIELDS = frozenset({"images", "image_data"})  # base64 images (KoboldCpp, llama.cpp)
 TOKEN_ID_FIELDS = frozenset({"prompt", "tokens", "custom_token_bans", "input", "content"})
 # Text with a language of its own, named as a string `format` (tests register generators)
 TEXT_FORMATS = {
@@ -273,8 +274,26 @@ def _string_branch(prop: dict[str, Any]) -> dict[str, Any]:
     return prop
 
 
+def _image_lists(prop: dict[str, Any], max_images: int) -> None:
+    """Bound a list of images (`images`, `image_data`) by what the server takes: none when
+    the model cannot see, else `--max-images` base64 images (`format: image-base64`)."""
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") != "array":
+            continue
+        branch["maxItems"] = max_images
+        items = branch.get("items", {})
+        target = items.get("properties", {}).get("data", items)  # llama.cpp's {"data", "id"}
+        if max_images and target.get("type") == "string":
+            target["format"] = "image-base64"
+
+
 def document_limits(
-    schema: dict[str, Any], *, n_ctx: int, n_vocab: int, default_template: str
+    schema: dict[str, Any],
+    *,
+    n_ctx: int,
+    n_vocab: int,
+    default_template: str,
+    max_images: int = 0,
 ) -> None:
     """Write into the request bodies what the server enforces beyond JSON types: token ids
     within the vocabulary and lengths within the context (known once the model is loaded),
@@ -304,6 +323,10 @@ def document_limits(
                 prop["pattern"] = template_names(default_template)
             elif name == "sampler_order":
                 _bound_integers(prop, 0, 6)  # KoboldCpp's sampler ids
+            elif name in IMAGE_FIELDS:
+                _image_lists(prop, max_images)
+        if body.get("title") == "ImageData" and max_images:  # llama.cpp's {"data", "id"}
+            props["data"]["format"] = "image-base64"
         if "top_logprobs" in props and "logprobs" in props:  # OpenAI: a 400 otherwise
             needs = {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}
             unset = {"properties": {"top_logprobs": {"type": "null"}}}
@@ -330,6 +353,7 @@ def document_errors(app: FastAPI) -> None:
                 n_ctx=service.n_ctx,
                 n_vocab=service.n_vocab,
                 default_template=service.template.name,
+                max_images=app.state.config.max_images if service.vision else 0,
             )
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
         for fam, body in ERROR_SCHEMAS.items():
