@@ -322,3 +322,24 @@ def test_inspect_says_a_model_with_a_projector_beside_it_can_see(
     )
     code, out = run("inspect", SMOL, "--json")
     assert json.loads(out)["vision"] is None
+
+
+def test_fit_counts_the_projector_beside_the_model(vision_pair: tuple[Path, Path]) -> None:
+    from innkeeper.models.projector import read_projector
+
+    model, proj = vision_pair
+    info = read_projector(proj)
+    code, out = run("fit", str(model), "-c", "2048", "--ram", "32GiB", "--json")
+    assert code == 0, out
+    seeing = json.loads(out)
+    code, out = run("fit", str(model), "-c", "2048", "--ram", "32GiB")
+    assert code == 0, out
+    assert proj.name in out  # the plan's note names it
+    lone = model.parent / "alone"
+    lone.mkdir()
+    (lone / model.name).symlink_to(model)
+    code, out = run("fit", str(lone / model.name), "-c", "2048", "--ram", "32GiB", "--json")
+    assert code == 0, out
+    blind = json.loads(out)
+    assert seeing["weights_bytes"] - blind["weights_bytes"] == info.tensor_bytes
+    assert any(proj.name in n for n in seeing["notes"])

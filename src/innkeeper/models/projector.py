@@ -6,6 +6,7 @@ model with its projector by the same rule.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from innkeeper.models.filenames import quant_label, shard_of, unsharded
 from innkeeper.models.gguf_meta import read_header
 from innkeeper.models.sources import FileSource
+from innkeeper.models.spec import ModelFormatError
 
 log = logging.getLogger("innkeeper.models")
 
@@ -122,3 +124,24 @@ def read_projector(path: Path) -> ProjectorInfo:
     n_head = _uint(meta, "clip.vision.attention.head_count") or 1
     compute = 4 * (n_pos * (4 * n_embd + 2 * n_ff) + 2 * n_head * n_pos * n_pos + 3 * image**2)
     return ProjectorInfo(path, ptype, tokens, sum(t.n_bytes for t in header.tensors), compute)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached(path: str, size: int, mtime_ns: int) -> ProjectorInfo | None:
+    try:
+        return read_projector(Path(path))
+    except (ModelFormatError, OSError) as exc:
+        log.info("projector %s not counted in the memory plan: %s", path, exc)
+        return None
+
+
+def projector_cost(path: Path | None) -> ProjectorInfo | None:
+    """The projector at `path` for the memory plan, read once per file version (the plan
+    tries many context sizes and layer counts); None when there is none or it is unreadable."""
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return _cached(str(path), st.st_size, st.st_mtime_ns)
