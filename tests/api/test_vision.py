@@ -212,3 +212,5 @@ def test_the_models_list_says_which_model_can_see(vc: httpx.Client) -> None:
     """The Models panel shows "vision" from this field."""
     models = vc.get("/api/innkeeper/models").json()["models"]
     assert [m["vision"] for m in models if m["is_default"]] == [True]
+    plan = next(m for m in models if m["is_default"])["plan"]  # serve's plan counts it too
+    assert any("mmproj-tiny-vision.gguf" in n for n in plan["notes"]), plan["notes"]
