@@ -206,3 +206,11 @@ def test_ollama_and_kobold_images_match_completion(vc: httpx.Client) -> None:
     assert kobold.status_code == 200, kobold.text
     assert kobold.json()["results"][0]["text"] == native
     assert vc.get("/api/extra/version").json()["vision"] is True
+
+
+def test_the_models_list_says_which_model_can_see(vc: httpx.Client) -> None:
+    """The Models panel shows "vision" from this field."""
+    models = vc.get("/api/innkeeper/models").json()["models"]
+    assert [m["vision"] for m in models if m["is_default"]] == [True]
+    plan = next(m for m in models if m["is_default"])["plan"]  # serve's plan counts it too
+    assert any("mmproj-tiny-vision.gguf" in n for n in plan["notes"]), plan["notes"]

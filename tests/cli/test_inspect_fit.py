@@ -292,3 +292,54 @@ def test_fit_explains_the_runtime_overhead() -> None:
     data = json.loads(run("fit", SMOL, "-c", "2048", "--vram", "0", "--json")[1])
     assert data["runtime_overhead_bytes"] == 150 * 1024**2
     assert data["overhead_bytes"] == data["output_buffer_bytes"] + data["runtime_overhead_bytes"]
+
+
+@pytest.fixture(scope="module")
+def vision_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from tests.models.vision_factory import write_pair
+
+    return write_pair(tmp_path_factory.mktemp("vision"))
+
+
+def test_inspect_says_a_model_with_a_projector_beside_it_can_see(
+    vision_pair: tuple[Path, Path],
+) -> None:
+    from tests.models.vision_factory import N_IMAGE_TOKENS
+
+    model, proj = vision_pair
+    for target in (model, model.parent):  # the file, and its folder
+        code, out = run("inspect", str(target), "--json")
+        assert code == 0, out
+        vision = json.loads(out)["vision"]
+        assert vision["projector"] == str(proj)
+        assert vision["projector_type"] == "mlp"
+        assert vision["image_tokens"] == N_IMAGE_TOKENS
+        assert 0 < vision["tensor_bytes"] < proj.stat().st_size
+    code, out = run("inspect", str(model))
+    assert code == 0, out
+    assert f"vision yes (projector {proj.name}, image tokens per image {N_IMAGE_TOKENS})" in (
+        " ".join(out.split())
+    )
+    code, out = run("inspect", SMOL, "--json")
+    assert json.loads(out)["vision"] is None
+
+
+def test_fit_counts_the_projector_beside_the_model(vision_pair: tuple[Path, Path]) -> None:
+    from innkeeper.models.projector import read_projector
+
+    model, proj = vision_pair
+    info = read_projector(proj)
+    code, out = run("fit", str(model), "-c", "2048", "--ram", "32GiB", "--json")
+    assert code == 0, out
+    seeing = json.loads(out)
+    code, out = run("fit", str(model), "-c", "2048", "--ram", "32GiB")
+    assert code == 0, out
+    assert proj.name in out  # the plan's note names it
+    lone = model.parent / "alone"
+    lone.mkdir()
+    (lone / model.name).symlink_to(model)
+    code, out = run("fit", str(lone / model.name), "-c", "2048", "--ram", "32GiB", "--json")
+    assert code == 0, out
+    blind = json.loads(out)
+    assert seeing["weights_bytes"] - blind["weights_bytes"] == info.tensor_bytes
+    assert any(proj.name in n for n in seeing["notes"])

@@ -174,3 +174,38 @@ def test_pull_then_delete_leaves_nothing_behind(fake_hub: FakeHub, tmp_path: Pat
     assert _store_files(tmp_path) != [] and list((tmp_path / store.LOCKS_DIR).glob("*.lock"))
     store.remove_model(pulled.name, tmp_path)
     assert _store_files(tmp_path) == []
+
+
+def test_resolve_fetches_the_projector_beside_a_vision_model(
+    fake_hub: FakeHub, hub_sources: Path, tmp_path: Path
+) -> None:
+    from innkeeper.models.projector import projector_for
+    from tests.models.vision_factory import write_pair
+
+    folder = hub_sources / "vision"
+    folder.mkdir(exist_ok=True)
+    model, proj = write_pair(folder)
+    fake_hub.add_repo(
+        "fake/TinyVision-GGUF",
+        {
+            "TinyVision-F16.gguf": model,
+            "mmproj-TinyVision-F32.gguf": proj,
+            "mmproj-TinyVision-F16.gguf": proj,  # the one to take: F16 runs everywhere
+            "other/mmproj-x.gguf": proj,  # not beside the model: never taken
+        },
+    )
+    got = hub.resolve(hub.parse_ref("fake/TinyVision-GGUF"), tmp_path, machine=None, progress=False)
+    assert got.selection is not None
+    assert [f.path for f in got.selection.files] == [
+        "TinyVision-F16.gguf",
+        "mmproj-TinyVision-F16.gguf",
+    ]
+    beside = projector_for(got.entry.path)
+    assert beside == got.entry.path.parent / "mmproj-TinyVision-F16.gguf"
+    assert beside.read_bytes() == proj.read_bytes()
+    # a text-only repo fetches its model alone
+    plain = hub.resolve(
+        hub.parse_ref("fake/Split-GGUF:Q4_K_M"), tmp_path, machine=None, progress=False
+    )
+    assert plain.selection is not None
+    assert not any("mmproj" in f.path for f in plain.selection.files)

@@ -340,3 +340,29 @@ def test_hybrid_counts_state_on_recurrent_layers_and_kv_on_attention_layers(
     assert kv.state_bytes == 24 * row
     assert kv.k_bytes == kv.v_bytes == 8 * 8 * 128 * 2 * 8192  # 8 attention layers, f16
     assert kv.layer_bytes[0] == row and kv.layer_bytes[3] == 2 * 8 * 128 * 2 * 8192
+
+
+def test_the_plan_counts_a_vision_projector_where_llama_cpp_puts_it(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from innkeeper.models.projector import read_projector
+    from tests.models.vision_factory import write_pair
+
+    model, proj = write_pair(tmp_path)
+    info = read_projector(proj)
+    assert info.tensor_bytes > 0 and info.compute_bytes > 0
+    spec = read_gguf_spec(model)
+    text_only = engine(model, gpu_layers=0)
+    seeing = replace(text_only, mmproj=proj)
+    cpu = Hardware(16 * GIB, 16 * GIB)
+    a = plan_memory(spec, MemorySettings(text_only, 2048), cpu)
+    b = plan_memory(spec, MemorySettings(seeing, 2048), cpu)
+    assert b.weights_bytes - a.weights_bytes == info.tensor_bytes
+    assert b.total_bytes - a.total_bytes >= info.tensor_bytes + info.compute_bytes
+    assert b.devices[0].total_bytes - a.devices[0].total_bytes >= info.tensor_bytes
+    assert any(proj.name in n for n in b.notes) and not any(proj.name in n for n in a.notes)
+    gpu = Hardware(16 * GIB, 16 * GIB, (GPU(0, "g", 8 * GIB, 8 * GIB),), "override")
+    a = plan_memory(spec, MemorySettings(replace(text_only, gpu_layers=99), 2048), gpu)
+    b = plan_memory(spec, MemorySettings(replace(seeing, gpu_layers=99), 2048), gpu)
+    assert b.devices[1].weights_bytes - a.devices[1].weights_bytes == info.tensor_bytes
+    assert b.devices[0].total_bytes == a.devices[0].total_bytes  # nothing more in RAM

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from inspect import Parameter, Signature
 from pathlib import Path
 from typing import Annotated, Any
@@ -136,6 +137,8 @@ def fit_command(**values: Any) -> None:
         ident = identify(target, machine)
     except (ModelFormatError, ValueError, OSError) as exc:  # ConfigError is a ValueError
         fail(str(exc))
+    if cfg.mmproj is None and ident.vision is not None:  # serve pairs it the same way
+        cfg = replace(cfg, mmproj=ident.vision.path)
     spec = ident.spec
     if spec is None:
         fail(f"cannot plan memory for {target}: {ident.format} model without readable metadata")

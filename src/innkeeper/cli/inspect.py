@@ -62,6 +62,10 @@ def render_identification(ident: Identification) -> None:
                 else ", serve uses alpaca"
             ) + " unless --chat-template says otherwise"
         table.add_row("chat template", tpl)
+    if ident.vision:
+        v = ident.vision
+        n = v.image_tokens if v.image_tokens is not None else "varies with the image"
+        table.add_row("vision", f"yes (projector {v.path.name}, image tokens per image {n})")
     hints = ident.hints
     hint_bits = [
         f"quant {hints.quantization}" if hints.quantization else "",

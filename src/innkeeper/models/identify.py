@@ -29,6 +29,7 @@ from innkeeper.models.hf_meta import (
     read_safetensors_header,
     spec_from_config,
 )
+from innkeeper.models.projector import ProjectorInfo, projector_for, read_projector
 from innkeeper.models.safety import (
     PICKLE_SUFFIXES,
     SafetyReport,
@@ -62,6 +63,7 @@ class Identification:
     selected_file: str | None = None  # its (first) file
     choice: str | None = None  # why that variant: hub.choose's reason
     warnings: list[str] = field(default_factory=list)
+    vision: ProjectorInfo | None = None  # the projector beside a local GGUF model
 
     @property
     def complete(self) -> bool:
@@ -123,6 +125,7 @@ class Identification:
             "selected_file": self.selected_file,
             "selected_because": self.choice,
             "warnings": self.warnings,
+            "vision": self.vision.to_json() if self.vision else None,
         }
 
 
@@ -169,6 +172,17 @@ def _identify_gguf_file(path: Path, ident: Identification) -> None:
     ident.safety = safe_format_report("GGUF")
 
 
+def _find_projector(model: Path, ident: Identification) -> None:
+    """Note the vision projector `serve` would pair with this model (same rule)."""
+    proj = projector_for(model)
+    if proj is None:
+        return
+    try:
+        ident.vision = read_projector(proj)
+    except (ModelFormatError, OSError) as exc:
+        ident.warnings.append(f"projector {proj.name}: {exc}")
+
+
 def _identify_pickle(path: Path, ident: Identification) -> None:
     ident.format = "pickle"
     ident.recognized_by.append(f"PyTorch pickle ({path.suffix or 'content'})")
@@ -207,6 +221,7 @@ def _identify_dir(path: Path, ident: Identification, machine: hub.Machine | None
         ident.recognized_by = [*sub.recognized_by, f"{len(ggufs)} GGUF variant(s) in the folder"]
         ident.missing = sub.missing
         ident.safety = safe_format_report("GGUF")
+        _find_projector(path / chosen.main_file, ident)
         return
     has_st = any(n.endswith(".safetensors") for n in names)
     if (path / "config.json").is_file():
@@ -287,6 +302,7 @@ def identify_path(path: Path, machine: hub.Machine | None = None) -> Identificat
     head = path.open("rb").read(8)
     if head[:4] == b"GGUF":
         _identify_gguf_file(path, ident)
+        _find_projector(path, ident)
     elif path.suffix == ".safetensors":
         with FileSource(path) as src:
             tensors = read_safetensors_header(src)

@@ -21,6 +21,7 @@ from innkeeper.engine.planning import model_id_for
 from innkeeper.models import store
 from innkeeper.models.filenames import quant_label, shard_of, unsharded
 from innkeeper.models.gguf_meta import read_header
+from innkeeper.models.projector import models_in, projector_for
 from innkeeper.models.sources import FileSource
 from innkeeper.models.spec import ModelFormatError
 
@@ -75,64 +76,16 @@ class ModelEntry:
         return self.state is ModelState.LOADED and self.service is not None
 
 
-def _is_projector(p: Path) -> bool:
-    return p.name.lower().startswith("mmproj") and p.name.lower().endswith(".gguf")
-
-
-def _models_in(folder: Path) -> list[Path]:
-    """The first GGUF of each model in one folder (projectors and later split parts skipped)."""
-    out = []
-    for p in sorted(folder.glob("*.gguf")):
-        if _is_projector(p) or not p.is_file():
-            continue
-        shard = shard_of(p.name)
-        if shard and shard[0] != 1:
-            continue
-        out.append(p)
-    return out
-
-
-def _name_key(name: str) -> str:
-    """A file name without `.gguf`, `mmproj`, its quantization label and separators, for
-    telling which projector belongs to which model in a folder of several."""
-    stem = unsharded(name).lower().removesuffix(".gguf").replace("mmproj", "")
-    label = quant_label(name)
-    if label:
-        stem = stem.replace(label.lower(), "")
-    return "".join(c for c in stem if c.isalnum())
-
-
-def projector_for(model: Path) -> Path | None:
-    """The vision projector beside a model file: the folder's mmproj*.gguf when the folder
-    holds this one model (a downloaded repo, a one-model subfolder), else the one whose name
-    is the model's (`mmproj-gemma-3-4b-f16.gguf` for `gemma-3-4b-Q4_K_M.gguf`)."""
-    try:
-        projs = sorted(p for p in model.parent.iterdir() if _is_projector(p) and p.is_file())
-    except OSError:
-        return None
-    if not projs:
-        return None
-    key = _name_key(model.name)
-    named = [p for p in projs if (k := _name_key(p.name)) and (key.startswith(k) or k in key)]
-    if named:
-        return named[0]
-    if len(_models_in(model.parent)) == 1:
-        if len(projs) > 1:
-            log.info("%s: several projectors beside it, using %s", model.name, projs[0].name)
-        return projs[0]
-    return None
-
-
 def walk_dir(root: Path) -> list[tuple[str, Path]]:
     """(id, first GGUF) for each model under a --models-dir: files and one-model subfolders."""
     found: list[tuple[str, Path]] = []
     if not root.is_dir():
         log.warning("--models-dir %s is not a folder", root)
         return found
-    for p in _models_in(root):
+    for p in models_in(root):
         found.append((model_id_for(Path(unsharded(p.name))), p))
     for sub in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        inner = _models_in(sub)
+        inner = models_in(sub)
         if len(inner) == 1:
             found.append((sub.name, inner[0]))
         else:  # several models in one folder: each by its file name

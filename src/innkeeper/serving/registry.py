@@ -145,6 +145,7 @@ class ModelRegistry:
             "size_bytes": e.size_bytes,
             "status": e.status,
             "kind": e.kind,
+            "vision": e.mmproj is not None,  # a projector is paired: it takes images
             "is_default": e.id == self.default_id,
             "error": self.shown(e.error, caller),
         }

@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from innkeeper.models import store
 from innkeeper.models.filenames import normalize_quant
 from innkeeper.models.hub.choice import Machine
-from innkeeper.models.hub.download import BytesHook, ProgressHook, PullResult, pull
+from innkeeper.models.hub.download import (
+    BytesHook,
+    ProgressHook,
+    PullResult,
+    free_disk_bytes,
+    pull,
+)
 from innkeeper.models.hub.errors import HubError, NotPulledError
 from innkeeper.models.hub.listing import format_bytes, list_repo
 from innkeeper.models.hub.refs import HubRef
 from innkeeper.models.hub.selection import Selection, select
+from innkeeper.models.hub.variants import projector_of
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,12 @@ def resolve(
             f"{sel.repo_id} has no GGUF files ({sel.format} weights): innkeeper serves"
             " GGUF models; pull a GGUF repo, or this one with `innkeeper pull` to inspect"
         )
+    # A vision model's projector goes beside it (its header is read to be sure it is one;
+    # not when the disk cannot hold the model anyway: the pull below says so, nothing read).
+    room = sel.format == "gguf" and free_disk_bytes(root) >= sel.size
+    proj = projector_of(listing, sel.main_file) if room else None
+    if proj is not None and proj not in sel.files:
+        sel = replace(sel, files=(*sel.files, proj))
     if on_selected is not None:
         on_selected(sel)
     result = pull(sel, root, progress=progress, on_file=on_file, on_bytes=on_bytes, cancel=cancel)

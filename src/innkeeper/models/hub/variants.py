@@ -4,13 +4,16 @@ one quantization parser, so `pull` and `inspect`'s filename hints agree."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from innkeeper.models.filenames import normalize_quant, quant_label, shard_of, unsharded
-from innkeeper.models.hub.errors import MissingShardError, QuantNotFoundError
+from innkeeper.models.hub.errors import HubError, MissingShardError, QuantNotFoundError
 from innkeeper.models.hub.listing import RepoFile, RepoListing, format_bytes, source
-from innkeeper.models.spec import ModelSpec
+from innkeeper.models.spec import ModelFormatError, ModelSpec
+
+log = logging.getLogger("innkeeper.hub")
 
 
 @dataclass(frozen=True)
@@ -109,3 +112,36 @@ def match_quant(where: str, quant: str, variants: Sequence[Variant]) -> Variant:
             f"{where}: several files are {quant} ({names}); name one as {where}/FILE"
         )
     raise QuantNotFoundError(f"{where} has no {quant} file; it has: {_describe(variants)}")
+
+
+# The projector precision to fetch when a repo offers several: F16 runs on every backend
+# (BF16 does not on all of them), then the smallest of the rest.
+_PROJECTOR_PREFERENCE = ("F16", "BF16", "Q8_0", "F32")
+
+
+def projector_of(listing: RepoListing, main_file: str) -> RepoFile | None:
+    """The vision projector (`mmproj*.gguf`) to fetch with the model `main_file`: one from
+    the same folder, so it lands beside the model and `serve` pairs it (models/projector),
+    and only a real one (a `clip` GGUF, by its header: one small ranged read)."""
+    from innkeeper.models.gguf_meta import read_header
+
+    folder = main_file.rsplit("/", 1)[0] if "/" in main_file else ""
+
+    def here(f: RepoFile) -> bool:
+        parent, _, base = f.path.rpartition("/")
+        return parent == folder and base.lower().startswith("mmproj") and base.endswith(".gguf")
+
+    def rank(f: RepoFile) -> tuple[int, int, str]:
+        label = normalize_quant(quant_label(f.path) or "")
+        pref = _PROJECTOR_PREFERENCE
+        return (pref.index(label) if label in pref else len(pref), f.size, f.path)
+
+    for f in sorted((f for f in listing.files if here(f)), key=rank):
+        try:
+            arch = read_header(source(listing, f)).metadata.get("general.architecture")
+        except (ModelFormatError, HubError, OSError) as exc:
+            log.info("%s: %s not read, not fetched: %s", listing.repo_id, f.path, exc)
+            continue
+        if arch == "clip":
+            return f
+    return None

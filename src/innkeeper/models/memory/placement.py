@@ -16,6 +16,7 @@ from innkeeper.models.hardware import Hardware
 from innkeeper.models.memory.buffers import CUDA_CONTEXT_BYTES, RUNTIME_RAM_BYTES
 from innkeeper.models.memory.kv import KVPlan
 from innkeeper.models.memory.settings import MemorySettings
+from innkeeper.models.projector import projector_cost
 from innkeeper.models.spec import ByteGroups, ModelSpec
 from innkeeper.settings import ConfigError
 from innkeeper.settings.engine import FFN_EXPS_REGEX
@@ -138,8 +139,14 @@ def place(
     hw: Hardware,
     ngl: int,
 ) -> tuple[DevicePlan, ...]:
-    """Per-device bytes when `ngl` layers (output layer first) are offloaded: RAM, then GPUs."""
+    """Per-device bytes when `ngl` layers (output layer first) are offloaded: RAM, then GPUs.
+
+    A vision projector (`--mmproj`, or the one paired beside the model) is loaded whole by
+    libmtmd on the first GPU when layers are offloaded (innkeeper's engine asks for the GPU
+    then), else in RAM: its weights and one image's compute buffer go there."""
     e = s.engine
+    proj = projector_cost(e.mmproj)
+    proj_weights, proj_compute = (proj.tensor_bytes, proj.compute_bytes) if proj else (0, 0)
     n_layer = spec.n_layer
     gpus = list(hw.gpus)
     ngl = max(0, min(ngl, n_layer + 1)) if gpus else 0
@@ -170,13 +177,16 @@ def place(
             if gi == output_gpu:
                 w += groups.output + (groups.input if spec.tied_embeddings else 0)
             on = bool(mine)
+            if gi == 0:
+                w += proj_weights
             devices.append(
                 DevicePlan(
                     name=f"GPU {g.index}: {g.name}",
                     kind="gpu",
                     weights_bytes=w,
                     kv_cache_bytes=k,
-                    compute_bytes=compute if gi == output_gpu else 0,
+                    compute_bytes=(compute if gi == output_gpu else 0)
+                    + (proj_compute if gi == 0 else 0),
                     overhead_bytes=CUDA_CONTEXT_BYTES if on else 0,
                     capacity_bytes=g.free_bytes,
                     margin_bytes=GPU_MARGIN_BYTES if on else 0,
@@ -186,6 +196,9 @@ def place(
     # Fully offloaded: the host keeps a small staging compute buffer; otherwise (CPU layers,
     # experts or attention over a host KV cache) the host runs part of the same graph.
     full = bool(devices) and i_gpu_start == 0 and not any(kept) and e.kv_offload
+    if not devices:
+        cpu_weights += proj_weights
+        compute += proj_compute
     staging = spec.n_embd * 4 * min(e.ubatch_size, e.batch_size) * 2
     ram = DevicePlan(
         name="RAM",

@@ -17,6 +17,7 @@ from innkeeper.models.memory.buffers import compute_buffer_bytes, output_buffer_
 from innkeeper.models.memory.kv import KVPlan, checkpoint_ram_bytes, plan_kv
 from innkeeper.models.memory.placement import DevicePlan, best_gpu_layers, expert_bytes, place
 from innkeeper.models.memory.settings import MemorySettings
+from innkeeper.models.projector import projector_cost
 from innkeeper.models.spec import ByteGroups, ModelSpec
 from innkeeper.settings.engine import EngineConfig
 
@@ -185,10 +186,21 @@ def plan_memory(
     if gpu_side:
         notes.append(f"GPU share {format_size(gpu_side)}")
     ram = devices[0]
+    proj = projector_cost(e.mmproj)
+    if proj:
+        notes.append(
+            f"vision projector {proj.path.name}: {format_size(proj.tensor_bytes)} weights + "
+            f"{format_size(proj.compute_bytes)} to encode an image, in "
+            + ("VRAM" if ngl and hw.gpus else "RAM")
+        )
     return MemoryPlan(
-        weights_bytes=groups.total + (groups.input if spec.tied_embeddings and ngl >= 1 else 0),
+        weights_bytes=groups.total
+        + (groups.input if spec.tied_embeddings and ngl >= 1 else 0)
+        + (proj.tensor_bytes if proj else 0),
         kv_cache_bytes=kv.total,
-        compute_bytes=sum(d.compute_bytes for d in devices) if ngl and hw.gpus else compute,
+        compute_bytes=sum(d.compute_bytes for d in devices)
+        if ngl and hw.gpus
+        else ram.compute_bytes,
         overhead_bytes=ram.overhead_bytes + sum(d.overhead_bytes for d in devices[1:]),
         output_buffer_bytes=out_buf,
         gpu_layers=ngl,

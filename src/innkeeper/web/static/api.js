@@ -84,14 +84,14 @@ export async function getJson(path, opts) {
 export const postJson = (path, body, opts = {}) => getJson(path, { ...opts, method: "POST", body });
 
 /**
- * POST /v1/completions with stream: true; calls onText(piece) for each piece and resolves to
+ * POST /v1/completions (or `path`: /v1/chat/completions) with stream: true; calls onText(piece) for each piece and resolves to
  * {finish_reason, usage, timings}: the finish chunk's, with the usage of the choice-less chunk
  * that `include_usage` adds after it (OpenAI's shape). Aborting `signal` closes the connection,
  * which the server turns into a cancel.
  */
-export async function streamCompletion(body, { signal, onText }) {
+export async function streamCompletion(body, { signal, onText, path = "/v1/completions" }) {
   const streamBody = { ...body, stream: true, stream_options: { include_usage: true } };
-  const res = await request("/v1/completions", { method: "POST", body: streamBody, signal });
+  const res = await request(path, { method: "POST", body: streamBody, signal });
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -118,7 +118,8 @@ export async function streamCompletion(body, { signal, onText }) {
       }
       if (chunk.error) throw new ApiError(chunk.error.message || "generation failed");
       const choice = chunk.choices && chunk.choices[0];
-      if (choice && choice.text) onText(choice.text);
+      const piece = choice && (choice.text ?? choice.delta?.content); // completions, chat
+      if (piece) onText(piece);
       if (choice && choice.finish_reason) final = { finish_reason: choice.finish_reason, usage: chunk.usage, timings: chunk.timings };
       if (final && chunk.usage) final.usage = chunk.usage;
     }

@@ -3,8 +3,10 @@
 // state.js (state and preferences), ui.js (DOM helpers), status.js (Server panel),
 // keydialog.js (API key), prompt.js (prompt and context bar), chats.js (characters and chats),
 // log.js (message log), generate.js (replies and the composer), panels.js (settings panels),
-// layout.js (drawers), models.js (Models panel), cards.js, api.js and store.js.
+// layout.js (drawers), models.js (Models panel), attach.js (images), cards.js, api.js and
+// store.js.
 
+import { loadVision } from "./attach.js";
 import { loadStored, selectCharacter, wireChats } from "./chats.js";
 import { wireComposer } from "./generate.js";
 import { initKeyDialog } from "./keydialog.js";
@@ -29,7 +31,7 @@ async function main() {
   initModels(async () => {
     // a load or unload may change which model answers, and so its template and context
     state.templatesLoaded = false;
-    if (await refreshStatus({ ask: false })) await loadTemplates();
+    if (await refreshStatus({ ask: false })) await Promise.all([loadTemplates(), loadVision()]);
     schedulePreview();
   });
   fillSamplers();
@@ -38,7 +40,7 @@ async function main() {
   const charId = settings.load("charId", DEFAULT_CHAR.id);
   selectCharacter(state.chars.has(charId) ? charId : DEFAULT_CHAR.id, { chatId: settings.load("chatId", null) });
   if (await refreshStatus()) {
-    await loadTemplates();
+    await Promise.all([loadTemplates(), loadVision()]);
     schedulePreview();
     refreshModels();
   }

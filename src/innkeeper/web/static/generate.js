@@ -3,6 +3,7 @@
 
 import { ApiError, AuthError, request, streamCompletion } from "./api.js";
 import { saveChat } from "./chats.js";
+import { takePending, wireAttach } from "./attach.js";
 import { autosize } from "./layout.js";
 import { nearBottom, renderLog } from "./log.js";
 import { buildMessages, renderCtx, renderPrompt, scheduleDraftCount, showRaw } from "./prompt.js";
@@ -66,7 +67,11 @@ async function generate(index, cont) {
     const maxTokens = Math.min(maxWanted, ctx - r.tokens - 1);
     if (maxTokens < 1) throw new ApiError(`the prompt (${r.tokens} tokens) fills the whole context (${ctx})`);
     const stop = [...new Set([...(r.stop || []), `\n${userName()}:`])];
-    const body = { prompt: r.prompt, max_tokens: maxTokens, stop, genkey, ...samplerBody() };
+    // Images go as OpenAI image_url parts: the chat route renders the same template with them.
+    const seeing = !cont && history.some((h) => h.images?.length);
+    const body = seeing
+      ? { messages: buildMessages(history, true), instruction_template: prefs.template || undefined, max_tokens: maxTokens, stop, genkey, ...samplerBody() }
+      : { prompt: r.prompt, max_tokens: maxTokens, stop, genkey, ...samplerBody() };
     state.lastSent = { ...r, body };
     state.promptTokens = r.tokens;
     renderCtx();
@@ -74,6 +79,7 @@ async function generate(index, cont) {
     if (gen.stopped) throw new DOMException("stopped", "AbortError");
     final = await streamCompletion(body, {
       signal: controller.signal,
+      path: seeing ? "/v1/chat/completions" : undefined,
       onText: (piece) => {
         if (!cont && !pieces) piece = piece.replace(/^\s+/, "");
         pieces++;
@@ -139,8 +145,9 @@ export async function send() {
   const input = $("input");
   const text = input.value.replace(/\s+$/, "");
   const msgs = state.chat.messages;
-  if (text) {
-    msgs.push({ role: "user", swipes: [text], swipe: 0, meta: [] });
+  const images = takePending();
+  if (text || images.length) {
+    msgs.push({ role: "user", swipes: [text], swipe: 0, meta: [], ...(images.length ? { images } : {}) });
     input.value = "";
     autosize();
     state.draftTokens = 0;
@@ -194,4 +201,5 @@ export function wireComposer() {
   $("stop").addEventListener("click", stopGeneration);
   $("regen").addEventListener("click", regenerate);
   $("continue").addEventListener("click", continueReply);
+  wireAttach();
 }

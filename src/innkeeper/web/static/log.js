@@ -76,6 +76,17 @@ function messageEl(m, index) {
   text.className = "text";
   text.innerHTML = formatText(msgText(m));
   bubble.append(head, text);
+  if (m.images?.length) {
+    const pics = document.createElement("div");
+    pics.className = "attachments";
+    m.images.forEach((url, i) => {
+      const img = document.createElement("img");
+      img.src = url;
+      img.alt = `${who}'s image ${i + 1}`;
+      pics.append(img);
+    });
+    bubble.append(pics);
+  }
   const meta = document.createElement("div");
   meta.className = "meta";
   meta.textContent = metaText(m.meta?.[m.swipe]);

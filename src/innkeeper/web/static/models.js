@@ -112,7 +112,7 @@ function updateItem({ li, refs }, m) {
   refs.name.title = isDefault ? "The default: requests that name no model go here" : "";
   refs.badge.textContent = status;
   refs.badge.className = "badge status-" + status;
-  const facts = [m.format, m.quantization, formatBytes(m.size_bytes), m.source === "embedded" ? "built in" : m.source === "store" ? "store" : "folder"];
+  const facts = [m.format, m.quantization, formatBytes(m.size_bytes), m.source === "embedded" ? "built in" : m.source === "store" ? "store" : "folder", m.vision ? "vision" : ""];
   refs.facts.textContent = facts.filter(Boolean).join(" · ");
   const plan = m.plan;
   refs.verdict.textContent = plan?.verdict ? "This machine: " + String(plan.verdict).replace(/_/g, " ") : "";

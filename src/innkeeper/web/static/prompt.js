@@ -29,8 +29,9 @@ export function showRaw(kind, prompt, extra) {
   $("raw-prompt").title = extra || "";
 }
 
-/** The chat so far as OpenAI-style messages, the character's card folded into the system message. */
-export function buildMessages(history) {
+/** The chat so far as OpenAI-style messages, the character's card folded into the system
+ * message; `withImages`: a message's images as image_url parts after its text. */
+export function buildMessages(history, withImages = false) {
   const ch = state.char;
   const sys = [];
   const base = ch.builtin ? ch.system_prompt : ch.system_prompt ? ch.system_prompt.replace(/\{\{original\}\}/gi, prefs.systemPrompt) : prefs.systemPrompt;
@@ -42,7 +43,11 @@ export function buildMessages(history) {
   if (ch.post_history_instructions.trim()) sys.push(ch.post_history_instructions.trim());
   const messages = [];
   if (sys.length) messages.push({ role: "system", content: macros(sys.join("\n\n")) });
-  for (const m of history) messages.push({ role: m.role, content: msgText(m) });
+  for (const m of history) {
+    const images = withImages ? m.images || [] : [];
+    const content = images.length ? [{ type: "text", text: msgText(m) }, ...images.map((url) => ({ type: "image_url", image_url: { url } }))] : msgText(m);
+    messages.push({ role: m.role, content });
+  }
   return messages;
 }
 
