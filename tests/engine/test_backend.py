@@ -187,3 +187,18 @@ def test_load_error_names_llama_cpps_cause(tmp_path: Path) -> None:
     cut.write_bytes(default_model_path().read_bytes()[:5000])
     with pytest.raises(BackendError, match="failed to read key-value pairs"):
         Model(cut)
+
+
+def test_cpu_buffer_type_comes_from_the_ggml_libllama_uses() -> None:
+    """--cpu-moe's buffer type must be libllama's own: wheels ship libggml-base.so and .so.0
+    as two copies, and opening the wrong one loaded a second ggml beside libllama's."""
+    from innkeeper.engine.backend import cpu_buffer_type, init_backend
+
+    init_backend()
+    assert cpu_buffer_type()
+
+    def ggml_base_files() -> set[str]:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        return {line.split()[-1] for line in maps if "libggml-base" in line}
+
+    assert len(ggml_base_files()) == 1, ggml_base_files()

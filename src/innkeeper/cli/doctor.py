@@ -139,10 +139,10 @@ class Report:
 
 
 def _ggml() -> ctypes.CDLL:
-    """The ggml library llama-cpp-python ships (already loaded by libllama: same handle)."""
-    import llama_cpp
+    """The ggml library libllama itself uses (its registries list the backends)."""
+    from innkeeper.engine.backend import ggml_library
 
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml.so"))
+    lib = ggml_library("libggml")
     vp, size = ctypes.c_void_p, ctypes.c_size_t
     for name, restype, argtypes in (
         ("ggml_backend_reg_count", size, []),

@@ -80,14 +80,24 @@ class TensorBuftOverride(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
+def ggml_library(name: str) -> ctypes.CDLL:
+    """A ggml library (`libggml`, `libggml-base`, `libggml-rpc`) as libllama loaded it: by
+    its soname file. Wheels hold `libggml-base.so` and `libggml-base.so.0` as two copies, and
+    opening the other one loads a second ggml, with registries, buffer types and hooks of its
+    own (a --cpu-moe override then named a buffer type libllama had never seen)."""
+    folder = Path(C.__file__).parent / "lib"
+    path = folder / f"{name}.so.0"
+    return ctypes.CDLL(str(path if path.is_file() else folder / f"{name}.so"))
+
+
 def cpu_buffer_type() -> int:
     """ggml_backend_cpu_buffer_type(): where llama-server's --cpu-moe puts expert tensors.
 
-    The binding does not expose ggml's backend API, so it is called from the ggml library that
-    llama-cpp-python ships (already loaded by libllama: dlopen returns the same handle).
-    llama.cpp compares an override's buffer type with this very pointer.
+    The binding does not expose ggml's backend API, so it is called from the ggml library
+    libllama itself uses (`ggml_library`); llama.cpp compares an override's buffer type with
+    this very pointer.
     """
-    lib = ctypes.CDLL(str(Path(C.__file__).parent / "lib" / "libggml-base.so"))
+    lib = ggml_library("libggml-base")
     fn = lib.ggml_backend_cpu_buffer_type
     fn.argtypes, fn.restype = [], ctypes.c_void_p
     buft = fn()

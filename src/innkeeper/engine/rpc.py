@@ -23,7 +23,7 @@ from pathlib import Path
 
 import llama_cpp as C
 
-from innkeeper.engine.backend import BackendError
+from innkeeper.engine.backend import BackendError, ggml_library
 from innkeeper.models.hardware import GPU, Hardware
 
 # ggml-rpc.h / ggml-rpc.cpp of the pinned llama.cpp
@@ -178,7 +178,7 @@ def _name_lost_workers(message: bytes | None) -> None:
     text = (message or b"").decode("utf-8", "replace").strip()
     if "RPC" not in text:  # any other abort: what ggml itself would print
         os.write(2, f"{text}\n".encode())
-        _lib("libggml-base").ggml_print_backtrace()
+        ggml_library("libggml-base").ggml_print_backtrace()
         return
     with _lock:
         used = [e for e, n in _in_use.items() if n]
@@ -202,7 +202,7 @@ def _hook_abort() -> None:
     global _on_abort
     if _on_abort is None:
         _on_abort = _ABORT(_name_lost_workers)
-        fn = _lib("libggml-base").ggml_set_abort_callback
+        fn = ggml_library("libggml-base").ggml_set_abort_callback
         fn.restype, fn.argtypes = ctypes.c_void_p, [_ABORT]
         fn(_on_abort)
 
@@ -223,17 +223,9 @@ def _lib_dir() -> Path:
     return Path(C.__file__).parent / "lib"
 
 
-def _lib(name: str) -> ctypes.CDLL:
-    """A ggml library as libllama loaded it: by its soname file. Wheels hold `libggml.so`
-    and `libggml.so.0` as two copies, and opening the other one would load a second ggml
-    with registries and hooks of its own."""
-    path = _lib_dir() / f"{name}.so.0"
-    return ctypes.CDLL(str(path if path.is_file() else _lib_dir() / f"{name}.so"))
-
-
 def _ggml() -> ctypes.CDLL:
     """libggml, the instance libllama uses (the same registry)."""
-    lib = _lib("libggml")
+    lib = ggml_library("libggml")
     vp, size = ctypes.c_void_p, ctypes.c_size_t
     for name, restype, argtypes in (
         ("ggml_backend_dev_count", size, []),
@@ -264,7 +256,7 @@ UNAVAILABLE = (
 def _rpc() -> ctypes.CDLL:
     if not available():
         raise RpcUnavailable(UNAVAILABLE)
-    lib = _lib("libggml-rpc")
+    lib = ggml_library("libggml-rpc")
     vp, size = ctypes.c_void_p, ctypes.c_size_t
     lib.ggml_backend_rpc_add_server.restype = vp
     lib.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
