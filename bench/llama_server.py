@@ -30,6 +30,8 @@ CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
+    # RPC on, as innkeeper's own wheel: `llama-server --rpc` is the peer for the split bench.
+    "-DGGML_RPC=ON",
 ]
 
 
