@@ -8,7 +8,7 @@ GPU    ?=
 PYTEST_ARGS ?=
 LLAMA_CPP_PYTHON := $(shell sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml | head -n1)
 
-.PHONY: install dev serve test test-fast lint format bench bench-switch bench-gpu
+.PHONY: install dev serve test test-fast lint format bench bench-switch bench-gpu bench-rpc
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,10 @@ bench: dev
 ## bench-switch: switching models (unload A, load B, first token) against llama-server's router
 bench-switch: dev
 	$(BIN)/python -m bench.switch $(ARGS)
+
+## bench-rpc: serve --rpc against llama-server --rpc, the same split over two loopback workers
+bench-rpc: dev
+	$(BIN)/python -m bench.rpc $(ARGS)
 
 ## bench-gpu: on an NVIDIA GPU, innkeeper against llama-server built with CUDA (see bench/README.md)
 bench-gpu: dev
