@@ -19,7 +19,8 @@ from innkeeper.models.filenames import (
     normalize_quant,
     shard_name,
 )
-from innkeeper.models.gguf_meta import GGUFHeader, merge_split, read_gguf_spec, read_header
+from innkeeper.models.gguf_header import GGUFHeader, read_header
+from innkeeper.models.gguf_meta import merge_split, read_gguf_spec
 from innkeeper.models.hf_meta import (
     IncompleteConfigError,
     _is_exl2,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from innkeeper.models.filenames import quant_label, shard_of, unsharded
-from innkeeper.models.gguf_meta import read_header
+from innkeeper.models.gguf_header import read_header
 from innkeeper.models.sources import FileSource
 from innkeeper.models.spec import ModelFormatError
 

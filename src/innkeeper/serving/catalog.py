@@ -20,7 +20,7 @@ from innkeeper.engine.embeddings import model_kind
 from innkeeper.engine.planning import model_id_for
 from innkeeper.models import store
 from innkeeper.models.filenames import quant_label, shard_of, unsharded
-from innkeeper.models.gguf_meta import read_header
+from innkeeper.models.gguf_header import read_header
 from innkeeper.models.projector import models_in, projector_for
 from innkeeper.models.sources import FileSource
 from innkeeper.models.spec import ModelFormatError

@@ -75,7 +75,8 @@ def gguf_variants(files: Sequence[RepoFile]) -> list[Variant]:
 
 def read_spec(listing: RepoListing, variant: Variant) -> ModelSpec:
     """The ModelSpec of a GGUF variant from its headers alone (every shard's tensor table)."""
-    from innkeeper.models.gguf_meta import merge_split, read_header, spec_from_header
+    from innkeeper.models.gguf_header import read_header
+    from innkeeper.models.gguf_meta import merge_split, spec_from_header
 
     first = source(listing, variant.files[0])
     spec = spec_from_header(read_header(first), first.name)
@@ -123,7 +124,7 @@ def projector_of(listing: RepoListing, main_file: str) -> RepoFile | None:
     """The vision projector (`mmproj*.gguf`) to fetch with the model `main_file`: one from
     the same folder, so it lands beside the model and `serve` pairs it (models/projector),
     and only a real one (a `clip` GGUF, by its header: one small ranged read)."""
-    from innkeeper.models.gguf_meta import read_header
+    from innkeeper.models.gguf_header import read_header
 
     folder = main_file.rsplit("/", 1)[0] if "/" in main_file else ""
 
