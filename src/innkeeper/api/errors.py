@@ -63,6 +63,7 @@ ERROR_KINDS: dict[ErrorKind, tuple[int, str]] = {
     ErrorKind.GRAMMAR: (400, "invalid_request_error"),
     ErrorKind.CONTEXT_OVERFLOW: (503, "service_unavailable"),
     ErrorKind.TIMEOUT: (504, "timeout_error"),
+    ErrorKind.WORKER_LOST: (502, "server_error"),
     ErrorKind.SAMPLING: (500, "server_error"),
     ErrorKind.INTERNAL: (500, "server_error"),
 }

@@ -20,6 +20,7 @@ from innkeeper.api.offload import OffLoopBodyRoute
 from innkeeper.api.openai import ChatBody, render_chat
 from innkeeper.api.params import JsonBody, ParamError, normalise
 from innkeeper.api.state import registry_of, use_model
+from innkeeper.api.status import health_report
 
 router = APIRouter(tags=["llama.cpp"], route_class=OffLoopBodyRoute)
 router.include_router(llamacpp_completion.router)
@@ -39,8 +40,8 @@ class DetokenizeBody(JsonBody):
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health() -> dict[str, Any]:
+    return health_report()
 
 
 @router.get("/props")

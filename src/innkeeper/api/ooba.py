@@ -17,6 +17,7 @@ from innkeeper.api.offload import OffLoopBodyRoute
 from innkeeper.api.openai import ChatBody, render_chat
 from innkeeper.api.params import JsonBody, ParamError, normalise
 from innkeeper.api.state import registry_of, use_model
+from innkeeper.api.status import health_report
 from innkeeper.engine.templates import BUILTIN_FORMATS
 
 router = APIRouter(tags=["text-generation-webui"], route_class=OffLoopBodyRoute)
@@ -49,8 +50,8 @@ async def model_list(request: Request) -> dict[str, Any]:
 
 
 @router.get("/v1/internal/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health() -> dict[str, Any]:
+    return health_report()
 
 
 async def _count(request: Request, text: str, add_special: bool) -> list[int]:

@@ -13,6 +13,7 @@ from innkeeper.api.state import registry_of
 from innkeeper.serving.catalog import ModelEntry
 from innkeeper.serving.policy import Caller
 from innkeeper.serving.registry import ModelRegistry
+from innkeeper.serving.worker_loss import lost_workers_json, stranded_json
 
 router = APIRouter(tags=["innkeeper"])
 
@@ -24,6 +25,13 @@ FILE_TYPES = {
     "28": "IQ2_S", "29": "IQ2_M", "30": "IQ4_XS", "31": "IQ1_M", "32": "BF16", "36": "TQ1_0",
     "37": "TQ2_0", "38": "MXFP4",
 }  # fmt: skip
+
+
+def health_report() -> dict[str, Any]:
+    """/health: "ok" while the server answers; RPC workers found gone are named (the models
+    on them failed; the others serve) until a load uses each again."""
+    lost = lost_workers_json()
+    return {"status": "ok", "rpc_workers_lost": lost} if lost else {"status": "ok"}
 
 
 def _model_status(registry: ModelRegistry, e: ModelEntry, caller: Caller) -> dict[str, Any]:
@@ -90,5 +98,7 @@ async def status(request: Request, model: str | None = None) -> dict[str, Any]:
         "default": registry.default_id,
         "models": [_model_status(registry, e, caller) for e in registry.loaded()],
         "memory": registry.memory_json(),
+        "rpc_workers_lost": lost_workers_json(),
+        "models_stranded": stranded_json(),
         "auth_required": bool(request.app.state.config.api_keys),
     }

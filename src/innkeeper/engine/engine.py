@@ -20,7 +20,7 @@ from innkeeper.engine.backend import (
     default_threads,
 )
 from innkeeper.engine.embeddings import EMBED_SEQS, Embedder, Embeddings, model_kind
-from innkeeper.engine.events import GenerationRequest
+from innkeeper.engine.events import ErrorKind, GenerationRequest
 from innkeeper.engine.sampling import SamplingParams
 from innkeeper.engine.scheduler import Perf, QueueFullError, Scheduler
 from innkeeper.engine.templates import ChatTemplate, resolve_template
@@ -141,6 +141,7 @@ class Engine:
         self.vision_error: str | None = None  # why the model's projector did not load
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
+        self.lost: str | None = None  # why the model can run no more (`wreck`)
         try:
             if self.kind != "chat":  # an embedding model or a reranker: no generation
                 self._embedder = self._new_embedder()
@@ -263,6 +264,16 @@ class Engine:
         """Abort every running and queued request (any thread); returns how many."""
         return self.scheduler.cancel_all() if self.scheduler is not None else 0
 
+    def wreck(self, why: str) -> int:
+        """An RPC worker of this model is gone (any thread): its engine thread is stuck in
+        llama.cpp for good, so every running and queued request ends now with `why`, and
+        the model is never freed (`close` does nothing: freeing its buffers would wait on
+        the dead connection). Returns how many requests ended."""
+        self.lost = why
+        if self.scheduler is None:
+            return 0
+        return self.scheduler.fail_all(why, ErrorKind.WORKER_LOST)
+
     def stats(self) -> EngineStats:
         """Counters and slot occupancy now (any thread; each field is read without a lock,
         so they may be a step apart, as the perf endpoints always were)."""
@@ -327,6 +338,9 @@ class Engine:
         return self.scheduler.call(lambda: slot_ops.erase(slot, self.ctx))
 
     def close(self) -> None:
+        if self.lost is not None:
+            log.warning("%s stays in memory: %s", self.model.info.path.name, self.lost)
+            return
         if self.scheduler is not None:
             self.scheduler.stop()
         if self._embedder is not None:

@@ -75,6 +75,7 @@ class ErrorKind(str, Enum):
     CONTEXT_OVERFLOW = "context_overflow"  # the KV cache had no room for the request
     SAMPLING = "sampling"  # picking this request's next token failed
     TIMEOUT = "timeout"  # the request's deadline (--request-timeout) passed
+    WORKER_LOST = "worker_lost"  # an RPC worker the model runs on went away
     INTERNAL = "internal"  # anything else: a bug or a llama.cpp failure
 
 

@@ -6,9 +6,15 @@ adds each worker's devices to a model's device list and llama.cpp places layers 
 ggml's client aborts the whole process when a worker cannot be reached or speaks another
 protocol version (GGML_ABORT in ggml-rpc.cpp), so every endpoint is first asked here, in
 Python, with the same HELLO message and a timeout: a bad worker is one typed error naming it,
-before any weights move and before llama.cpp ever connects. A worker that dies mid-generation
-still aborts the process inside ggml (llama_decode has no way to return it as an error); the
-abort hook below at least names the worker in one line.
+before any weights move and before llama.cpp ever connects.
+
+A worker that dies while a model uses it fails inside ggml's per-worker dispatcher thread,
+which then aborts: llama_decode has no way to return it as an error. While a listener is
+registered (`on_worker_lost`: the server), the abort hook below names the worker gone, tells
+the listeners, and parks that thread for good instead: the process lives on, and every model
+on that worker is wrecked (its engine thread waits forever inside llama_decode; its buffers
+cannot be freed). The next load reaches the restarted worker under a new spelling of its
+address (`_spelling`), since ggml keeps the dead connection under the old one.
 """
 
 from __future__ import annotations
@@ -18,10 +24,13 @@ import os
 import socket
 import struct
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import llama_cpp as C
+import psutil
 
 from innkeeper.engine.backend import BackendError, ggml_library
 from innkeeper.models.hardware import GPU, Hardware
@@ -167,35 +176,136 @@ def ask(endpoint: str) -> WorkerInfo:
     return info
 
 
+def hold(endpoints: tuple[str, ...], held: bool) -> None:
+    """Count a loaded model's use of its workers (`held`), or its release. A load that
+    succeeded with a worker also ends its "lost" mark: it is back."""
+    with _lock:
+        for e in endpoints:
+            _in_use[e] = max(_in_use.get(e, 0) + (1 if held else -1), 0)
+            if held:
+                _lost.pop(e, None)
+    if held:
+        _hook_abort()
+
+
+# ---- a worker that dies while a model uses it -----------------------------------------------
+
+LostListener = Callable[[tuple[str, ...], str], None]
+
+_lost: dict[str, float] = {}  # endpoint -> when it was found gone (time.time())
+# endpoint -> the address string ggml is given for it: ggml caches a connection (and the
+# devices) per string, and a lost worker's connection is dead for good, so a reload names the
+# same host:port another way (one more leading zero on the port: ggml reads it with stoi).
+_spelling: dict[str, str] = {}
+_listeners: list[LostListener] = []
 _ABORT = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
 _on_abort = None  # kept alive for as long as ggml may call it
 
 
+def on_worker_lost(listener: LostListener) -> Callable[[], None]:
+    """Call `listener(endpoints, message)` when workers in use are found gone (on ggml's
+    thread: it must only hand the news on). Returns the function that unregisters it. While
+    none is registered, a lost worker ends the process, as ggml would (with a line naming it)."""
+    with _lock:
+        _listeners.append(listener)
+
+    def remove() -> None:
+        with _lock:
+            if listener in _listeners:
+                _listeners.remove(listener)
+
+    return remove
+
+
+def lost_workers() -> dict[str, float]:
+    """Workers found gone since a load last used them: endpoint -> since (time.time())."""
+    with _lock:
+        return dict(_lost)
+
+
+def spelled(endpoint: str) -> str:
+    """The address ggml is given for `endpoint` now (see `_spelling`)."""
+    with _lock:
+        return _spelling.get(endpoint, endpoint)
+
+
+def _respelled(address: str) -> str:
+    host, _, port = address.rpartition(":")
+    return f"{host}:0{port}"
+
+
+def _established(endpoint: str, conns: list) -> bool:
+    """Whether this process holds an open TCP connection to the worker at `endpoint`."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        ip = socket.gethostbyname(host)  # ggml's client resolves the same way (IPv4)
+    except OSError:
+        return False
+    return any(
+        c.raddr and c.raddr.ip == ip and c.raddr.port == int(port) and c.status == "ESTABLISHED"
+        for c in conns
+    )
+
+
+def _refuses(endpoint: str) -> bool:
+    host, _, port = endpoint.rpartition(":")
+    try:  # a live worker accepts into its backlog (it serves our connection); a dead one refuses
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+def _find_lost() -> tuple[str, ...]:
+    """The workers in use whose connection is gone: the kernel closed it when the worker
+    died (or an SSH tunnel dropped it), while a live worker's stays established. Failing
+    that, those that refuse a connection; failing that, every worker in use."""
+    with _lock:
+        used = [e for e, n in _in_use.items() if n]
+    try:
+        conns = psutil.Process().net_connections(kind="tcp4")
+        gone = [e for e in used if not _established(e, conns)]
+    except psutil.Error:
+        gone = []
+    return tuple(gone or [e for e in used if _refuses(e)] or used)
+
+
 def _name_lost_workers(message: bytes | None) -> None:
-    """ggml's abort hook while workers are in use: a worker that dies mid-generation makes
-    ggml's client abort the process (it cannot give an error back through llama_decode).
-    What cannot be avoided here is at least said: one error line naming the worker gone."""
+    """ggml's abort hook while workers are in use. A worker that dies mid-generation makes
+    ggml's dispatcher thread abort: with listeners, the worker is marked lost, they are told,
+    and this thread (ggml's, holding no lock) never returns, so the process survives."""
     text = (message or b"").decode("utf-8", "replace").strip()
     if "RPC" not in text:  # any other abort: what ggml itself would print
         os.write(2, f"{text}\n".encode())
         ggml_library("libggml-base").ggml_print_backtrace()
         return
-    with _lock:
-        used = [e for e, n in _in_use.items() if n]
-    gone = []
-    for endpoint in used:
-        host, _, port = endpoint.rpartition(":")
-        try:  # a live worker holds our connection and accepts silently; a dead one refuses
-            socket.create_connection((host, int(port)), timeout=1).close()
-        except OSError:
-            gone.append(endpoint)
-    who = ", ".join(gone) or ", ".join(used) or "?"
+    gone = _find_lost()
+    who = ", ".join(gone) or "?"
     text = text.rsplit(": ", 1)[-1]  # ggml's words, without its source path and line
-    os.write(
-        2,
-        f"error: RPC worker {who} stopped answering during generation ({text}); llama.cpp "
-        "cannot continue without it, so innkeeper exits: restart the worker, then innkeeper\n".encode(),
-    )
+    # A thread of ours (a load) may hold ggml's connection table: parking it would stall
+    # every later load, so only ggml's own dispatcher threads are parked.
+    ggml_thread = isinstance(threading.current_thread(), threading._DummyThread)
+    with _lock:
+        listeners = list(_listeners) if ggml_thread else []
+        if listeners:
+            for e in gone:
+                _lost[e] = time.time()
+                _in_use[e] = 0  # the wrecked models' holds: the worker is free to answer
+                _spelling[e] = _respelled(_spelling.get(e, e))
+    if not listeners:
+        os.write(
+            2,
+            f"error: RPC worker {who} stopped answering ({text}); llama.cpp cannot continue "
+            "without it, so innkeeper exits: restart the worker, then innkeeper\n".encode(),
+        )
+        return
+    why = f"RPC worker {who} is gone ({text})"
+    for listener in listeners:
+        try:
+            listener(gone, why)
+        except Exception as exc:  # one listener's failure must not spare the process less
+            os.write(2, f"error: while handling a lost RPC worker: {exc!r}\n".encode())
+    threading.Event().wait()  # park ggml's dispatcher thread: returning would abort()
 
 
 def _hook_abort() -> None:
@@ -205,15 +315,6 @@ def _hook_abort() -> None:
         fn = ggml_library("libggml-base").ggml_set_abort_callback
         fn.restype, fn.argtypes = ctypes.c_void_p, [_ABORT]
         fn(_on_abort)
-
-
-def hold(endpoints: tuple[str, ...], held: bool) -> None:
-    """Count a loaded model's use of its workers (`held`), or its release."""
-    with _lock:
-        for e in endpoints:
-            _in_use[e] = max(_in_use.get(e, 0) + (1 if held else -1), 0)
-    if held:
-        _hook_abort()
 
 
 # ---- ggml's backend registry, through ctypes ------------------------------------------------
@@ -325,7 +426,7 @@ def model_devices(endpoints: tuple[str, ...]) -> list[int]:
     ggml = _ggml()
     devices: list[int] = []
     for endpoint in endpoints:
-        reg = lib.ggml_backend_rpc_add_server(endpoint.encode())
+        reg = lib.ggml_backend_rpc_add_server(spelled(endpoint).encode())
         if not reg:
             raise RpcError(f"RPC worker {endpoint} offers no device")
         _added[endpoint] = [
@@ -336,7 +437,7 @@ def model_devices(endpoints: tuple[str, ...]) -> list[int]:
     return devices + [d.ptr for d in local_gpus()]
 
 
-_added: dict[str, list[int]] = {}  # endpoint -> its devices (ggml keeps them for the process)
+_added: dict[str, list[int]] = {}  # endpoint -> its devices now (ggml keeps them all for good)
 
 
 def device_labels() -> dict[str, str]:

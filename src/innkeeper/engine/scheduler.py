@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from innkeeper.engine.backend import Batch, Context, Model
-from innkeeper.engine.events import ErrorKind, GenerationRequest
+from innkeeper.engine.events import ErrorKind, Event, FinishEvent, GenerationRequest, Timings
 from innkeeper.engine.generation import Generation, Perf, TokenPipeline
 from innkeeper.engine.kv_stash import KVStash
 from innkeeper.engine.sampling import GrammarError, SamplerChain
@@ -126,6 +126,30 @@ class Scheduler:
                     n += 1
             self._cond.notify()
         return n
+
+    def fail_all(self, error: str, kind: ErrorKind) -> int:
+        """End every running and queued request with `error`, from another thread, for an
+        engine whose thread is stuck inside llama.cpp for good (a lost RPC worker): nothing
+        here may wait for it. The engine takes no more work; returns how many ended."""
+        with self._cond:
+            self._stop = True
+            reqs = [req for req, _ in self._queue]
+            reqs += [s.gen.req for s in self.slots if s.gen is not None]
+            self._queue.clear()
+            calls = list(self._calls)
+            self._calls.clear()
+        for req in reqs:
+            # Should the engine thread ever go on, nothing more reaches this consumer.
+            on_event, req.on_event = req.on_event, _dropped
+            req.cancel()
+            timings = Timings(len(req.prompt), 0, 0, 0.0, 0.0, 0.0)
+            try:
+                on_event(FinishEvent("error", "", timings, -1, error=error, error_kind=kind))
+            except Exception:  # a consumer that went away
+                log.debug("event consumer failed", exc_info=True)
+        for _, future in calls:
+            future.set_exception(RuntimeError(error))
+        return len(reqs)
 
     @property
     def queued(self) -> int:
@@ -499,6 +523,10 @@ class Scheduler:
             log.info("slot %d: shifted %d cached tokens after a prompt trim", slot.id, moved)
         slot.cache[:] = kept[:head_p]
         return head_p
+
+
+def _dropped(_event: Event) -> None:
+    """The consumer of a request that `fail_all` already ended."""
 
 
 def _emptiest_first(slot: Slot) -> tuple[bool, float]:

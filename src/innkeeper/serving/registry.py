@@ -34,7 +34,7 @@ from innkeeper.engine.templates import TemplateRenderError
 from innkeeper.models.hardware import Hardware, hardware_with_overrides
 from innkeeper.models.memory import AutoSettings, MemoryPlan
 from innkeeper.models.spec import ModelFormatError
-from innkeeper.serving import residency
+from innkeeper.serving import residency, worker_loss
 from innkeeper.serving.catalog import ModelEntry, ModelState, merge, scan
 from innkeeper.serving.errors import (
     AdminRequired,
@@ -49,6 +49,7 @@ from innkeeper.serving.idle import IdleUnloader
 from innkeeper.serving.load_settings import LOAD_SETTINGS, parse_keep_alive, parse_load_settings
 from innkeeper.serving.policy import Caller, keep_alive_allowed, redact_paths
 from innkeeper.serving.service import OFF_LOOP_THREADS, Service
+from innkeeper.serving.worker_loss import WorkerLossWatch
 from innkeeper.settings import ConfigError
 from innkeeper.settings.engine import EngineConfig
 from innkeeper.settings.server import ServerConfig
@@ -88,6 +89,7 @@ class ModelRegistry:
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="innkeeper-load")
         self._lock: asyncio.Lock | None = None
         self.idle = IdleUnloader(self)
+        self.worker_loss = WorkerLossWatch(self)
         self._service_factory = service_factory
         self._scanned = 0.0
         self.refresh()
@@ -324,7 +326,9 @@ class ModelRegistry:
                 e.state, e.error = ModelState.FAILED, str(exc)  # the file, not the request
             raise BadLoadRequest(f"cannot load {e.id}: {exc}") from None
         plan = auto.plan if auto is not None else None
-        evict = residency.choose_evictions(e, plan, self.loaded(), self.config.models_max)
+        evict = residency.choose_evictions(
+            e, plan, self.loaded(), self.config.models_max, worker_loss.held_plans()
+        )
         if e.service is not None:  # new settings, and they passed every check: reload
             evict.insert(0, e)
         for victim in evict:
@@ -482,10 +486,12 @@ class ModelRegistry:
 
     # ---- background: idle unload (serving/idle.py) ----------------------------------------
     def start(self) -> None:
-        """Start idle unloading (on the server's event loop)."""
+        """Start idle unloading and the watch for lost RPC workers (on the server's loop)."""
         self.idle.start()
+        self.worker_loss.start()
 
     async def stop(self) -> None:
+        self.worker_loss.stop()
         await self.idle.stop()
 
     def cancel_all(self) -> int:

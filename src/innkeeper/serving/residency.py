@@ -49,9 +49,14 @@ def fit_problem(plans: list[MemoryPlan], *, others: int) -> str | None:
 
 
 def choose_evictions(
-    target: ModelEntry, plan: MemoryPlan | None, loaded: list[ModelEntry], models_max: int
+    target: ModelEntry,
+    plan: MemoryPlan | None,
+    loaded: list[ModelEntry],
+    models_max: int,
+    held: list[MemoryPlan] | None = None,
 ) -> list[ModelEntry]:
-    """The loaded models that must go for `target` to load, least recently used first.
+    """The loaded models that must go for `target` to load, least recently used first;
+    `held`: memory no unload can give back (models stranded by a lost RPC worker).
 
     Raises InsufficientMemory, before anything is evicted, when even evicting every idle
     model leaves too little room."""
@@ -65,7 +70,7 @@ def choose_evictions(
     keep = [x for x in others if x not in evict]
 
     def plans(models: list[ModelEntry]) -> list[MemoryPlan]:
-        return [x.loaded_plan for x in models if x.loaded_plan is not None] + [plan]
+        return [x.loaded_plan for x in models if x.loaded_plan is not None] + [*(held or []), plan]
 
     for candidate in [x for x in keep if not busy(x)]:
         if fit_problem(plans(keep), others=len(keep)) is None:
