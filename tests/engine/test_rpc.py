@@ -180,26 +180,40 @@ def test_serve_rpc_answers_as_the_local_model_and_its_banner_shows_the_split(wor
     assert f"devicesCPU1layer,RPC0[{a}]" in flat and f"RPC1[{b}]" in flat
 
 
-# Loads as `serve` would (the plan's layers and split) and prints llama.cpp's buffer lines.
+# Loads as `serve` would (the plan's layers and split) with EngineConfig fields given as JSON,
+# and prints llama.cpp's buffer lines.
 LOAD_AS_SERVE = """
-import sys
+import json, sys
 from innkeeper.engine.engine import Engine, EngineConfig
 from innkeeper.engine.planning import plan_settings, planned_engine
 from innkeeper.models.store import default_model_path
-cfg = EngineConfig(model_path=default_model_path(), ctx_size=512, threads=1, parallel=1,
-                   rpc=tuple(sys.argv[1].split(",")))
+cfg = EngineConfig(model_path=default_model_path(), threads=1, parallel=1,
+                   rpc=tuple(sys.argv[1].split(",")), **json.loads(sys.argv[2]))
 Engine(planned_engine(cfg, plan_settings(cfg))).close()
 """
 
 
 @pytest.mark.slow
-def test_fit_rpc_plans_what_the_workers_allocate(workers) -> None:
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"ctx_size": 512},  # flash attention auto (on here), pipeline parallelism
+        {"ctx_size": 2048, "flash_attn": "off"},  # the KQ scores dominate
+        {"ctx_size": 2048, "flash_attn": "on", "gpu_layers": 20, "ubatch_size": 256},
+    ],
+)
+def test_fit_rpc_plans_what_the_workers_allocate(workers, settings: dict[str, object]) -> None:
     """`fit --rpc` asks the workers, splits the layers as llama.cpp does, and each worker's
-    weights and KV cache are what llama.cpp then allocates there, within 5%."""
+    share (weights, KV cache, compute buffer: its planned total) is what llama.cpp then
+    allocates there, within 5%."""
     from innkeeper.models.store import default_model_path
+    from innkeeper.settings import settings_of
+    from innkeeper.settings.engine import EngineConfig
 
+    flags = {f.name: spec.flag for f, spec in settings_of(EngineConfig)}
+    cli = [x for k, v in settings.items() for x in (flags[k], str(v))]
     endpoints = [e for e, _ in workers]
-    args = ["--rpc", ",".join(endpoints), "--ctx-size", "512", "--parallel", "1"]
+    args = ["--rpc", ",".join(endpoints), "--parallel", "1", *cli]
     fit = subprocess.run(
         [sys.executable, "-m", "innkeeper", "fit", str(default_model_path()), *args, "--json"],
         capture_output=True,
@@ -210,9 +224,10 @@ def test_fit_rpc_plans_what_the_workers_allocate(workers) -> None:
     plan = json.loads(fit.stdout)
     gpus = [d for d in plan["devices"] if d["kind"] == "gpu"]
     assert [g["name"].split(": ", 1)[-1] for g in gpus] == [f"RPC {e}" for e in endpoints]
+    assert [g["endpoint"] for g in gpus] == endpoints
     assert all(g["layers"] > 0 for g in gpus) and plan["network_bytes_per_token"] > 0
     load = subprocess.run(
-        [sys.executable, "-c", LOAD_AS_SERVE, ",".join(endpoints)],
+        [sys.executable, "-c", LOAD_AS_SERVE, ",".join(endpoints), json.dumps(settings)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -221,13 +236,13 @@ def test_fit_rpc_plans_what_the_workers_allocate(workers) -> None:
     assert load.returncode == 0, load.stderr[-2000:]
     for endpoint, planned in zip(endpoints, gpus, strict=True):
         sizes = re.findall(
-            rf"RPC\d+\[{re.escape(endpoint)}\] (?:model|KV) buffer size =\s*([\d.]+) MiB",
+            rf"RPC\d+\[{re.escape(endpoint)}\] (?:model|KV|compute) buffer size =\s*([\d.]+) MiB",
             load.stderr,
         )
-        assert len(sizes) == 2, load.stderr[-2000:]
+        assert len(sizes) == 3, load.stderr[-2000:]
         allocated = sum(float(s) for s in sizes) * 2**20
-        wanted = planned["weights_bytes"] + planned["kv_cache_bytes"]
-        assert abs(allocated - wanted) <= 0.05 * wanted, (endpoint, allocated, wanted)
+        wanted = planned["total_bytes"]  # nothing else: a worker has no runtime of ours
+        assert abs(allocated - wanted) <= 0.05 * wanted, (endpoint, allocated, planned)
 
 
 @pytest.mark.slow

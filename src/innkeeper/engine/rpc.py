@@ -135,6 +135,7 @@ def with_workers(hw: Hardware, endpoints: tuple[str, ...]) -> Hardware:
             f"RPC {info.endpoint}" + (f" #{d.index}" if len(info.devices) > 1 else ""),
             d.total_bytes,
             d.free_bytes,
+            info.endpoint,
         )
         for info in (ask(e) for e in endpoints)
         for d in info.devices
