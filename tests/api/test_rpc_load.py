@@ -71,6 +71,7 @@ def load(c: httpx.Client, settings: dict[str, Any]) -> httpx.Response:
 def test_a_load_with_a_loopback_worker_answers_as_the_local_model(
     server: ServerProcess, worker: str
 ) -> None:
+    free = rpc.probe(worker).devices[0].free_bytes  # asked before the server holds it
     with httpx.Client(base_url=server.url, timeout=180, headers=ADMIN) as c:
         local = complete(c)
         r = load(c, {"rpc": [worker], "gpu_layers": "all"})
@@ -80,6 +81,15 @@ def test_a_load_with_a_loopback_worker_answers_as_the_local_model(
         gpus = [d for d in entry["plan"]["devices"] if d["kind"] == "gpu"]
         assert [g["name"] for g in gpus] == [f"GPU 0: RPC {worker}"] and gpus[0]["layers"] > 0
         assert complete(c) == local
+        # a share beyond what the worker has free: 400 before anything is unloaded
+        # (a 1M context: its KV cache and KQ scores are over 40 GiB)
+        if free < 40 * 2**30:
+            huge = {"rpc": [worker], "gpu_layers": "all", "ctx_size": 2**20, "flash_attn": "off"}
+            r = load(c, huge)
+            assert r.status_code == 400, r.text
+            message = r.json()["detail"]["msg"]
+            assert f"RPC worker {worker} has" in message and "free" in message, message
+            assert complete(c) == local  # still loaded across the worker, as it was
         # [] loads it here alone again (the worker is free for the next load)
         assert load(c, {"rpc": [], "gpu_layers": "all"}).status_code == 200
         assert complete(c) == local

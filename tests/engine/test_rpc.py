@@ -14,12 +14,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import httpx
 import psutil
 import pytest
 
 from innkeeper.engine import rpc
+from innkeeper.models.hardware import GPU, Hardware, format_size
 from tests.engine.conftest import Runner, make_engine
 from tests.helpers import ARTIFACTS, free_port, run_server
 
@@ -271,3 +273,67 @@ def test_a_worker_killed_mid_stream_ends_the_stream_at_once_with_its_name() -> N
             srv.proc.wait(timeout=15)
             errors = [line for line in srv.log().splitlines() if line.startswith("error:")]
     assert errors and endpoint in errors[-1] and "stopped answering" in errors[-1]
+
+
+def worker_hw(*free: int) -> Hardware:
+    """This machine without GPUs, and workers whose one device each reports `free` bytes."""
+    gpus = tuple(
+        GPU(i, f"RPC 10.0.0.{i + 1}:50052", 2**36, f, f"10.0.0.{i + 1}:50052")
+        for i, f in enumerate(free)
+    )
+    return Hardware(2**36, 2**36, gpus)
+
+
+def test_a_share_beyond_a_workers_free_memory_is_refused_by_name() -> None:
+    """The check over the plan and the probed free memory, both ways: a --tensor-split that
+    puts almost everything on a worker with 100 MiB free is refused, naming the worker, its
+    free memory and the share; a worker with room passes."""
+    from innkeeper.engine.planning import check_worker_shares
+    from innkeeper.models.gguf_meta import read_gguf_spec
+    from innkeeper.models.memory import MemorySettings, plan_memory
+    from innkeeper.models.store import default_model_path
+    from innkeeper.settings.engine import EngineConfig
+
+    spec = read_gguf_spec(default_model_path())
+    cfg = EngineConfig(default_model_path(), rpc=("a:1", "b:1"), tensor_split=(9.0, 1.0))
+    small = plan_memory(spec, MemorySettings(cfg, 2048), worker_hw(100 * 2**20, 2**33), 999)
+    share = small.devices[1]
+    assert share.endpoint == "10.0.0.1:50052" and share.total_bytes > 100 * 2**20
+    with pytest.raises(rpc.WorkerTooSmall) as err:
+        check_worker_shares(small)
+    line = str(err.value)
+    assert "\n" not in line and "10.0.0.1:50052" in line and "100.00 MiB free" in line
+    assert format_size(share.total_bytes) in line
+    check_worker_shares(plan_memory(spec, MemorySettings(cfg, 2048), worker_hw(2**33, 2**33), 999))
+    # the plan's own choice (no --gpu-layers) never overfills a worker: it offloads less
+    auto = plan_memory(
+        spec, MemorySettings(replace(cfg, tensor_split=None), 2048), worker_hw(100 * 2**20, 2**33)
+    )
+    check_worker_shares(auto)
+
+
+@pytest.mark.slow
+def test_serve_refuses_a_share_the_worker_cannot_hold_before_any_weights_move() -> None:
+    """A real worker: a context whose KV cache and KQ scores are beyond any machine's free
+    memory, all layers on the worker: serve exits with one error line naming the worker, and
+    the worker received nothing."""
+    port = free_port()
+    endpoint = f"127.0.0.1:{port}"
+    with run_worker(port) as worker:
+        free = rpc.probe(endpoint).devices[0].free_bytes
+        before = psutil.Process(worker.pid).memory_info().rss
+        args = ("--rpc", endpoint, "--gpu-layers", "all", "--flash-attn", "off", "-ub", "2048")
+        t0 = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "innkeeper", "serve", *args, "--ctx-size", "1048576"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert time.monotonic() - t0 < 60
+        grown = psutil.Process(worker.pid).memory_info().rss - before
+        assert worker.poll() is None  # still serving: nothing reached ggml's client
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if endpoint in line]
+    assert errors and format_size(free)[:-4] in errors[-1] and "share" in errors[-1], done.stderr
+    assert grown < 16 * 2**20  # no weights arrived

@@ -25,6 +25,7 @@ import llama_cpp as C
 
 from innkeeper.engine.backend import BackendError, ggml_library
 from innkeeper.models.hardware import GPU, Hardware
+from innkeeper.settings import ConfigError
 
 # ggml-rpc.h / ggml-rpc.cpp of the pinned llama.cpp
 PROTO_MAJOR, PROTO_MINOR = 7, 0
@@ -49,6 +50,12 @@ class WorkerUnreachable(RpcError):
 
 class WorkerVersionMismatch(RpcError):
     """The worker speaks another RPC protocol version than this llama.cpp."""
+
+
+class WorkerTooSmall(RpcError, ConfigError):
+    """The share of the model placed on a worker's device is more than it reports free: a
+    setting (--tensor-split, --gpu-layers, the context) that cannot work, refused before any
+    weights move."""
 
 
 @dataclass(frozen=True)
