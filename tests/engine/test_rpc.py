@@ -14,12 +14,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import httpx
 import psutil
 import pytest
 
 from innkeeper.engine import rpc
+from innkeeper.models.hardware import GPU, Hardware, format_size
 from tests.engine.conftest import Runner, make_engine
 from tests.helpers import ARTIFACTS, free_port, run_server
 
@@ -180,26 +182,40 @@ def test_serve_rpc_answers_as_the_local_model_and_its_banner_shows_the_split(wor
     assert f"devicesCPU1layer,RPC0[{a}]" in flat and f"RPC1[{b}]" in flat
 
 
-# Loads as `serve` would (the plan's layers and split) and prints llama.cpp's buffer lines.
+# Loads as `serve` would (the plan's layers and split) with EngineConfig fields given as JSON,
+# and prints llama.cpp's buffer lines.
 LOAD_AS_SERVE = """
-import sys
+import json, sys
 from innkeeper.engine.engine import Engine, EngineConfig
 from innkeeper.engine.planning import plan_settings, planned_engine
 from innkeeper.models.store import default_model_path
-cfg = EngineConfig(model_path=default_model_path(), ctx_size=512, threads=1, parallel=1,
-                   rpc=tuple(sys.argv[1].split(",")))
+cfg = EngineConfig(model_path=default_model_path(), threads=1, parallel=1,
+                   rpc=tuple(sys.argv[1].split(",")), **json.loads(sys.argv[2]))
 Engine(planned_engine(cfg, plan_settings(cfg))).close()
 """
 
 
 @pytest.mark.slow
-def test_fit_rpc_plans_what_the_workers_allocate(workers) -> None:
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"ctx_size": 512},  # flash attention auto (on here), pipeline parallelism
+        {"ctx_size": 2048, "flash_attn": "off"},  # the KQ scores dominate
+        {"ctx_size": 2048, "flash_attn": "on", "gpu_layers": 20, "ubatch_size": 256},
+    ],
+)
+def test_fit_rpc_plans_what_the_workers_allocate(workers, settings: dict[str, object]) -> None:
     """`fit --rpc` asks the workers, splits the layers as llama.cpp does, and each worker's
-    weights and KV cache are what llama.cpp then allocates there, within 5%."""
+    share (weights, KV cache, compute buffer: its planned total) is what llama.cpp then
+    allocates there, within 5%."""
     from innkeeper.models.store import default_model_path
+    from innkeeper.settings import settings_of
+    from innkeeper.settings.engine import EngineConfig
 
+    flags = {f.name: spec.flag for f, spec in settings_of(EngineConfig)}
+    cli = [x for k, v in settings.items() for x in (flags[k], str(v))]
     endpoints = [e for e, _ in workers]
-    args = ["--rpc", ",".join(endpoints), "--ctx-size", "512", "--parallel", "1"]
+    args = ["--rpc", ",".join(endpoints), "--parallel", "1", *cli]
     fit = subprocess.run(
         [sys.executable, "-m", "innkeeper", "fit", str(default_model_path()), *args, "--json"],
         capture_output=True,
@@ -210,9 +226,10 @@ def test_fit_rpc_plans_what_the_workers_allocate(workers) -> None:
     plan = json.loads(fit.stdout)
     gpus = [d for d in plan["devices"] if d["kind"] == "gpu"]
     assert [g["name"].split(": ", 1)[-1] for g in gpus] == [f"RPC {e}" for e in endpoints]
+    assert [g["endpoint"] for g in gpus] == endpoints
     assert all(g["layers"] > 0 for g in gpus) and plan["network_bytes_per_token"] > 0
     load = subprocess.run(
-        [sys.executable, "-c", LOAD_AS_SERVE, ",".join(endpoints)],
+        [sys.executable, "-c", LOAD_AS_SERVE, ",".join(endpoints), json.dumps(settings)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -221,10 +238,74 @@ def test_fit_rpc_plans_what_the_workers_allocate(workers) -> None:
     assert load.returncode == 0, load.stderr[-2000:]
     for endpoint, planned in zip(endpoints, gpus, strict=True):
         sizes = re.findall(
-            rf"RPC\d+\[{re.escape(endpoint)}\] (?:model|KV) buffer size =\s*([\d.]+) MiB",
+            rf"RPC\d+\[{re.escape(endpoint)}\] (?:model|KV|compute) buffer size =\s*([\d.]+) MiB",
             load.stderr,
         )
-        assert len(sizes) == 2, load.stderr[-2000:]
+        assert len(sizes) == 3, load.stderr[-2000:]
         allocated = sum(float(s) for s in sizes) * 2**20
-        wanted = planned["weights_bytes"] + planned["kv_cache_bytes"]
-        assert abs(allocated - wanted) <= 0.05 * wanted, (endpoint, allocated, wanted)
+        wanted = planned["total_bytes"]  # nothing else: a worker has no runtime of ours
+        assert abs(allocated - wanted) <= 0.05 * wanted, (endpoint, allocated, planned)
+
+
+def worker_hw(*free: int) -> Hardware:
+    """This machine without GPUs, and workers whose one device each reports `free` bytes."""
+    gpus = tuple(
+        GPU(i, f"RPC 10.0.0.{i + 1}:50052", 2**36, f, f"10.0.0.{i + 1}:50052")
+        for i, f in enumerate(free)
+    )
+    return Hardware(2**36, 2**36, gpus)
+
+
+def test_a_share_beyond_a_workers_free_memory_is_refused_by_name() -> None:
+    """The check over the plan and the probed free memory, both ways: a --tensor-split that
+    puts almost everything on a worker with 100 MiB free is refused, naming the worker, its
+    free memory and the share; a worker with room passes."""
+    from innkeeper.engine.planning import check_worker_shares
+    from innkeeper.models.gguf_meta import read_gguf_spec
+    from innkeeper.models.memory import MemorySettings, plan_memory
+    from innkeeper.models.store import default_model_path
+    from innkeeper.settings.engine import EngineConfig
+
+    spec = read_gguf_spec(default_model_path())
+    cfg = EngineConfig(default_model_path(), rpc=("a:1", "b:1"), tensor_split=(9.0, 1.0))
+    small = plan_memory(spec, MemorySettings(cfg, 2048), worker_hw(100 * 2**20, 2**33), 999)
+    share = small.devices[1]
+    assert share.endpoint == "10.0.0.1:50052" and share.total_bytes > 100 * 2**20
+    with pytest.raises(rpc.WorkerTooSmall) as err:
+        check_worker_shares(small)
+    line = str(err.value)
+    assert "\n" not in line and "10.0.0.1:50052" in line and "100.00 MiB free" in line
+    assert format_size(share.total_bytes) in line
+    check_worker_shares(plan_memory(spec, MemorySettings(cfg, 2048), worker_hw(2**33, 2**33), 999))
+    # the plan's own choice (no --gpu-layers) never overfills a worker: it offloads less
+    auto = plan_memory(
+        spec, MemorySettings(replace(cfg, tensor_split=None), 2048), worker_hw(100 * 2**20, 2**33)
+    )
+    check_worker_shares(auto)
+
+
+@pytest.mark.slow
+def test_serve_refuses_a_share_the_worker_cannot_hold_before_any_weights_move() -> None:
+    """A real worker: a context whose KV cache and KQ scores are beyond any machine's free
+    memory, all layers on the worker: serve exits with one error line naming the worker, and
+    the worker received nothing."""
+    port = free_port()
+    endpoint = f"127.0.0.1:{port}"
+    with run_worker(port) as worker:
+        free = rpc.probe(endpoint).devices[0].free_bytes
+        before = psutil.Process(worker.pid).memory_info().rss
+        args = ("--rpc", endpoint, "--gpu-layers", "all", "--flash-attn", "off", "-ub", "2048")
+        t0 = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "innkeeper", "serve", *args, "--ctx-size", "1048576"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert time.monotonic() - t0 < 60
+        grown = psutil.Process(worker.pid).memory_info().rss - before
+        assert worker.poll() is None  # still serving: nothing reached ggml's client
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if endpoint in line]
+    assert errors and format_size(free)[:-4] in errors[-1] and "share" in errors[-1], done.stderr
+    assert grown < 16 * 2**20  # no weights arrived

@@ -184,8 +184,8 @@ def test_a_stranded_model_holds_its_memory_except_on_the_lost_workers() -> None:
     """The memory plan of later loads still counts a stranded model here and on the workers
     alive, not on the lost worker (its process died and gave it back)."""
     lost, alive = "10.0.0.9:50052", "10.0.0.9:500521"
-    gpus = [GPU(i, f"RPC {e}", 2**30, 2**30) for i, e in enumerate((lost, alive))]
-    hw = Hardware(8 * 2**30, 8 * 2**30, (*gpus, GPU(2, f"RPC {lost} #1", 2**30, 2**30)))
+    gpus = [GPU(i, f"RPC {e}", 2**30, 2**30, e) for i, e in enumerate((lost, alive))]
+    hw = Hardware(8 * 2**30, 8 * 2**30, (*gpus, GPU(2, f"RPC {lost} #1", 2**30, 2**30, lost)))
     cfg = EngineConfig(model_path=default_model_path(), ctx_size=512, parallel=1, gpu_layers=30)
     auto = plan_settings(cfg, hw)
     assert auto is not None

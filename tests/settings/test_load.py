@@ -19,6 +19,7 @@ def test_names_and_aliases_as_the_registry_took_them() -> None:
         "cache_type_v",
         "flash_attn",
         "parallel",
+        "rpc",
     }
     for alias, name in {
         "n_ctx": "ctx_size",
@@ -59,6 +60,17 @@ def test_values_parse_as_the_cli_parses_them() -> None:
         "ctx_size": 4096
     }
     assert parse_load_settings(None, strict=True) == {}
+
+
+def test_rpc_takes_the_cli_text_or_a_list() -> None:
+    assert parse_load_settings({"rpc": " 127.0.0.1:50052 , h:7"}, strict=True) == {
+        "rpc": ("127.0.0.1:50052", "h:7")
+    }
+    assert parse_load_settings({"rpc": ["a:1", "b:2,c:3"]}, strict=True) == {
+        "rpc": ("a:1", "b:2", "c:3")
+    }
+    assert parse_load_settings({"rpc": []}, strict=True) == {"rpc": ()}  # none
+    assert parse_load_settings({"rpc": ("a:1",)}, strict=True) == {"rpc": ("a:1",)}  # a reload
 
 
 def test_unknown_keys_refused_when_strict_ignored_otherwise() -> None:
@@ -107,6 +119,19 @@ INF = float("inf")
         {"ctx_size": 2**40},
         {"parallel": 0},
         {"np": 65},
+        {"rpc": True},
+        {"rpc": [1, 2]},
+        {"rpc": {"host": "a", "port": 1}},
+        {"rpc": 50052},
+        {"rpc": "http://x:1"},
+        {"rpc": "h:0"},
+        {"rpc": "h:65536"},
+        {"rpc": ":5"},
+        {"rpc": ""},
+        {"rpc": "a:1,a:1"},
+        {"rpc": ["a:1", "a:1"]},
+        {"rpc": ["a:1", None]},
+        {"rpc": "[::1]:5"},
     ],
 )
 def test_wrong_values_name_the_setting(raw: dict[str, Any]) -> None:

@@ -289,3 +289,46 @@ def test_panel_is_hidden_when_the_server_has_no_model_routes(
     send(pg, "Hi!", max_tokens=4)
     context.close()
     assert not errors, errors
+
+
+def test_the_load_form_takes_rpc_workers(browser: Any) -> None:
+    """The form's RPC workers field loads across a real loopback worker; an endpoint the
+    server may not reach on a client's word is refused with the server's reason."""
+    from innkeeper.engine import rpc
+    from tests.engine.test_rpc import run_worker
+    from tests.helpers import free_port
+
+    if not rpc.available():
+        pytest.skip("this llama-cpp-python has no RPC backend")
+    port = free_port()
+    worker = f"127.0.0.1:{port}"
+    with (
+        run_worker(port),
+        run_server("--ctx-size", "512", "--parallel", "1", name="web-models-rpc") as srv,
+        open_page(browser, srv.url + "/", "#models-panel:not([hidden]) .model-item") as pg,
+    ):
+        smol = listed(srv)["default"]
+        row = item(pg, smol)
+        row.get_by_role("button", name=f"Unload {smol}", exact=True).click()
+        expect(row.locator(".badge")).to_have_text("unloaded", timeout=LOAD_TIMEOUT)
+        load = row.get_by_role("button", name=f"Load {smol}", exact=True)
+        row.locator(".load-settings summary").click()
+        field = row.get_by_label("RPC workers")
+        assert field.input_value() == ""  # serve's own: none
+        assert row.get_by_label("GPU layers").input_value() == "0"  # no GPU here
+        field.fill("10.0.0.1:50052")
+        assert row.get_by_label("GPU layers").input_value() == ""  # auto: the plan's split
+        load.click()
+        expect(pg.locator("#toast")).to_contain_text("not on loopback")
+        field.fill("http://x:1")  # the browser's own check, before any request
+        load.click()
+        expect(row.locator(".error")).to_contain_text("RPC workers")
+        field.fill(worker)
+        load.click()
+        expect(pg.locator("#toast")).to_contain_text("is loaded", timeout=LOAD_TIMEOUT)
+        entry = next(m for m in listed(srv)["models"] if m["id"] == smol)
+        assert entry["settings"]["rpc"] == [worker] and entry["status"] == "loaded"
+        assert any(
+            d["name"] == f"GPU 0: RPC {worker}" and d["layers"] > 0
+            for d in entry["plan"]["devices"]
+        )

@@ -11,8 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from innkeeper.engine.backend import supports_gpu_offload
-from innkeeper.models.hardware import Hardware, detect_hardware
-from innkeeper.models.memory import AutoSettings, auto_settings
+from innkeeper.models.hardware import Hardware, detect_hardware, format_size
+from innkeeper.models.memory import AutoSettings, MemoryPlan, auto_settings
 from innkeeper.models.safety import is_pickle_weights
 from innkeeper.settings import ALL_LAYERS, ConfigError
 from innkeeper.settings.engine import EngineConfig
@@ -81,7 +81,8 @@ def plan_settings(cfg: EngineConfig, hardware: Hardware | None = None) -> AutoSe
     A file that is not a readable model raises ModelFormatError. Settings the plan cannot
     place on this machine (ConfigError: --main-gpu 2 on one GPU…) or a file it cannot read
     (OSError) are only logged: the plan is advice, and llama.cpp has the last word on those.
-    Anything else is a bug in the plan and propagates.
+    Anything else is a bug in the plan and propagates; so does WorkerTooSmall (a share more
+    than its RPC worker has free), which nothing after it could fix.
     """
     if cfg.rpc:  # the workers' devices join the plan (one that does not answer: the load says)
         from innkeeper.engine.rpc import RpcError, with_workers
@@ -92,10 +93,31 @@ def plan_settings(cfg: EngineConfig, hardware: Hardware | None = None) -> AutoSe
             log.warning("memory plan unavailable: %s", exc)
             return None
     try:
-        return auto_settings(cfg, hardware)
+        auto = auto_settings(cfg, hardware)
     except (ConfigError, OSError) as exc:
         log.warning("memory plan unavailable: %s", exc)
         return None
+    if cfg.rpc:
+        check_worker_shares(auto.plan)
+    return auto
+
+
+def check_worker_shares(plan: MemoryPlan) -> None:
+    """Refuse a plan that puts more on a worker's device than the worker reports free: ggml
+    would fail (or abort) mid-load, after weights have crossed the network. WorkerTooSmall
+    names the worker, its free memory and the share."""
+    from innkeeper.engine.rpc import WorkerTooSmall
+
+    for d in plan.devices:
+        if d.endpoint and d.total_bytes > d.capacity_bytes:
+            what = d.name.split(": ", 1)[-1].removeprefix("RPC ")
+            raise WorkerTooSmall(
+                f"RPC worker {what} has {format_size(d.capacity_bytes)} free, but its share "
+                f"of the model needs {format_size(d.total_bytes)} ({d.layers} layers: weights "
+                f"{format_size(d.weights_bytes)}, KV cache {format_size(d.kv_cache_bytes)}, "
+                f"compute {format_size(d.compute_bytes)}): give it a smaller --tensor-split "
+                "share, fewer --gpu-layers or a smaller context"
+            )
 
 
 def planned_engine(cfg: EngineConfig, auto: AutoSettings | None) -> EngineConfig:

@@ -34,6 +34,7 @@ import psutil
 
 from innkeeper.engine.backend import BackendError, ggml_library
 from innkeeper.models.hardware import GPU, Hardware
+from innkeeper.settings import ConfigError
 
 # ggml-rpc.h / ggml-rpc.cpp of the pinned llama.cpp
 PROTO_MAJOR, PROTO_MINOR = 7, 0
@@ -58,6 +59,12 @@ class WorkerUnreachable(RpcError):
 
 class WorkerVersionMismatch(RpcError):
     """The worker speaks another RPC protocol version than this llama.cpp."""
+
+
+class WorkerTooSmall(RpcError, ConfigError):
+    """The share of the model placed on a worker's device is more than it reports free: a
+    setting (--tensor-split, --gpu-layers, the context) that cannot work, refused before any
+    weights move."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,7 @@ def with_workers(hw: Hardware, endpoints: tuple[str, ...]) -> Hardware:
             f"RPC {info.endpoint}" + (f" #{d.index}" if len(info.devices) > 1 else ""),
             d.total_bytes,
             d.free_bytes,
+            info.endpoint,
         )
         for info in (ask(e) for e in endpoints)
         for d in info.devices

@@ -36,6 +36,7 @@ class GPU:
     name: str
     total_bytes: int
     free_bytes: int
+    endpoint: str = ""  # an RPC worker's HOST:PORT (its device, lent over the network)
 
 
 @dataclass(frozen=True)

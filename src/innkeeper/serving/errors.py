@@ -45,6 +45,11 @@ class BadLoadRequest(ServingError):
     """A load that can never work as asked: a file that is no model, settings out of range."""
 
 
+class WorkerNotAllowed(BadLoadRequest):
+    """A load names an RPC worker the server may not connect to on a client's word: neither
+    on loopback (where SSH tunnels land) nor among the server's own --rpc workers."""
+
+
 class InsufficientMemory(ServingError):
     """Loading the model would not fit this machine beside the models that must stay."""
 

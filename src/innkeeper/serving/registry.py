@@ -290,7 +290,9 @@ class ModelRegistry:
         e = self.resolve(name)
         overrides = None
         if settings is not None:
-            overrides = parse_load_settings(settings, strict=strict)
+            overrides = parse_load_settings(
+                settings, strict=strict, allowed_rpc=self.config.engine.rpc
+            )
         async with self.lock:
             if e.service is not None and (overrides is None or overrides == e.overrides):
                 e.service.touch()

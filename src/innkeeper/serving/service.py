@@ -125,6 +125,7 @@ class Service:
             "cache_type_v": cfg.cache_type_v,
             "flash_attn": cfg.flash_attn,
             "parallel": cfg.parallel,
+            "rpc": list(cfg.rpc),
             "threads": stats.threads,
             "threads_batch": stats.threads_batch,
         }

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -49,17 +48,11 @@ class Stranded:
         process died and gave it back)."""
         if self.plan is None:
             return None
-        kept = tuple(d for d in self.plan.devices if not _on_workers(d.name, self.workers))
+        kept = tuple(d for d in self.plan.devices if d.endpoint not in self.workers)
         return replace(self.plan, devices=kept)
 
 
 _stranded: list[Stranded] = []  # module-level: nothing may ever free these
-
-
-def _on_workers(device: str, endpoints: tuple[str, ...]) -> bool:
-    """Whether a plan's device (`GPU 0: RPC host:port`, `… #1` for a worker's second) is
-    one of these workers' (engine/rpc.py `with_workers` names them)."""
-    return any(re.search(rf"\bRPC {re.escape(e)}(?: #\d+)?$", device) for e in endpoints)
 
 
 def held_plans() -> list[MemoryPlan]:

@@ -156,6 +156,7 @@ class EngineConfig:
         help="`innkeeper worker`s lending their devices (first in --tensor-split)",
         panel=PANEL_MEMORY,
         memory=True,
+        loadable=True,  # over HTTP: loopback or the server's own --rpc (serving/load_settings)
     )
     kv_offload: bool = setting(
         True,

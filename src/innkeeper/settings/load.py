@@ -11,14 +11,15 @@ JSON types are taken strictly, as the schema states them: `true` is not a number
 not one either, lists and objects are refused, NaN and infinities too. Two exceptions, each
 from the declarations: a setting whose choices include on and off also takes `true`/`false`
 (text-generation-webui sends `flash_attn: true`), and one with `words` takes those words in
-place of a number (`gpu_layers: "all"`).
+place of a number (`gpu_layers: "all"`). A list setting (`rpc`) takes its CLI text
+("a:1,b:2") or a JSON list of such texts; `[]` is "none" (over the server's own).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from innkeeper.settings import (
     ConfigError,
@@ -32,11 +33,14 @@ from innkeeper.settings.engine import QUANTIZED_CACHE_TYPES, EngineConfig
 
 
 def _json_kind(hint: Any) -> type:
-    """int, float, str or bool: the JSON scalar a field's type hint (`int | None`…) takes."""
+    """int, float, str or bool: the JSON scalar a field's type hint (`int | None`…) takes;
+    list for a tuple of texts (`tuple[str, ...]`: `rpc`)."""
+    if get_origin(hint) is tuple and get_args(hint) == (str, ...):
+        return list
     args = [a for a in get_args(hint) if a is not type(None)] or [hint]
     if len(args) == 1 and args[0] in (int, float, str, bool):
         return args[0]  # type: ignore[no-any-return]
-    raise TypeError(f"a loadable setting must hold one JSON scalar, not {hint}")
+    raise TypeError(f"a loadable setting must hold one JSON scalar or texts, not {hint}")
 
 
 def _loadable() -> dict[str, tuple[Setting, type]]:
@@ -99,8 +103,25 @@ def _text(label: str, spec: Setting, value: Any) -> str:
     return str(parse_text(spec, value, label))
 
 
+def _texts(label: str, spec: Setting, value: Any) -> tuple[str, ...]:
+    """A list setting: its CLI text, or a list of such texts (each parsed as the CLI parses
+    it, none twice); an empty list is none."""
+    meta = spec.metavar or "text"
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f"{label} must be text ({meta}) or a list of texts (got {_shown(value)})")
+    if not items:
+        return ()
+    out = tuple(parse_text(spec, tuple(items), label))
+    if len(set(out)) != len(out):
+        raise ConfigError(f"{label} names one twice (got {_shown(value)})")
+    return out
+
+
 def load_value(label: str, spec: Setting, kind: type, value: Any) -> Any:
     """One client value -> the EngineConfig value, checked; ConfigError names `label`."""
+    if kind is list:
+        return _texts(label, spec, value)
     if kind is str:
         out: Any = _text(label, spec, value)
     elif kind is bool:
@@ -171,7 +192,9 @@ def load_fields() -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for name, (spec, kind) in LOADABLE.items():
         annotation: Any
-        if kind is str:
+        if kind is list:
+            annotation = str | list[str]
+        elif kind is str:
             annotation = Literal[spec.choices]  # type: ignore[valid-type]
             if _on_off(spec):
                 annotation = annotation | bool
@@ -180,15 +203,18 @@ def load_fields() -> dict[str, Any]:
             if spec.words:
                 annotation = annotation | Literal[spec.words]  # type: ignore[valid-type]
         bounds = {"ge": spec.min, "le": spec.max} if kind in (int, float) and not spec.words else {}
-        info = Field(None, description=_describe(spec), **bounds)
+        info = Field(None, description=_describe(spec, kind), **bounds)
         fields[name] = (annotation | None, info)
     return fields
 
 
-def _describe(spec: Setting) -> str:
+def _describe(spec: Setting, kind: type) -> str:
+    text = spec.help
+    if kind is list:
+        text += f": {spec.metavar or 'text'} as the CLI takes it, or a list; [] for none"
     if not spec.aliases:
-        return spec.help
-    return f"{spec.help} (text-generation-webui's args may call it {', '.join(spec.aliases)})"
+        return text
+    return f"{text} (text-generation-webui's args may call it {', '.join(spec.aliases)})"
 
 
 def load_schema_rules() -> dict[str, Any]:

@@ -1,7 +1,11 @@
 """llama.cpp's compute and output buffers, and the runtime cost it does not count.
 
 The compute buffer is a closed form calibrated against llama.cpp's own no_alloc dry runs (see
-`compute_buffer_bytes`): the one approximate term of the plan, typically within a few MiB. The
+`compute_buffer_bytes`): the one approximate term of the plan, typically within a few MiB.
+Split over several devices, each device holding layers has its own (only the output layer's
+holds the logits), and with pipeline parallelism every device keeps 4 copies of its inputs
+(`pipeline_copies`): measured on RPC CPU workers, each worker's total within 5%
+(tests/engine/test_rpc.py); local multi-GPU splits keep the one buffer until measured so. The
 overhead is llama.cpp's output (logits) buffer plus what the process needs besides llama.cpp's
 allocations: the CUDA context (~400 MiB per GPU) and Python, the server and llama.cpp's code
 (~150 MiB of RAM). `fit --measure` shows llama.cpp's own numbers, without that runtime part.
@@ -17,9 +21,28 @@ MIB = 1024**2
 
 CUDA_CONTEXT_BYTES = 400 * MIB  # CUDA context + cuBLAS workspace, not counted by llama.cpp
 RUNTIME_RAM_BYTES = 150 * MIB  # Python, the server and llama.cpp's code
+PIPELINE_COPIES = 4  # GGML_SCHED_MAX_COPIES: input copies per device with pipeline parallelism
 
 
-def compute_buffer_bytes(spec: ModelSpec, s: MemorySettings, kv: KVPlan) -> int:
+def pipeline_copies(s: MemorySettings, n_devices: int, ngl: int, n_layer: int) -> int:
+    """Copies of each device's graph inputs (KQ masks, the hidden state handed over): 4 when
+    llama.cpp turns pipeline parallelism on (llama-context.cpp: several devices, every layer
+    and the output offloaded, a layer split, the KV cache with its layers, no tensor
+    overrides), else 1."""
+    e = s.engine
+    pipelined = (
+        n_devices > 1
+        and ngl > n_layer
+        and e.split_mode == "layer"
+        and e.kv_offload
+        and not (e.cpu_moe or e.n_cpu_moe)
+    )
+    return PIPELINE_COPIES if pipelined else 1
+
+
+def compute_buffer_bytes(
+    spec: ModelSpec, s: MemorySettings, kv: KVPlan, *, output: bool = True, copies: int = 1
+) -> int:
     """llama.cpp's worst-case graph buffer (one ubatch against the full cache), closed form.
 
     ggml-alloc reserves the peak of three phases, each measured with llama.cpp's no_alloc dry
@@ -30,6 +53,10 @@ def compute_buffer_bytes(spec: ModelSpec, s: MemorySettings, kv: KVPlan) -> int:
     - attention without FA: the f32 KQ scores n_kv·u·n_head·4 plus ~5.5 rows of Q width.
     The KQ masks (f32 without FA, f16 with FA; one per cache, base and SWA) stay alive through
     the layers, so they add to the FFN and attention phases.
+
+    One device of a split: the logits only on the `output` layer's device; with pipeline
+    parallelism (`copies` > 1) its inputs — the masks and the hidden state it receives — are
+    kept `copies` times and stay alive through every phase, the logits' too.
     """
     u = ubatch(s, kv)
     f32 = 4
@@ -46,7 +73,11 @@ def compute_buffer_bytes(spec: ModelSpec, s: MemorySettings, kv: KVPlan) -> int:
     attn = int(5.5 * n_q * u * f32)
     if not kv.flash_attn:
         attn += n_kv * u * spec.n_head * f32
-    return max(logits, ffn + masks, attn + masks)
+    inputs = masks
+    if copies > 1:
+        inputs = copies * (masks + n_embd * u * f32)
+        logits += inputs
+    return max(logits if output else 0, ffn + inputs, attn + inputs)
 
 
 def ubatch(s: MemorySettings, kv: KVPlan) -> int:

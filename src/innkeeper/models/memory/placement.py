@@ -13,7 +13,12 @@ import re
 from dataclasses import dataclass
 
 from innkeeper.models.hardware import Hardware
-from innkeeper.models.memory.buffers import CUDA_CONTEXT_BYTES, RUNTIME_RAM_BYTES
+from innkeeper.models.memory.buffers import (
+    CUDA_CONTEXT_BYTES,
+    RUNTIME_RAM_BYTES,
+    compute_buffer_bytes,
+    pipeline_copies,
+)
 from innkeeper.models.memory.kv import KVPlan
 from innkeeper.models.memory.settings import MemorySettings
 from innkeeper.models.projector import projector_cost
@@ -42,6 +47,7 @@ class DevicePlan:
     capacity_bytes: int
     margin_bytes: int
     layers: int = 0
+    endpoint: str = ""  # the RPC worker lending this device (HOST:PORT), if it is one
 
     @property
     def total_bytes(self) -> int:
@@ -64,6 +70,7 @@ class DevicePlan:
             "capacity_bytes": self.capacity_bytes,
             "margin_bytes": self.margin_bytes,
             "fits": self.fits,
+            "endpoint": self.endpoint or None,
         }
 
 
@@ -170,6 +177,10 @@ def place(
         order = [*range(i_gpu_start, n_layer), n_layer]  # the output layer is placed last
         where = _gpu_of_layers(len(order), [share for _, share in used])
         output_gpu = used[where[-1]][0]
+        # Across RPC workers each device's own buffer is planned (measured on CPU workers); a
+        # local multi-GPU split keeps the calibrated one buffer on the output layer's GPU.
+        per_device = any(g.endpoint for g in gpus)
+        copies = pipeline_copies(s, len(gpus), ngl, n_layer) if per_device else 1
         for gi, g in enumerate(gpus):
             mine = [il for il, w in zip(order, where, strict=True) if used[w][0] == gi]
             w = sum(groups.layers[il] - kept[il] for il in mine if il < n_layer)
@@ -179,18 +190,25 @@ def place(
             on = bool(mine)
             if gi == 0:
                 w += proj_weights
+            # each device holding layers runs its part of the graph in its own buffer
+            c = 0
+            if gi == output_gpu and copies == 1:
+                c = compute
+            elif on and per_device:
+                c = compute_buffer_bytes(spec, s, kv, output=gi == output_gpu, copies=copies)
             devices.append(
                 DevicePlan(
                     name=f"GPU {g.index}: {g.name}",
                     kind="gpu",
                     weights_bytes=w,
                     kv_cache_bytes=k,
-                    compute_bytes=(compute if gi == output_gpu else 0)
-                    + (proj_compute if gi == 0 else 0),
-                    overhead_bytes=CUDA_CONTEXT_BYTES if on else 0,
+                    compute_bytes=c + (proj_compute if gi == 0 else 0),
+                    # a worker's free memory is counted after its own runtime (CUDA) started
+                    overhead_bytes=CUDA_CONTEXT_BYTES if on and not g.endpoint else 0,
                     capacity_bytes=g.free_bytes,
                     margin_bytes=GPU_MARGIN_BYTES if on else 0,
                     layers=len(mine),
+                    endpoint=g.endpoint,
                 )
             )
     # Fully offloaded: the host keeps a small staging compute buffer; otherwise (CPU layers,

@@ -9,6 +9,8 @@ import { $, formatBytes, toast, verdictClass } from "./ui.js";
 
 const KV_TYPES = ["f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"];
 const FLASH = ["auto", "on", "off"];
+// HOST:PORT[,HOST:PORT…] as the browser can check it; the server checks the rest (its rules)
+const RPC_PATTERN = String.raw`\s*[A-Za-z0-9.\-]+:[0-9]{1,5}(\s*,\s*[A-Za-z0-9.\-]+:[0-9]{1,5})*\s*`;
 const FAST_POLL_MS = 1000; // while a model loads or a pull runs
 const PULL_POLL_MS = 500;
 
@@ -67,6 +69,15 @@ function buildItem(m) {
   refs.kv = select(KV_TYPES, set.cache_type_k ?? "f16");
   refs.flash = select(FLASH, flashValue(set.flash_attn));
   refs.parallel = el("input", { type: "number", min: 1, max: 64, step: 1, inputMode: "numeric", value: set.parallel ?? "" });
+  refs.rpc = el("input", {
+    type: "text",
+    placeholder: "HOST:PORT,…",
+    pattern: RPC_PATTERN,
+    spellcheck: false,
+    autocomplete: "off",
+    title: "innkeeper workers lending their devices: on loopback (an SSH tunnel) or among serve's --rpc; empty: none",
+    value: (set.rpc || []).join(","),
+  });
   const form = el(
     "details",
     { class: "load-settings" },
@@ -79,11 +90,17 @@ function buildItem(m) {
       field("KV cache type", refs.kv),
       field("Flash attention", refs.flash),
       field("Parallel slots", refs.parallel),
+      field("RPC workers", refs.rpc),
     ),
   );
   refs.load = el("button", { type: "button", class: "btn small primary", text: "Load", "aria-label": `Load ${name}` });
   refs.unload = el("button", { type: "button", class: "btn small", text: "Unload", "aria-label": `Unload ${name}` });
   refs.del = el("button", { type: "button", class: "btn small danger", text: "Delete", "aria-label": `Delete ${name} from the store` });
+  // Workers to lend devices: 0 GPU layers (a machine without a GPU) would leave them idle,
+  // so the plan picks the layers again (auto), as `serve --rpc` does.
+  refs.rpc.addEventListener("input", () => {
+    if (refs.rpc.value.trim() && refs.gpu.value.trim() === "0") refs.gpu.value = "";
+  });
   refs.load.addEventListener("click", () => load(name, refs));
   refs.unload.addEventListener("click", () => unload(name));
   refs.del.addEventListener("click", () => remove(name));
@@ -184,6 +201,8 @@ function settingsOf(refs) {
   if (num(refs.parallel) !== null) out.parallel = num(refs.parallel);
   out.cache_type_k = out.cache_type_v = refs.kv.value;
   out.flash_attn = refs.flash.value;
+  const rpc = refs.rpc.value.trim();
+  out.rpc = rpc ? rpc.split(",").map((e) => e.trim()).filter(Boolean) : [];
   return out;
 }
 
@@ -206,7 +225,7 @@ async function act(id, what, fn) {
 }
 
 async function load(id, refs) {
-  for (const input of [refs.ctx, refs.gpu, refs.parallel]) {
+  for (const input of [refs.ctx, refs.gpu, refs.parallel, refs.rpc]) {
     if (!input.checkValidity()) {
       refs.error.textContent = `${input.labels[0].textContent}: ${input.validationMessage}`;
       input.focus();
