@@ -182,6 +182,47 @@ def test_wreck_ends_running_and_queued_requests_from_another_thread() -> None:
     assert engine.model.ptr is not None
 
 
+@needs_rpc
+@pytest.mark.slow
+def test_embeddings_in_flight_when_their_worker_dies_end_with_a_502() -> None:
+    """An embedding decode on a lost worker never returns (its thread waits in llama.cpp for
+    good): the request in flight, and the one queued behind it, still end at once."""
+    port = free_port()
+    endpoint = f"127.0.0.1:{port}"
+    args = ("--rpc", endpoint, "--ctx-size", "512", "--parallel", "1")
+    with run_worker(port) as worker, run_server(*args, name="rpc-loss-embed") as srv:
+        c = httpx.Client(base_url=srv.url, timeout=60)
+        warm = c.post("/v1/embeddings", json={"input": PROMPT})  # its context, on the worker
+        assert warm.status_code == 200, warm.text
+        inputs = [f"{PROMPT} ({i})" * 6 for i in range(400)]  # a minute of decodes or more
+        answers: dict[str, httpx.Response] = {}
+        posts = [
+            threading.Thread(
+                target=lambda k=k: answers.setdefault(
+                    k, c.post("/v1/embeddings", json={"input": inputs})
+                )
+            )
+            for k in ("running", "queued")
+        ]
+        for t in posts:
+            t.start()
+            time.sleep(1.5)
+        assert not answers  # both still in flight
+        worker.kill()
+        killed = time.monotonic()
+        for t in posts:
+            t.join(30)
+        assert time.monotonic() - killed < 5  # no hang
+        assert sorted(answers) == ["queued", "running"]
+        for r in answers.values():
+            assert r.status_code == 502, r.text
+            assert endpoint in r.json()["error"]["message"]
+        status = c.get("/api/innkeeper/status").json()
+        assert status["model"]["status"] == "failed"
+        assert c.get("/health").status_code == 200 and srv.proc.poll() is None
+        c.close()
+
+
 def test_wreck_ends_every_wait_on_the_engine_and_refuses_what_comes_after(
     tmp_path: Path,
 ) -> None:
