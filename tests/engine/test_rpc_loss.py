@@ -11,13 +11,15 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from innkeeper.engine import rpc
-from innkeeper.engine.events import ErrorKind, FinishEvent
+from innkeeper.engine.events import EngineLost, ErrorKind, FinishEvent
 from innkeeper.engine.planning import plan_settings
 from innkeeper.models.hardware import GPU, Hardware
 from innkeeper.models.store import default_model_path
@@ -178,6 +180,102 @@ def test_wreck_ends_running_and_queued_requests_from_another_thread() -> None:
     assert len(running) == seen and len(queued) == 1  # the engine thread sends nothing more
     engine.close()  # frees nothing (a wrecked engine's buffers would wait on a dead worker)
     assert engine.model.ptr is not None
+
+
+@needs_rpc
+@pytest.mark.slow
+def test_embeddings_in_flight_when_their_worker_dies_end_with_a_502() -> None:
+    """An embedding decode on a lost worker never returns (its thread waits in llama.cpp for
+    good): the request in flight, and the one queued behind it, still end at once."""
+    port = free_port()
+    endpoint = f"127.0.0.1:{port}"
+    args = ("--rpc", endpoint, "--ctx-size", "512", "--parallel", "1")
+    with run_worker(port) as worker, run_server(*args, name="rpc-loss-embed") as srv:
+        c = httpx.Client(base_url=srv.url, timeout=60)
+        warm = c.post("/v1/embeddings", json={"input": PROMPT})  # its context, on the worker
+        assert warm.status_code == 200, warm.text
+        inputs = [f"{PROMPT} ({i})" * 6 for i in range(400)]  # a minute of decodes or more
+        answers: dict[str, httpx.Response] = {}
+        posts = [
+            threading.Thread(
+                target=lambda k=k: answers.setdefault(
+                    k, c.post("/v1/embeddings", json={"input": inputs})
+                )
+            )
+            for k in ("running", "queued")
+        ]
+        for t in posts:
+            t.start()
+            time.sleep(1.5)
+        assert not answers  # both still in flight
+        worker.kill()
+        killed = time.monotonic()
+        for t in posts:
+            t.join(30)
+        assert time.monotonic() - killed < 5  # no hang
+        assert sorted(answers) == ["queued", "running"]
+        for r in answers.values():
+            assert r.status_code == 502, r.text
+            assert endpoint in r.json()["error"]["message"]
+        status = c.get("/api/innkeeper/status").json()
+        assert status["model"]["status"] == "failed"
+        assert c.get("/health").status_code == 200 and srv.proc.poll() is None
+        c.close()
+
+
+def test_wreck_ends_every_wait_on_the_engine_and_refuses_what_comes_after(
+    tmp_path: Path,
+) -> None:
+    """A slot save queued behind a long prompt decode, and work stuck for good (a future
+    nobody settles, as an embedding decode on a lost worker) end with EngineLost the moment
+    the engine is wrecked; afterwards nothing reaches the engine."""
+    engine = make_engine(parallel=2, ctx_size=4096, batch_size=512)
+    runner = Runner(engine)
+    prompt = engine.tokenize(" ".join([PROMPT] * 250))[:2000]
+    runner.submit(prompt, max_tokens=8)
+    while engine.slots()[0].state != "prompt":
+        time.sleep(0.01)
+    time.sleep(0.2)  # inside a decode of 512 tokens: seconds on one thread
+    save = engine.save_slot(1, tmp_path / "s1")  # waits for the engine thread
+    stuck: Future[int] = Future()
+    waits = [save, engine.guard(stuck)]
+    assert not any(f.done() for f in waits)
+    t0 = time.monotonic()
+    engine.wreck("RPC worker 10.0.0.9:50052 is gone")
+    for f in waits:
+        exc = f.exception(timeout=1)
+        assert isinstance(exc, EngineLost) and exc.kind is ErrorKind.WORKER_LOST
+        assert "10.0.0.9:50052" in exc.message
+    assert time.monotonic() - t0 < 0.5
+    assert not stuck.done()  # the stuck work itself is left alone
+    # Arriving after the wreck: refused at once, before the engine thread could see them.
+    for late in (engine.save_slot(1, tmp_path / "s2"), engine.erase_slot(1), engine.guard(stuck)):
+        assert isinstance(late.exception(timeout=0), EngineLost)
+    with pytest.raises(EngineLost):
+        runner.submit(prompt[:8])
+    assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()
+    engine.close()  # frees nothing, waits for nothing
+
+
+def test_a_guarded_wait_settles_with_its_work_and_a_cancel_reaches_the_work() -> None:
+    """While the engine runs, `guard` is transparent: the work's result or error passes
+    through, and a waiter that gives up cancels work that has not started."""
+    engine = make_engine(parallel=1, ctx_size=512)
+    try:
+        done: Future[int] = Future()
+        waited = engine.guard(done)
+        done.set_result(7)
+        assert waited.result(timeout=0) == 7
+        failed: Future[int] = Future()
+        waited = engine.guard(failed)
+        failed.set_exception(KeyError("x"))
+        assert isinstance(waited.exception(timeout=0), KeyError)
+        pending: Future[int] = Future()
+        assert engine.guard(pending).cancel()
+        assert pending.cancelled()
+        assert not engine._waiters  # nothing left for a wreck to fail
+    finally:
+        engine.close()
 
 
 def test_a_stranded_model_holds_its_memory_except_on_the_lost_workers() -> None:

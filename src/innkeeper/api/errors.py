@@ -56,6 +56,7 @@ SERVING_STATUS: dict[type[serving.ServingError], tuple[int, str]] = {
     serving.Conflict: (409, "invalid_request_error"),
     serving.TooManyJobs: (429, "rate_limit_error"),
     serving.StoreFailed: (500, "server_error"),
+    serving.WorkerLost: (502, "server_error"),  # as ERROR_KINDS[WORKER_LOST]
 }
 
 # How each kind of engine failure reaches the client: (HTTP status, error type).

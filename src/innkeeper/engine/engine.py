@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 from innkeeper.engine import slots as slot_ops
 from innkeeper.engine.backend import (
@@ -20,7 +22,7 @@ from innkeeper.engine.backend import (
     default_threads,
 )
 from innkeeper.engine.embeddings import EMBED_SEQS, Embedder, Embeddings, model_kind
-from innkeeper.engine.events import ErrorKind, GenerationRequest
+from innkeeper.engine.events import EngineLost, ErrorKind, GenerationRequest
 from innkeeper.engine.sampling import SamplingParams
 from innkeeper.engine.scheduler import Perf, QueueFullError, Scheduler
 from innkeeper.engine.templates import ChatTemplate, resolve_template
@@ -30,10 +32,13 @@ from innkeeper.settings.engine import DEFAULT_CTX, EngineConfig
 
 log = logging.getLogger("innkeeper.engine")
 
+T = TypeVar("T")
+
 __all__ = [
     "DEFAULT_CTX",
     "Engine",
     "EngineConfig",
+    "EngineLost",
     "EngineStats",
     "NotAChatModel",
     "Perf",
@@ -142,6 +147,8 @@ class Engine:
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
         self.lost: str | None = None  # why the model can run no more (`wreck`)
+        self._waiters: set[Future[Any]] = set()  # `guard`'s futures, failed by `wreck`
+        self._waiters_lock = threading.Lock()
         try:
             if self.kind != "chat":  # an embedding model or a reranker: no generation
                 self._embedder = self._new_embedder()
@@ -256,6 +263,8 @@ class Engine:
         """Queue a request (any thread); raises QueueFullError at --max-queue."""
         if self.scheduler is None:
             raise NotAChatModel(f"{self.model.info.path.name} is an {self.kind} model")
+        if self.lost is not None:
+            raise EngineLost(self.lost)
         if request.media is not None and self.vision is None:
             raise VisionError(f"{self.model.info.path.name} has no vision projector")
         self.scheduler.submit(request)
@@ -268,11 +277,54 @@ class Engine:
         """An RPC worker of this model is gone (any thread): its engine thread is stuck in
         llama.cpp for good, so every running and queued request ends now with `why`, and
         the model is never freed (`close` does nothing: freeing its buffers would wait on
-        the dead connection). Returns how many requests ended."""
-        self.lost = why
+        the dead connection). Every `guard`ed wait (slot files, embeddings, serving's work on
+        the model) ends with EngineLost. Returns how many requests ended."""
+        with self._waiters_lock:
+            self.lost = why
+            waiters = list(self._waiters)
+            self._waiters.clear()
+        for outer in waiters:
+            _settle(outer, EngineLost(why))
         if self.scheduler is None:
             return 0
         return self.scheduler.fail_all(why, ErrorKind.WORKER_LOST)
+
+    def guard(self, inner: Future[T]) -> Future[T]:
+        """A future with `inner`'s outcome, or EngineLost as soon as the engine is wrecked (at
+        once if it already is): work stuck with the engine's thread in llama.cpp (an embedding
+        decode, a slot file) never settles `inner`, and its caller must not wait for it.
+        Cancelling the result cancels `inner` if it has not started."""
+        outer: Future[T] = Future()
+        with self._waiters_lock:
+            lost = self.lost
+            if lost is None:
+                self._waiters.add(outer)
+        if lost is not None:
+            inner.cancel()
+            outer.set_exception(EngineLost(lost))
+            return outer
+
+        def settle(done: Future[T]) -> None:
+            with self._waiters_lock:
+                if outer not in self._waiters:  # wrecked first
+                    return
+                self._waiters.discard(outer)
+            if done.cancelled():
+                outer.cancel()
+            elif (exc := done.exception()) is not None:
+                _settle(outer, exc)
+            else:
+                _settle(outer, None, done.result())
+
+        def forget(done: Future[T]) -> None:
+            if done.cancelled():
+                with self._waiters_lock:
+                    self._waiters.discard(outer)
+                inner.cancel()
+
+        outer.add_done_callback(forget)
+        inner.add_done_callback(settle)
+        return outer
 
     def stats(self) -> EngineStats:
         """Counters and slot occupancy now (any thread; each field is read without a lock,
@@ -322,20 +374,23 @@ class Engine:
 
     def save_slot(self, slot_id: int, path: Path) -> Future[tuple[int, int]]:
         """Write an idle slot's tokens and KV state to a file (on the engine thread);
-        the future gives (tokens, bytes) or raises SlotBusy / SlotFileError."""
+        the future gives (tokens, bytes) or raises SlotBusy / SlotFileError (EngineLost
+        once the engine is wrecked, even while the engine thread runs it)."""
         slot = self._slot(slot_id)
-        return self.scheduler.call(lambda: slot_ops.save_file(slot, self.ctx, path))
+        return self.guard(self.scheduler.call(lambda: slot_ops.save_file(slot, self.ctx, path)))
 
     def restore_slot(self, slot_id: int, path: Path) -> Future[tuple[int, int]]:
         """Load a slot file into an idle slot (engine thread): (tokens, bytes)."""
         slot = self._slot(slot_id)
         n_vocab = self.model.n_vocab
-        return self.scheduler.call(lambda: slot_ops.load_file(slot, self.ctx, path, n_vocab))
+        return self.guard(
+            self.scheduler.call(lambda: slot_ops.load_file(slot, self.ctx, path, n_vocab))
+        )
 
     def erase_slot(self, slot_id: int) -> Future[int]:
         """Drop an idle slot's cache (engine thread): the tokens it held."""
         slot = self._slot(slot_id)
-        return self.scheduler.call(lambda: slot_ops.erase(slot, self.ctx))
+        return self.guard(self.scheduler.call(lambda: slot_ops.erase(slot, self.ctx)))
 
     def close(self) -> None:
         if self.lost is not None:
@@ -343,6 +398,9 @@ class Engine:
             return
         if self.scheduler is not None:
             self.scheduler.stop()
+            if self.lost is not None:  # wrecked while it stopped: its thread never will
+                log.warning("%s stays in memory: %s", self.model.info.path.name, self.lost)
+                return
         if self._embedder is not None:
             self._embedder.close()
         if self.vision is not None:
@@ -350,3 +408,12 @@ class Engine:
         if self.ctx is not None:
             self.ctx.close()
         self.model.close()
+
+
+def _settle(future: Future[Any], exc: BaseException | None, result: Any = None) -> None:
+    """Give `future` its outcome unless its waiter already cancelled it."""
+    with contextlib.suppress(InvalidStateError):  # cancelled meanwhile: nobody waits for it
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)

@@ -79,6 +79,16 @@ class ErrorKind(str, Enum):
     INTERNAL = "internal"  # anything else: a bug or a llama.cpp failure
 
 
+class EngineLost(RuntimeError):
+    """The engine can run no more (`Engine.wreck`: a lost RPC worker): what every wait on it
+    ends with, so none waits on a thread that is stuck inside llama.cpp for good."""
+
+    def __init__(self, message: str, kind: ErrorKind = ErrorKind.WORKER_LOST) -> None:
+        super().__init__(message)
+        self.message = message
+        self.kind = kind
+
+
 @dataclass(frozen=True)
 class FinishEvent:
     """The last event of every request, whatever ended it."""

@@ -28,7 +28,14 @@ from concurrent.futures import Future
 from typing import Any
 
 from innkeeper.engine.backend import Batch, Context, Model
-from innkeeper.engine.events import ErrorKind, Event, FinishEvent, GenerationRequest, Timings
+from innkeeper.engine.events import (
+    EngineLost,
+    ErrorKind,
+    Event,
+    FinishEvent,
+    GenerationRequest,
+    Timings,
+)
 from innkeeper.engine.generation import Generation, Perf, TokenPipeline
 from innkeeper.engine.kv_stash import KVStash
 from innkeeper.engine.sampling import GrammarError, SamplerChain
@@ -84,6 +91,7 @@ class Scheduler:
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._cond = threading.Condition()
         self._stop = False
+        self._failed: tuple[str, ErrorKind] | None = None  # fail_all's error: refuse the rest
         self._batch = Batch(max(ctx.params.n_batch, n_slots))
         self._thread = threading.Thread(target=self._run, name="innkeeper-engine", daemon=True)
 
@@ -94,6 +102,8 @@ class Scheduler:
     def submit(self, req: GenerationRequest) -> None:
         """Queue a request; raises QueueFullError when the queue is at its bound."""
         with self._cond:
+            if self._failed is not None:  # nothing would ever run it
+                raise EngineLost(*self._failed)
             if len(self._queue) >= self.max_queue:
                 raise QueueFullError(f"{len(self._queue)} requests are already waiting")
             self._queue.append((req, time.monotonic()))
@@ -106,7 +116,9 @@ class Scheduler:
         future: Future[Any] = Future()
         with self._cond:
             if self._stop:
-                future.set_exception(RuntimeError("the engine is stopping"))
+                failed = self._failed
+                stopping = EngineLost(*failed) if failed else RuntimeError("the engine is stopping")
+                future.set_exception(stopping)
                 return future
             self._calls.append((work, future))
             self._cond.notify()
@@ -133,6 +145,7 @@ class Scheduler:
         here may wait for it. The engine takes no more work; returns how many ended."""
         with self._cond:
             self._stop = True
+            self._failed = (error, kind)
             reqs = [req for req, _ in self._queue]
             reqs += [s.gen.req for s in self.slots if s.gen is not None]
             self._queue.clear()
@@ -148,7 +161,7 @@ class Scheduler:
             except Exception:  # a consumer that went away
                 log.debug("event consumer failed", exc_info=True)
         for _, future in calls:
-            future.set_exception(RuntimeError(error))
+            future.set_exception(EngineLost(error, kind))
         return len(reqs)
 
     @property

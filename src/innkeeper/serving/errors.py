@@ -25,6 +25,11 @@ class ClientGone(ServingError):
     """The client hung up while its request was still being prepared."""
 
 
+class WorkerLost(ServingError):
+    """The model was wrecked by a lost RPC worker while this request used it (ErrorKind
+    WORKER_LOST, as a generation it ended gets)."""
+
+
 class ModelNotFound(ServingError):
     """The name matches no model this server offers."""
 

@@ -21,14 +21,14 @@ from typing import Any, Protocol, TypeVar
 from innkeeper.engine.backend import ModelInfo
 from innkeeper.engine.embeddings import Embeddings
 from innkeeper.engine.engine import Engine, EngineStats
-from innkeeper.engine.events import FinishEvent, GenerationRequest
+from innkeeper.engine.events import EngineLost, FinishEvent, GenerationRequest
 from innkeeper.engine.sampling import GrammarError, check_grammar
 from innkeeper.engine.scheduler import QueueFullError
 from innkeeper.engine.templates import ChatTemplate
 from innkeeper.engine.tokenizer import TokenizeCancelled, TooManyTokens
 from innkeeper.engine.vision import ImageInput, MediaPrompt, VisionError
 from innkeeper.serving import embeddings
-from innkeeper.serving.errors import ClientGone, ModelBusy, ParamError
+from innkeeper.serving.errors import ClientGone, ModelBusy, ParamError, WorkerLost
 from innkeeper.serving.generation import EventInbox, Generation, RunningGeneration
 
 log = logging.getLogger("innkeeper.serving")
@@ -152,9 +152,24 @@ class Service:
     def close(self) -> None:
         """Free the model (any thread); requests still holding it get a 503 on start."""
         self.closed = True
-        if self._embed_pool is not None:
-            self._embed_pool.shutdown(wait=True)  # no decode may outlive the model
+        pool, self._embed_pool = self._embed_pool, None
+        if pool is not None:
+            # No decode may outlive the model; but one stuck on a lost worker never ends.
+            drained = pool.submit(lambda: None)  # runs after every earlier one
+            pool.shutdown(wait=False)
+            with contextlib.suppress(EngineLost):  # wrecked: engine.close frees nothing
+                self.engine.guard(drained).result()
         self.engine.close()
+
+    def check_open(self) -> None:
+        """Refuse new work on a model wrecked by a lost worker (502) or being unloaded (503)."""
+        if self.engine.lost is not None:
+            raise WorkerLost(self.engine.lost)
+        if self.closed:
+            raise ModelBusy(
+                f"model {self.model_id!r} was just unloaded; send the request again",
+                retry_after=1,
+            )
 
     async def off_loop(
         self,
@@ -167,10 +182,13 @@ class Service:
         loop.
 
         When the client of `request` hangs up (or the awaiting task is cancelled), `cancel`
-        is set; work that comes in pieces (tokenising) stops at the next piece.
+        is set; work that comes in pieces (tokenising) stops at the next piece. When a lost
+        RPC worker wrecks the model, the wait ends at once with WorkerLost (a decode on it
+        never returns).
         """
         cancel = threading.Event()
-        future = asyncio.get_running_loop().run_in_executor(pool or self._pool, work, cancel)
+        inner = (pool or self._pool).submit(work, cancel)
+        future = asyncio.wrap_future(self.engine.guard(inner))
         watcher = asyncio.create_task(_wait_disconnect(request)) if request is not None else None
         try:
             if watcher is not None:
@@ -180,6 +198,9 @@ class Service:
                     future.add_done_callback(_retrieve)  # its outcome no longer matters
                     raise ClientGone("the client went away")
             return await future
+        except EngineLost as exc:
+            cancel.set()
+            raise WorkerLost(exc.message) from exc
         except asyncio.CancelledError:
             cancel.set()
             raise
@@ -298,11 +319,7 @@ class Service:
     ) -> T:
         """`off_loop` on the embedding thread: a batch of 64 inputs must not hold one of the
         few workers that tokenise every other request."""
-        if self.closed:
-            raise ModelBusy(
-                f"model {self.model_id!r} was just unloaded; send the request again",
-                retry_after=1,
-            )
+        self.check_open()
         self.touch()
         if self._embed_pool is None:
             self._embed_pool = ThreadPoolExecutor(1, thread_name_prefix="innkeeper-embed")
@@ -429,11 +446,7 @@ class Service:
             media=media,
         )
         running = RunningGeneration(request=req, queue=inbox, genkey=genkey)
-        if self.closed:
-            raise ModelBusy(
-                f"model {self.model_id!r} was just unloaded; send the request again",
-                retry_after=1,
-            )
+        self.check_open()
         self.touch()
         if self.request_timeout:
             running.timeout = self.request_timeout
@@ -444,6 +457,8 @@ class Service:
             raise ModelBusy(
                 f"the server is busy ({exc}); try again shortly", retry_after=2
             ) from exc
+        except EngineLost as exc:  # wrecked from another thread since `check_open`
+            raise WorkerLost(exc.message) from exc
         self.running[running.id] = running
         return running
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from innkeeper.engine.engine import SlotView
+from innkeeper.engine.engine import EngineLost, SlotView
 from innkeeper.engine.slots import SlotBusy, SlotFileError
-from innkeeper.serving.errors import Conflict, NotFound, ParamError, ServingError
+from innkeeper.serving.errors import Conflict, NotFound, ParamError, ServingError, WorkerLost
 from innkeeper.serving.service import Service
 
 SIDECAR = ".innkeeper.json"  # beside each saved file: which model wrote it
@@ -81,6 +81,8 @@ async def _on_engine(future: Any) -> Any:
         return await asyncio.wrap_future(future)
     except SlotBusy as exc:
         raise Conflict(f"{exc}: try again when it is idle") from exc
+    except EngineLost as exc:  # the engine's guard: a lost worker ended the wait
+        raise WorkerLost(exc.message) from exc
 
 
 async def save(service: Service, slot_id: int, path: Path) -> SlotFileResult:
