@@ -158,6 +158,7 @@ _initialised = False
 _log_callback = None  # kept alive for as long as llama.cpp may call it
 _quiet = False
 _recent_errors: deque[str] = deque(maxlen=8)
+_llama_decode = C.llama_decode  # looked up once: called every decode step
 _LAYER_PLACED = re.compile(rb"layer\s+(\d+) assigned to device ([^,\s]+)")
 _layer_devices: list[tuple[int, str]] = []  # (layer, device) as llama.cpp places the last load
 _mlock_failures = 0  # llama.cpp only warns when mlock fails; counted so --mlock can refuse
@@ -398,12 +399,27 @@ class ContextParams:
 
 
 class Batch:
-    """A reusable `llama_batch`: tokens of several sequences for one decode."""
+    """A reusable `llama_batch`: tokens of several sequences for one decode.
+
+    Filled once per decode step, so the per-row writes go through field pointers read once
+    here: every `raw.token` access would build a new ctypes object, and `raw.seq_id[i]`
+    another. Every row holds one sequence, so `n_seq_id` is written once, not per token.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.raw = C.llama_batch_init(capacity, 0, 1)
+        raw = C.llama_batch_init(capacity, 0, 1)
+        self.raw = raw
         self.n = 0
+        set_fields(raw, n_tokens=0)  # checked once; `Context.decode` writes it directly
+        self._token = _as_array(raw.token, ctypes.c_int32, capacity)
+        self._pos = _as_array(raw.pos, ctypes.c_int32, capacity)
+        self._logits = _as_array(raw.logits, ctypes.c_int8, capacity)
+        seq_id = raw.seq_id
+        self._seq = [seq_id[i] for i in range(capacity)]
+        n_seq_id = raw.n_seq_id
+        for i in range(capacity):
+            n_seq_id[i] = 1
 
     def clear(self) -> None:
         self.n = 0
@@ -411,35 +427,38 @@ class Batch:
     def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
         """Append one token; returns its index (the index to sample from if `logits`)."""
         i = self.n
-        raw = self.raw
-        raw.token[i] = token
-        raw.pos[i] = pos
-        raw.n_seq_id[i] = 1
-        raw.seq_id[i][0] = seq
-        raw.logits[i] = logits
+        self._token[i] = token
+        self._pos[i] = pos
+        self._seq[i][0] = seq
+        self._logits[i] = logits
         self.n = i + 1
         return i
 
     def add_span(self, tokens: list[int], pos0: int, seq: int, logits_last: bool) -> int:
         """Append a run of prompt tokens of one sequence; returns the index of the last."""
-        raw = self.raw
         i0 = self.n
-        for k, tok in enumerate(tokens):
-            i = i0 + k
-            raw.token[i] = tok
-            raw.pos[i] = pos0 + k
-            raw.n_seq_id[i] = 1
-            raw.seq_id[i][0] = seq
-            raw.logits[i] = False
-        last = i0 + len(tokens) - 1
-        raw.logits[last] = logits_last
-        self.n = i0 + len(tokens)
+        n = len(tokens)
+        i1 = i0 + n
+        self._token[i0:i1] = tokens
+        self._pos[i0:i1] = range(pos0, pos0 + n)
+        self._logits[i0:i1] = [0] * n
+        for row in self._seq[i0:i1]:
+            row[0] = seq
+        last = i1 - 1
+        self._logits[last] = logits_last
+        self.n = i1
         return last
 
     def free(self) -> None:
         if self.raw is not None:
             C.llama_batch_free(self.raw)
             self.raw = None
+
+
+def _as_array(ptr: Any, ctype: Any, n: int) -> Any:
+    """The `n` items `ptr` points to as a ctypes array (which, unlike a pointer, takes
+    slice assignment)."""
+    return ctypes.cast(ptr, ctypes.POINTER(ctype * n)).contents
 
 
 class Context:
@@ -503,8 +522,9 @@ class Context:
 
     def decode(self, batch: Batch) -> int:
         """Run the model over the batch; 0 on success, 1 when the KV cache has no room."""
-        set_fields(batch.raw, n_tokens=batch.n)
-        return int(C.llama_decode(self.ptr, batch.raw))
+        raw = batch.raw
+        raw.n_tokens = batch.n  # a field `Batch` checked when it was made
+        return _llama_decode(self.ptr, raw)
 
     def logits(self, index: int) -> ctypes.Array[ctypes.c_float]:
         """The logits row of batch position `index` (valid until the next decode)."""
