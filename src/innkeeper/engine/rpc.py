@@ -23,7 +23,7 @@ from pathlib import Path
 
 import llama_cpp as C
 
-from innkeeper.engine.backend import BackendError, ggml_library
+from innkeeper.engine.llama_params import BackendError, ggml_library
 from innkeeper.models.hardware import GPU, Hardware
 
 # ggml-rpc.h / ggml-rpc.cpp of the pinned llama.cpp
