@@ -14,12 +14,10 @@ import llama_cpp as C
 import numpy as np
 import pytest
 
-from innkeeper.engine.backend import (
+from innkeeper.engine.backend import Batch, Context, Model
+from innkeeper.engine.llama_params import (
     BackendError,
-    Batch,
-    Context,
     ContextParams,
-    Model,
     ModelParams,
     TensorBuftOverride,
     cpu_buffer_type,
@@ -192,7 +190,8 @@ def test_load_error_names_llama_cpps_cause(tmp_path: Path) -> None:
 def test_cpu_buffer_type_comes_from_the_ggml_libllama_uses() -> None:
     """--cpu-moe's buffer type must be libllama's own: wheels ship libggml-base.so and .so.0
     as two copies, and opening the wrong one loaded a second ggml beside libllama's."""
-    from innkeeper.engine.backend import cpu_buffer_type, init_backend
+    from innkeeper.engine.backend import init_backend
+    from innkeeper.engine.llama_params import cpu_buffer_type
 
     init_backend()
     assert cpu_buffer_type()

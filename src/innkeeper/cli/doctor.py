@@ -140,7 +140,7 @@ class Report:
 
 def _ggml() -> ctypes.CDLL:
     """The ggml library libllama itself uses (its registries list the backends)."""
-    from innkeeper.engine.backend import ggml_library
+    from innkeeper.engine.llama_params import ggml_library
 
     lib = ggml_library("libggml")
     vp, size = ctypes.c_void_p, ctypes.c_size_t

@@ -22,7 +22,8 @@ from dataclasses import dataclass, replace
 import llama_cpp as C
 import numpy as np
 
-from innkeeper.engine.backend import BackendError, Batch, Context, ContextParams, Model
+from innkeeper.engine.backend import Batch, Context, Model
+from innkeeper.engine.llama_params import BackendError, ContextParams
 
 # --pooling names -> llama.cpp's enum llama_pooling_type
 POOLING_TYPES: dict[str, int] = {

@@ -12,17 +12,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from innkeeper.engine import slots as slot_ops
-from innkeeper.engine.backend import (
-    BackendError,
-    Context,
-    ContextParams,
-    Model,
-    ModelInfo,
-    ModelParams,
-    default_threads,
-)
+from innkeeper.engine.backend import Context, Model, ModelInfo, default_threads
 from innkeeper.engine.embeddings import EMBED_SEQS, Embedder, Embeddings, model_kind
 from innkeeper.engine.events import EngineLost, ErrorKind, GenerationRequest
+from innkeeper.engine.llama_params import BackendError, ContextParams, ModelParams
 from innkeeper.engine.sampling import SamplingParams
 from innkeeper.engine.scheduler import Perf, QueueFullError, Scheduler
 from innkeeper.engine.templates import ChatTemplate, resolve_template

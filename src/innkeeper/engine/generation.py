@@ -109,33 +109,30 @@ class TokenPipeline:
         self.ctx = ctx
         self.stash = stash
         self.perf = perf
+        self._eog = frozenset(model.eog_tokens)
         self.outbox: list[tuple[GenerationRequest, TokenEvent | FinishEvent]] = []
         self.urgent = False  # a finish event waits: deliver it without waiting for a decode
 
     def deliver(self) -> None:
-        """Hand every waiting event to its request's consumer, in order."""
+        """Hand every waiting event to its request's consumer, in order; a consumer that
+        fails is cancelled, not fatal."""
         outbox = self.outbox
         if not outbox:
             return
         self.outbox = []
         self.urgent = False
         for req, event in outbox:
-            send(req, event)
+            try:
+                req.on_event(event)
+            except Exception:  # a consumer that went away must not stop the engine
+                log.debug("event consumer failed", exc_info=True)
+                req.cancel()
 
     def sample(self, gen: Generation, idx: int) -> None:
         """Pick the token at batch row `idx` and act on it."""
-        pos = len(gen.slot.cache)
         req = gen.req
-        banned = gen.bans.get(pos)
-        n_generated = len(gen.stream.tokens)
-        if banned or (req.min_tokens and n_generated < req.min_tokens):
-            row = self.ctx.logits(idx)
-            ban = ban_value(req.params)
-            for tok in banned or ():
-                row[tok] = ban
-            if req.min_tokens and n_generated < req.min_tokens:
-                for tok in self.model.eog_tokens:
-                    row[tok] = ban
+        if gen.bans or req.min_tokens:
+            self._ban(gen, idx)
         if gen.t_first == 0.0:
             gen.t_first = time.monotonic()
         logprobs = self._logprobs(idx, req.n_logprobs) if req.n_logprobs else None
@@ -147,6 +144,22 @@ class TokenPipeline:
             self.finish(gen, "abort")
             return
         self._on_token(gen, tok, logprobs(tok) if logprobs is not None else None)
+
+    def _ban(self, gen: Generation, idx: int) -> None:
+        """Take out of batch row `idx` the tokens banned at this position (a banned phrase
+        rolled back) and, before `min_tokens`, every end-of-generation token."""
+        req = gen.req
+        banned = gen.bans.get(len(gen.slot.cache))
+        early = req.min_tokens and len(gen.stream.tokens) < req.min_tokens
+        if not banned and not early:
+            return
+        row = self.ctx.logits(idx)
+        ban = ban_value(req.params)
+        for tok in banned or ():
+            row[tok] = ban
+        if early:
+            for tok in self.model.eog_tokens:
+                row[tok] = ban
 
     def _sample_grammar(self, gen: Generation, idx: int) -> int:
         """Sample under a grammar, timed; -1 when the step was too slow and the request ended."""
@@ -192,7 +205,7 @@ class TokenPipeline:
     def _on_token(self, gen: Generation, tok: int, logprob: TokenLogprob | None) -> None:
         req = gen.req
         stream = gen.stream
-        if self.model.is_eog(tok):
+        if tok in self._eog:
             gen.eos = True
             self._flush(gen)
             self.finish(gen, "stop")
@@ -217,7 +230,7 @@ class TokenPipeline:
             self._flush(gen, (tok,), lps)
             self.finish(gen, "length")
             return
-        self._emit(gen, stream.ready(), (tok,), lps)
+        self.outbox.append((req, TokenEvent(stream.ready(), (tok,), lps)))  # as _emit
         gen.next_token = tok
 
     def _roll_back(self, gen: Generation, rollback: Rollback | None) -> None:
@@ -250,7 +263,7 @@ class TokenPipeline:
         """Send text the stream has handed out (and counted as sent) with its tokens."""
         if not text and not tokens:
             return
-        self.outbox.append((gen.req, TokenEvent(text=text, tokens=tokens, logprobs=lps)))
+        self.outbox.append((gen.req, TokenEvent(text, tokens, lps)))
 
     def _flush(self, gen: Generation, tokens: tuple[int, ...] = (), lps: tuple = ()) -> None:
         self._emit(gen, gen.stream.flush(), tokens, lps)
@@ -345,12 +358,3 @@ class TokenPipeline:
     def _finished(self, req: GenerationRequest, event: FinishEvent) -> None:
         self.outbox.append((req, event))
         self.urgent = True
-
-
-def send(req: GenerationRequest, event: TokenEvent | FinishEvent) -> None:
-    """Hand an event to the request's consumer; one that fails is cancelled, not fatal."""
-    try:
-        req.on_event(event)
-    except Exception:  # a consumer that went away must not stop the engine
-        log.debug("event consumer failed", exc_info=True)
-        req.cancel()

@@ -95,7 +95,7 @@ def _worker(args: dict[str, object]) -> dict[str, object]:
     llama_cpp.llama_log_set(on_log, None)
     llama_cpp.llama_backend_init()
     dry_run = bool(args["dry_run"])
-    from innkeeper.engine.backend import set_fields  # in the child only: it loads llama.cpp
+    from innkeeper.engine.llama_params import set_fields  # in the child only: it loads llama.cpp
 
     mp = llama_cpp.llama_model_default_params()
     gpu_layers = int(args["gpu_layers"])  # type: ignore[call-overload]

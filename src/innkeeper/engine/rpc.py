@@ -32,7 +32,7 @@ from pathlib import Path
 import llama_cpp as C
 import psutil
 
-from innkeeper.engine.backend import BackendError, ggml_library
+from innkeeper.engine.llama_params import BackendError, ggml_library
 from innkeeper.models.hardware import GPU, Hardware
 from innkeeper.settings import ConfigError
 

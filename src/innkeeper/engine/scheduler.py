@@ -183,13 +183,14 @@ class Scheduler:
     # ---- engine thread: the loop -----------------------------------------------------------
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while (
-                    not self._stop and not self._queue and not self._calls and self.busy_slots == 0
-                ):
-                    self.perf.idle_since = time.time()
-                    self._cond.wait()
-                if self._stop and self.busy_slots == 0:
+            # Only this thread changes slot states: while one is busy the loop goes on
+            # without taking the lock (a step per token).
+            if not self._busy():
+                with self._cond:
+                    while not self._stop and not self._queue and not self._calls:
+                        self.perf.idle_since = time.time()
+                        self._cond.wait()
+                if self._stop and not self._busy():
                     break
             if self._calls:
                 self._run_calls()
@@ -224,6 +225,13 @@ class Scheduler:
     def _running(self) -> list[Generation]:
         return [s.gen for s in self.slots if s.gen is not None]
 
+    def _busy(self) -> bool:
+        """Whether a slot runs a request (every step: a plain loop, no generator)."""
+        for slot in self.slots:  # noqa: SIM110
+            if slot.state is not IDLE:
+                return True
+        return False
+
     def _step(self) -> None:
         """Admit, build one batch (every sampled token, then prompt chunks), decode it, sample.
 
@@ -238,17 +246,25 @@ class Scheduler:
 
     def _prompting(self) -> bool:
         """Whether a running request is still in its prompt (the next decode may be long)."""
-        return PROMPT in [slot.state for slot in self.slots]
+        for slot in self.slots:  # noqa: SIM110 (every step: a plain loop, no generator)
+            if slot.state is PROMPT:
+                return True
+        return False
 
     def _decode_step(self) -> None:
         if self._queue:
             self.tokens.deliver()  # admission may take a while (cache restore, images)
             self._admit()
         finish = self.tokens.finish
-        for gen in self._running():
+        running: list[Generation] = []
+        for slot in self.slots:
+            gen = slot.gen
+            if gen is None:
+                continue
             if gen.req.cancelled:
                 finish(gen, "abort")
-        running = self._running()
+            else:
+                running.append(gen)
         if not running:
             return
         self.stash.park_idle()
@@ -361,7 +377,10 @@ class Scheduler:
         return True
 
     def _free_cells(self) -> int:
-        return self.ctx.n_ctx - sum(len(s.cache) for s in self.slots)
+        used = 0
+        for slot in self.slots:
+            used += len(slot.cache)
+        return self.ctx.n_ctx - used
 
     def _make_room(self, running: list[Generation]) -> list[Generation]:
         """Keep every generating sequence's next token within the context's cells.
@@ -370,9 +389,9 @@ class Scheduler:
         token before the context's end when it samples; so only several sequences together
         can run out: the longest one then finishes with reason "length".
         """
+        if self._free_cells() >= len(running):
+            return running  # the common case, without counting the generating ones
         generating = [g for g in running if g.slot.state is GENERATING]
-        if self._free_cells() >= len(generating):
-            return running
         while generating and self._free_cells() < len(generating):
             victim = max(generating, key=lambda g: len(g.slot.cache))
             log.warning("context full: ending request %d early", victim.req.id)

@@ -13,7 +13,7 @@ removing cache cells, sending events).
 from __future__ import annotations
 
 import bisect
-import codecs
+from codecs import utf_8_decode
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,10 +27,6 @@ class Rollback:
 
     index: int
     token: int
-
-
-def _new_decoder() -> codecs.IncrementalDecoder:
-    return codecs.getincrementaldecoder("utf-8")("replace")
 
 
 def fold_case(text: str) -> str:
@@ -52,18 +48,18 @@ class TextStream:
         "backtracks",
         "banned",
         "char_ends",
-        "decoder",
         "emitted",
         "hold",
         "stop",
         "text",
         "tokens",
+        "undecoded",
     )
 
     def __init__(self, stop: Sequence[str] = (), banned: Sequence[str] = ()) -> None:
         self.stop = list(stop)
-        self.banned = list(banned)
-        self.decoder = _new_decoder()
+        self.banned = [fold_case(b) for b in banned]  # folded once: matched in any case
+        self.undecoded = b""  # the start of a UTF-8 character split across tokens
         self.text = ""  # decoded so far (cut at a matched stop string)
         self.emitted = 0  # characters of `text` already handed out
         self.tokens: list[int] = []  # generated tokens, one per entry of `char_ends`
@@ -75,7 +71,11 @@ class TextStream:
     def push(self, token: int, piece: bytes) -> None:
         """Append a generated token and its bytes (possibly part of a UTF-8 character)."""
         self.tokens.append(token)
-        self.text += self.decoder.decode(piece)
+        # What codecs' incremental UTF-8 decoder does, without its Python-level wrapper.
+        data = self.undecoded + piece
+        text, used = utf_8_decode(data, "replace", False)
+        self.undecoded = data[used:]
+        self.text += text
         self.char_ends.append(len(self.text))
 
     def _take(self, end: int) -> str:
@@ -85,7 +85,8 @@ class TextStream:
 
     def flush(self) -> str:
         """End decoding (an incomplete character becomes U+FFFD); returns all unsent text."""
-        self.text += self.decoder.decode(b"", final=True)
+        self.text += utf_8_decode(self.undecoded, "replace", True)[0]
+        self.undecoded = b""
         return self._take(len(self.text))
 
     def find_stop(self) -> tuple[int, str] | None:
@@ -110,19 +111,24 @@ class TextStream:
     def held(self) -> int:
         """How many trailing characters could still become a stop or banned string."""
         tail = self.text[-self.hold :] if self.hold else ""
-        low = fold_case(tail)
         held = 0
         for s in self.stop:
             held = max(held, suffix_prefix(tail, s))
-        for b in self.banned:
-            held = max(held, suffix_prefix(low, fold_case(b)))
+        if self.banned:
+            low = fold_case(tail)
+            for b in self.banned:
+                held = max(held, suffix_prefix(low, b))
         return min(held, len(self.text) - self.emitted)
 
     def ready(self) -> str:
         """Take the text that can be sent now: all but a tail that may start a stop string or
         banned phrase. With banned phrases whole tokens are held, since a rollback must never
         take back text already sent."""
-        end = len(self.text) - self.held() if self.hold else len(self.text)
+        if not self.hold:  # nothing to hold back: everything unsent (every token's case)
+            out = self.text[self.emitted :]
+            self.emitted = len(self.text)
+            return out
+        end = len(self.text) - self.held()
         if self.banned and end < len(self.text):
             i = bisect.bisect_right(self.char_ends, end)
             end = self.char_ends[i - 1] if i > 0 else 0
@@ -131,12 +137,12 @@ class TextStream:
 
     def banned_hit(self) -> int | None:
         """Where the earliest banned phrase starts in the unsent text (any case), or None."""
-        low = fold_case(self.text)
+        low = fold_case(self.text)  # whole: lower() depends on context (final sigma)
         hit = -1
         for b in self.banned:
             if not b:
                 continue
-            i = low.find(fold_case(b), self.emitted)
+            i = low.find(b, self.emitted)
             if i >= 0 and (hit < 0 or i < hit):
                 hit = i
         return hit if hit >= 0 else None
@@ -157,13 +163,22 @@ class TextStream:
         del self.tokens[k:]
         del self.char_ends[k:]
         self.text = self.text[: self.char_ends[-1]] if self.char_ends else ""
-        self.decoder = _new_decoder()
+        self.undecoded = b""
         return Rollback(k, token)
 
 
 def suffix_prefix(text: str, pattern: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `pattern`."""
-    for n in range(min(len(text), len(pattern) - 1), 0, -1):
-        if text.endswith(pattern[:n]):
-            return n
+    """Length of the longest suffix of `text` that is a proper prefix of `pattern`.
+
+    Runs for every token while stop strings are set: only the places where `pattern`'s
+    first character occurs in the tail are tried, not every length."""
+    n = min(len(text), len(pattern) - 1)
+    if n <= 0:
+        return 0
+    first = pattern[0]
+    i = text.find(first, len(text) - n)
+    while i >= 0:
+        if pattern.startswith(text[i:]):
+            return len(text) - i  # the earliest start is the longest suffix
+        i = text.find(first, i + 1)
     return 0

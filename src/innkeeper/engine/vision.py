@@ -29,8 +29,8 @@ from innkeeper.engine.backend import (
     Model,
     last_error,
     route_log,
-    set_fields,
 )
+from innkeeper.engine.llama_params import set_fields
 
 log = logging.getLogger("innkeeper.engine")
 
