@@ -11,9 +11,11 @@ frame tokens with `ChunkTemplate`s encoded once per request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterable
 from json.encoder import encode_basestring
 from typing import Any
 
@@ -92,18 +94,47 @@ class ChunkTemplate:
 Frame = Callable[[int, Event], bytes]
 
 
+def eager(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    """Run `coro` at once up to its first suspension, as Python 3.12's eager tasks do: None
+    when it finished there (a write the transport took), else the task that carries it on."""
+    try:
+        yielded = coro.send(None)
+    except StopIteration:
+        return None
+    return asyncio.ensure_future(_carry_on(coro, yielded))
+
+
+async def _carry_on(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+    """Go on with a coroutine suspended on `yielded` (a future, or None: a bare yield)."""
+    while True:
+        try:
+            if yielded is None:
+                await asyncio.sleep(0)
+            else:
+                await yielded
+        except BaseException as exc:  # cancelled, or the future's error: the coroutine's
+            send = functools.partial(coro.throw, exc)
+        else:
+            send = functools.partial(coro.send, None)
+        try:
+            yielded = send()
+        except StopIteration:
+            return
+
+
 class EventStream(Response):
     """The events of one or more runs as one streamed body, framed by `frame(index, event)`
     (b"": nothing to send); a closed connection cancels every run still going, and every
     run is forgotten by the service however the stream ends.
 
-    A writer task of its own (a short chain to resume per token, not the request's whole
-    middleware stack) waits on one future that any run's inbox resolves. With `coalesce`
-    (SSE) the chunks of every event already waiting go out as one body message, so a client
-    that reads slower than the model writes gets several tokens per write; without (NDJSON),
-    each chunk is its own message. `head` goes out first, `end()` once every run has finished
-    (OpenAI's usage chunk), then `tail`. `ping` goes out after `ping_every` seconds without
-    a write (proxies cut silent streams, e.g. during a long prompt)."""
+    No task per token: the runs' inboxes call `_pump` on the loop when events come, which
+    frames them and writes them at once (`eager`); only a write the client is slow to take
+    becomes a task, and events that come meanwhile wait in the inboxes. With `coalesce`
+    (SSE) the chunks of every event already waiting go out as one body message, so a slow
+    reader gets several tokens per write; without (NDJSON), each chunk is its own message.
+    `head` goes out first, `end()` once every run has finished (OpenAI's usage chunk), then
+    `tail`. `ping` goes out after `ping_every` seconds without a write (proxies cut silent
+    streams, e.g. during a long prompt)."""
 
     def __init__(
         self,
@@ -127,111 +158,119 @@ class EventStream(Response):
         self.runs = runs
         self.frame = frame
         self.coalesce = coalesce
-        self.head = list(head)
         self.end = end
         self.tail = tail
         self.ping = ping if ping_every else None
         self.ping_every = ping_every or 0.0
-        self._waiter: asyncio.Future[None] | None = None
+        self._left = len(runs)  # runs not finished yet
+        self._outbox: deque[bytes | None] = deque(head)  # None: the body's end
+        self._blocked: asyncio.Task[None] | None = None  # a write waiting on the client
+        self._ping_timer: asyncio.TimerHandle | None = None
         self._last_write = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        loop = asyncio.get_running_loop()
-        tasks: list[asyncio.Task[None]] = []
+        loop = self._loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[None] = loop.create_future()
+        timers = [
+            loop.call_later(run.deadline - time.monotonic(), run.expire)
+            for run in self.runs
+            if run.deadline is not None
+        ]
+        watcher: asyncio.Task[None] | None = None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            tasks = [
-                loop.create_task(self._write(scope.get(SERVER_SEND, send))),
-                loop.create_task(_wait_disconnect(receive)),
-            ]
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # the writer's errors are the response's
+            self._send = scope.get(SERVER_SEND, send)
+            watcher = loop.create_task(_wait_disconnect(receive))
+            for run in self.runs:
+                run.queue.listen(self._pump)
+            self._last_write = loop.time()
+            self._pump()
+            await asyncio.wait((self._done, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if self._done.done():
+                self._done.result()  # the writer's errors are the response's
         finally:
-            for task in tasks:
-                task.cancel()
+            if not self._done.done():
+                self._done.cancel()  # nothing more gets written
+            for handle in (*timers, self._ping_timer, self._blocked, watcher):
+                if handle is not None:
+                    handle.cancel()
             for running in self.runs:
                 running.queue.listen(None)
                 if running.finish is None:
                     running.cancel()
                 self.service.done(running)
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def _pump(self) -> None:
+        """Loop thread (inbox wake-ups, the ping timer, a slow write's end): frame what
+        came and write it, unless a write still waits on the client."""
+        if self._blocked is not None or self._done.done():
+            return
+        try:
+            outbox = self._outbox
+            if self._left:
+                self._collect(outbox)
+            if outbox and self.ping is not None:
+                self._last_write = self._loop.time()
+            while outbox:
+                chunk = outbox.popleft()
+                if chunk is None:
+                    message = {"type": "http.response.body", "body": b"", "more_body": False}
+                else:
+                    message = {"type": "http.response.body", "body": chunk, "more_body": True}
+                blocked = eager(self._send(message))
+                if blocked is not None:
+                    self._blocked = blocked
+                    blocked.add_done_callback(self._unblocked)
+                    return
+            if not self._left:
+                self._done.set_result(None)
+            elif self.ping is not None and self._ping_timer is None:
+                self._ping_timer = self._loop.call_at(
+                    self._last_write + self.ping_every, self._tick
+                )
+        except Exception as exc:
+            self._done.set_exception(exc)
+
+    def _collect(self, outbox: deque[bytes | None]) -> None:
+        """Frame every event the runs delivered; after the last finish, the body's end."""
+        frame = self.frame
+        out: list[bytes] = []
+        for index, run in enumerate(self.runs):
+            for ev in run.waiting():
+                if type(ev) is FinishEvent:
+                    self._left -= 1
+                chunk = frame(index, ev)
+                if chunk:
+                    out.append(chunk)
+        if self.coalesce and len(out) > 1:
+            out = [b"".join(out)]
+        outbox.extend(out)
+        if not self._left:
+            if self.end is not None:
+                outbox.extend(self.end())
+            if self.tail:
+                outbox.append(self.tail)
+            outbox.append(None)
+
+    def _unblocked(self, task: asyncio.Task[None]) -> None:
+        self._blocked = None
+        if task.cancelled() or self._done.done():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._done.set_exception(exc)
+            return
+        self._pump()
 
     def _tick(self) -> None:
-        """Ping timer: wakes the writer once `ping_every` passed since the last write."""
+        """Ping timer: a ping once `ping_every` passed without a write, else wait on."""
         self._ping_timer = None
-        self._wake()
-
-    async def _write(self, send: Send) -> None:
-        loop = self._loop = asyncio.get_running_loop()
-        runs, frame, coalesce = self.runs, self.frame, self.coalesce
-        self._last_write = loop.time()
-        timers = [
-            loop.call_later(run.deadline - time.monotonic(), run.expire)
-            for run in runs
-            if run.deadline is not None
-        ]
-        self._ping_timer: asyncio.TimerHandle | None = None
-        for run in runs:
-            run.queue.listen(self._wake)
-        try:
-            if self.head:
-                await self._send(send, self.head)
-            left = len(runs)
-            while left:
-                out: list[bytes] = []
-                for index, run in enumerate(runs):
-                    if run.queue:
-                        for ev in run.waiting():
-                            if type(ev) is FinishEvent:
-                                left -= 1
-                            chunk = frame(index, ev)
-                            if chunk:
-                                out.append(chunk)
-                if out:
-                    if coalesce and len(out) > 1:
-                        out = [b"".join(out)]
-                    await self._send(send, out)
-                    continue  # more may have come while the write waited on the client
-                if not left:
-                    break
-                if self.ping is not None and loop.time() - self._last_write >= self.ping_every:
-                    await self._send(send, [self.ping])
-                    continue
-                await self._wait(loop)
-            tail = list(self.end()) if self.end is not None else []
-            if self.tail:
-                tail.append(self.tail)
-            if tail:
-                await self._send(send, tail)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            for timer in timers:
-                timer.cancel()
-            if self._ping_timer is not None:
-                self._ping_timer.cancel()
-
-    async def _send(self, send: Send, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        if self.ping is not None:
-            self._last_write = self._loop.time()
-
-    async def _wait(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Until a run's inbox wakes the writer, or it is time for a ping."""
-        if self.ping is not None and self._ping_timer is None:
-            self._ping_timer = loop.call_at(self._last_write + self.ping_every, self._tick)
-        # No await since the writer last looked at the inboxes: whatever the engine put
-        # since then has its wake-up still to come on this loop, and finds this future.
-        self._waiter = loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
+        if self._done.done():
+            return
+        if self._blocked is None and self._loop.time() - self._last_write >= self.ping_every:
+            assert self.ping is not None
+            self._outbox.append(self.ping)
+        self._pump()
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -227,12 +227,25 @@ class RunningGeneration:
                 return
 
     def waiting(self) -> list[Event]:
-        """Event-loop thread: every event delivered so far, recorded (`_note`) and in order,
-        up to the finish event (nothing follows it)."""
-        inbox = self.queue
-        batch = []
-        while inbox and self.finish is None:
-            batch.append(self._note(inbox.take()))
+        """Event-loop thread: every event delivered so far, recorded and in order, up to the
+        finish event (nothing follows it). Once per token per stream: kept to plain loops."""
+        items = self.queue._items
+        batch: list[Event] = []
+        if self.finish is not None:
+            return batch
+        while items:
+            ev = items.popleft()
+            if type(ev) is TokenEvent:
+                self.tokens.extend(ev.tokens)
+                if ev.text:
+                    self.parts.append(ev.text)
+                if ev.logprobs:
+                    self.logprobs.extend(ev.logprobs)
+                batch.append(ev)
+            else:
+                batch.append(self._note(ev))
+                if self.finish is not None:
+                    break
         return batch
 
     def expire(self) -> None:
