@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from innkeeper import __version__
 from innkeeper.api import (
@@ -37,6 +38,7 @@ from innkeeper.api.security import (
     HostGuardMiddleware,
 )
 from innkeeper.api.state import ModelLeaseMiddleware
+from innkeeper.api.streaming import SERVER_SEND
 from innkeeper.engine.templates import BUILTIN_FORMATS
 from innkeeper.serving.registry import ModelRegistry
 from innkeeper.settings.server import ServerConfig
@@ -45,6 +47,16 @@ STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 
 
 NO_CACHE = {"Cache-Control": "no-cache"}
+# Middlewares whose `send` wrapper only looks at (or changes) `http.response.start`.
+STREAM_SAFE_MIDDLEWARE: frozenset[Any] = frozenset(
+    {
+        ModelLeaseMiddleware,
+        ApiKeyMiddleware,
+        BodyLimitMiddleware,
+        CORSMiddleware,
+        HostGuardMiddleware,
+    }
+)
 # Module scripts load only with a JavaScript type; the OS's MIME table (Windows' registry)
 # may map .js to text/plain, so the page's scripts do not depend on it.
 JS_TYPE = "text/javascript; charset=utf-8"
@@ -62,6 +74,24 @@ class RevalidatedStaticFiles(StaticFiles):
         return response
 
 
+class InnkeeperApp(FastAPI):
+    """FastAPI that leaves the server's own `send` in the scope: streams write their body
+    messages there, past the middlewares, each of which would otherwise wrap every token's
+    write in a coroutine of its own. Every middleware here (`install_guards`, Starlette's
+    error and exception layers) looks at `http.response.start` only; one that rewrites
+    bodies (compression) is refused until streams are taught to write through it."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        unsafe = [m.cls for m in self.user_middleware if m.cls not in STREAM_SAFE_MIDDLEWARE]
+        if unsafe:
+            raise TypeError(f"streams would write past these middlewares' send: {unsafe}")
+        return super().build_middleware_stack()
+
+
 def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -71,7 +101,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
         finally:
             await registry.stop()
 
-    app = FastAPI(
+    app = InnkeeperApp(
         lifespan=lifespan,
         title="innkeeper",
         version=__version__,

@@ -8,7 +8,6 @@ SillyTavern's KoboldCpp type counts tokens with /api/extra/tokencount and stops 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,7 +18,7 @@ from innkeeper.api.errors import ApiError, check_finish, finish_error
 from innkeeper.api.offload import OffLoopBodyRoute
 from innkeeper.api.params import JsonBody, ParamError, SamplerFields, normalise
 from innkeeper.api.state import registry_of, use_model
-from innkeeper.api.streaming import sse, sse_response
+from innkeeper.api.streaming import ChunkTemplate, json_str, slot, sse, sse_response
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent
 from innkeeper.engine.vision import MARKER, MediaPrompt
 from innkeeper.serving.service import Service
@@ -160,22 +159,23 @@ for prefix in ("/api/v1", "/api/latest"):
         return {"results": [{"tokens": len(ids)}]}
 
 
+# A token's event, as `sse({"token": text, "finish_reason": "null"}, event="message")`.
+_TOKEN = ChunkTemplate({"token": slot(0), "finish_reason": "null"}, before="event: message\ndata: ")
+
+
 @router.post("/api/extra/generate/stream")
 async def generate_stream(request: Request, body: KoboldGenerateBody) -> Any:
     service = await use_model(request)
     running = await _start(request, service, body)
 
-    def frame(ev: Event) -> Iterable[bytes]:
+    def frame(ev: Event) -> bytes:
         if isinstance(ev, TokenEvent):
-            if ev.text:
-                yield sse({"token": ev.text, "finish_reason": "null"}, event="message")
-            return
+            return _TOKEN(json_str(ev.text)) if ev.text else b""
         if ev.reason == "error":
             err = finish_error(ev)
-            yield sse({"detail": {"msg": err.message, "type": err.type}}, event="message")
-            return
+            return sse({"detail": {"msg": err.message, "type": err.type}}, event="message")
         tail = "" if body.trim_stop or not ev.stop_string else ev.stop_string
-        yield sse({"token": tail, "finish_reason": _kobold_reason(ev)}, event="message")
+        return sse({"token": tail, "finish_reason": _kobold_reason(ev)}, event="message")
 
     return sse_response(service, running, frame, tail=None)
 

@@ -28,7 +28,7 @@ from innkeeper.api.llamacpp_request import (
 from innkeeper.api.offload import OffLoopBodyRoute
 from innkeeper.api.openai import timings
 from innkeeper.api.state import use_model
-from innkeeper.api.streaming import sse, sse_runs_response
+from innkeeper.api.streaming import ChunkTemplate, json_str, slot, sse, sse_runs_response
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent, TokenLogprob, TopLogprob
 from innkeeper.engine.sampling import DEFAULT_ORDER, SamplingParams
 from innkeeper.serving.generation import RunningGeneration
@@ -120,6 +120,7 @@ class _Answer:
         self.runs = runs
         self.asked = asked  # each prompt's length as sent, before any left-trim
         self.predicted = [0] * len(runs)
+        self._templates: dict[int, ChunkTemplate] = {}
 
     def final(self, i: int, ev: FinishEvent, content: str) -> dict[str, Any]:
         running = self.runs[i]
@@ -170,29 +171,38 @@ class _Answer:
         )
         return out
 
-    def frame(self, i: int, ev: Event) -> Iterable[bytes]:
+    def chunk(self, i: int, text: Any, tokens: Any, predicted: Any) -> dict[str, Any]:
+        return {
+            "index": i,
+            "content": text,
+            "tokens": tokens,
+            "stop": False,
+            "id_slot": self.body.id_slot,  # as asked (-1: any); the final event's is real
+            "tokens_predicted": predicted,
+            "tokens_evaluated": len(self.runs[i].request.prompt),
+        }
+
+    def frame(self, i: int, ev: Event) -> bytes:
         if isinstance(ev, TokenEvent):
             self.predicted[i] += len(ev.tokens)
             if not ev.text and not ev.logprobs:
-                return
-            chunk: dict[str, Any] = {
-                "index": i,
-                "content": ev.text,
-                "tokens": list(ev.tokens),
-                "stop": False,
-                "id_slot": self.body.id_slot,  # as asked (-1: any); the final event's is real
-                "tokens_predicted": self.predicted[i],
-                "tokens_evaluated": len(self.runs[i].request.prompt),
-            }
+                return b""
             if ev.logprobs and self.runs[i].request.n_logprobs:
+                chunk = self.chunk(i, ev.text, list(ev.tokens), self.predicted[i])
                 chunk["completion_probabilities"] = _probs(ev.logprobs)
-            yield sse(chunk)
-            return
+                return sse(chunk)
+            # The same bytes as sse(self.chunk(...)): token ids and counts are plain ints.
+            template = self._templates.get(i)
+            if template is None:
+                template = self._templates[i] = ChunkTemplate(
+                    self.chunk(i, slot(0), slot(1), slot(2))
+                )
+            ids = "[" + ",".join(map(str, ev.tokens)) + "]"
+            return template(json_str(ev.text), ids, str(self.predicted[i]))
         if ev.reason == "error":
             err = finish_error(ev)
-            yield sse({"error": {"code": err.status, "message": err.message, "type": err.type}})
-            return
-        yield sse(self.final(i, ev, ""))
+            return sse({"error": {"code": err.status, "message": err.message, "type": err.type}})
+        return sse(self.final(i, ev, ""))
 
 
 async def complete(

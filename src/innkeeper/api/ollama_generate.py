@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
@@ -27,7 +27,7 @@ from innkeeper.api.ollama_models import OllamaRoute, now_iso, resolve
 from innkeeper.api.openai import ChatBody, render_chat
 from innkeeper.api.params import JsonBody, SamplerFields, normalise
 from innkeeper.api.state import registry_of, use_model
-from innkeeper.api.streaming import ndjson_response
+from innkeeper.api.streaming import ChunkTemplate, json_str, ndjson_line, ndjson_response, slot
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent
 from innkeeper.engine.vision import MediaPrompt
 from innkeeper.serving.catalog import ModelEntry
@@ -238,20 +238,19 @@ async def _run(
         }
 
     if body.stream:
+        # A token's line: {"model", "created_at", the text as `shape` places it, "done"}.
+        token = ChunkTemplate(
+            {"model": body.model, "created_at": slot(0), **shape(slot(1)), "done": False},
+            before="",
+            after="\n",
+        )
 
-        def frame(ev: Event) -> Iterator[dict[str, Any]]:
+        def frame(ev: Event) -> bytes:
             if isinstance(ev, TokenEvent):
-                if ev.text:
-                    yield {
-                        "model": body.model,
-                        "created_at": now_iso(),
-                        **shape(ev.text),
-                        "done": False,
-                    }
-            elif ev.reason == "error":
-                yield {"error": finish_error(ev).message}
-            else:
-                yield final(ev, "")
+                return token(json_str(now_iso()), json_str(ev.text)) if ev.text else b""
+            if ev.reason == "error":
+                return ndjson_line({"error": finish_error(ev).message})
+            return ndjson_line(final(ev, ""))
 
         return ndjson_response(service, running, frame)
     ev = await service.collect(request, running)

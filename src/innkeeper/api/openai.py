@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
@@ -22,7 +22,7 @@ from innkeeper.api.offload import OffLoopBodyRoute
 from innkeeper.api.params import Generation, JsonBody, ParamError, SamplerFields, normalise
 from innkeeper.api.state import registry_of, use_model
 from innkeeper.api.store_routes import jobs_of
-from innkeeper.api.streaming import sse, sse_runs_response
+from innkeeper.api.streaming import ChunkTemplate, json_str, slot, sse, sse_runs_response
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent, TokenLogprob
 from innkeeper.engine.templates import TemplateRenderError, message_text, template_by_name
 from innkeeper.engine.vision import MediaPrompt
@@ -164,10 +164,19 @@ def _chat_logprobs(lps: Iterable[TokenLogprob]) -> dict[str, Any]:
     }
 
 
+def _text_choice(i: int, text: str) -> dict[str, Any]:
+    return {"index": i, "text": text, "logprobs": None, "finish_reason": None}
+
+
+def _delta_choice(i: int, text: str) -> dict[str, Any]:
+    return {"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+
+
 class _Stream:
     """OpenAI's streaming shape for `n` choices: chunks carry each choice's `index`; with
     `stream_options.include_usage` every chunk has `usage: null` and one last chunk with
-    `choices: []` carries the usage of all choices; without it no chunk has a usage."""
+    `choices: []` carries the usage of all choices; without it no chunk has a usage.
+    `choice(index, text)` is a token's choice (completions' or chat's)."""
 
     def __init__(
         self,
@@ -177,17 +186,32 @@ class _Stream:
         model: str,
         options: StreamOptions | None,
         n: int,
+        choice: Callable[[int, str], dict[str, Any]],
     ) -> None:
         self.base = {"id": cid, "object": kind, "created": created, "model": model}
         self.include_usage = bool(options and options.include_usage)
         self.n = n
+        self.choice = choice
         self.finals: dict[int, FinishEvent] = {}
+        self._templates: dict[int, ChunkTemplate] = {}
 
-    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+    def body(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         body: dict[str, Any] = {**self.base, "choices": choices, **extra}
         if self.include_usage:
             body["usage"] = None
-        return sse(body)
+        return body
+
+    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return sse(self.body(choices, **extra))
+
+    def text(self, i: int, text: str) -> bytes:
+        """A token's chunk, the same bytes as `chunk([choice(i, text)])`: the rest of it is
+        encoded once per choice, each token only escapes its text."""
+        template = self._templates.get(i)
+        if template is None:
+            template = ChunkTemplate(self.body([self.choice(i, slot(0))]))
+            self._templates[i] = template
+        return template(json_str(text))
 
     def error(self, ev: FinishEvent) -> bytes:
         err = finish_error(ev)  # the type of the error kind (a refused grammar is the client's)
@@ -329,25 +353,22 @@ async def completions(request: Request, body: CompletionBody) -> Any:
     model = service.model_id
 
     if body.stream:
-        stream = _Stream(cid, "text_completion", created, model, body.stream_options, body.n)
+        stream = _Stream(
+            cid, "text_completion", created, model, body.stream_options, body.n, _text_choice
+        )
 
-        def frame(i: int, ev: Event) -> Iterable[bytes]:
+        def frame(i: int, ev: Event) -> bytes:
             if isinstance(ev, TokenEvent):
-                if not ev.text and not (n_logprobs and ev.logprobs):
-                    return
-                logprobs = None
                 if n_logprobs and ev.logprobs:
-                    logprobs = _legacy_logprobs(list(ev.logprobs), 0)
-                yield stream.chunk(
-                    [{"index": i, "text": ev.text, "logprobs": logprobs, "finish_reason": None}]
-                )
-                return
+                    choice = _text_choice(i, ev.text)
+                    choice["logprobs"] = _legacy_logprobs(list(ev.logprobs), 0)
+                    return stream.chunk([choice])
+                return stream.text(i, ev.text) if ev.text else b""
             if ev.reason == "error":
-                yield stream.error(ev)
-                return
+                return stream.error(ev)
             stream.finals[i] = ev
             choice = {"index": i, "text": "", "logprobs": None, "finish_reason": _finish_reason(ev)}
-            yield stream.chunk([choice], timings=timings(ev))
+            return stream.chunk([choice], timings=timings(ev))
 
         return sse_runs_response(service, runs, frame, end=stream.usage_chunk)
 
@@ -450,7 +471,9 @@ async def chat_completions(request: Request, body: ChatBody) -> Any:
     model = service.model_id
 
     if body.stream:
-        stream = _Stream(cid, "chat.completion.chunk", created, model, body.stream_options, body.n)
+        stream = _Stream(
+            cid, "chat.completion.chunk", created, model, body.stream_options, body.n, _delta_choice
+        )
         head = [
             stream.chunk(
                 [
@@ -465,22 +488,15 @@ async def chat_completions(request: Request, body: ChatBody) -> Any:
             for i in range(len(runs))
         ]
 
-        def frame(i: int, ev: Event) -> Iterable[bytes]:
+        def frame(i: int, ev: Event) -> bytes:
             if isinstance(ev, TokenEvent):
-                if not ev.text and not (n_logprobs and ev.logprobs):
-                    return
-                logprobs = _chat_logprobs(ev.logprobs) if n_logprobs and ev.logprobs else None
-                choice = {
-                    "index": i,
-                    "delta": {"content": ev.text},
-                    "logprobs": logprobs,
-                    "finish_reason": None,
-                }
-                yield stream.chunk([choice])
-                return
+                if n_logprobs and ev.logprobs:
+                    choice = _delta_choice(i, ev.text)
+                    choice["logprobs"] = _chat_logprobs(ev.logprobs)
+                    return stream.chunk([choice])
+                return stream.text(i, ev.text) if ev.text else b""
             if ev.reason == "error":
-                yield stream.error(ev)
-                return
+                return stream.error(ev)
             stream.finals[i] = ev
             choice = {
                 "index": i,
@@ -488,7 +504,7 @@ async def chat_completions(request: Request, body: ChatBody) -> Any:
                 "logprobs": None,
                 "finish_reason": _finish_reason(ev),
             }
-            yield stream.chunk([choice], timings=timings(ev))
+            return stream.chunk([choice], timings=timings(ev))
 
         return sse_runs_response(service, runs, frame, head=head, end=stream.usage_chunk)
 

@@ -14,7 +14,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from innkeeper.engine.events import (
@@ -102,21 +102,32 @@ class EventInbox:
     are taken together (`RunningGeneration.batches`).
     """
 
-    __slots__ = ("_items", "_loop", "_waiter", "_waker")
+    __slots__ = ("_items", "_listener", "_loop", "_waiter", "_waker")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._waker = waker_for(loop)
         self._items: deque[Event] = deque()
         self._waiter: asyncio.Future[bool] | None = None
+        self._listener: Callable[[], None] | None = None
 
     def put(self, ev: Event) -> None:
         """Engine thread."""
         self._items.append(ev)
         self._waker.notify(self)
 
+    def listen(self, listener: Callable[[], None] | None) -> None:
+        """Event-loop thread: call `listener` on each wake-up instead of resolving `wait`'s
+        future, so one reader can watch several inboxes with one future of its own (None:
+        back to `wait`)."""
+        self._listener = listener
+
     def wake(self) -> None:
         """Event-loop thread: let a waiting reader look again."""
+        listener = self._listener
+        if listener is not None:
+            listener()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(False)
@@ -202,9 +213,7 @@ class RunningGeneration:
                 if self.deadline is not None and not self.timed_out:
                     left = self.deadline - time.monotonic()
                     if left <= 0:
-                        log.info("request %d timed out: cancelling it", self.request.id)
-                        self.timed_out = True
-                        self.cancel()
+                        self.expire()
                         continue
                     wait = min(wait, left) if wait else left
                 if not await inbox.wait(wait):
@@ -212,14 +221,40 @@ class RunningGeneration:
                         continue
                     yield None
                     continue
-            batch = []
-            while inbox:
-                ev = self._note(inbox.take())
-                batch.append(ev)
-                if isinstance(ev, FinishEvent):
-                    yield batch
-                    return
+            batch = self.waiting()
             yield batch
+            if self.finish is not None:
+                return
+
+    def waiting(self) -> list[Event]:
+        """Event-loop thread: every event delivered so far, recorded and in order, up to the
+        finish event (nothing follows it). Once per token per stream: kept to plain loops."""
+        items = self.queue._items
+        batch: list[Event] = []
+        if self.finish is not None:
+            return batch
+        while items:
+            ev = items.popleft()
+            if type(ev) is TokenEvent:
+                self.tokens.extend(ev.tokens)
+                if ev.text:
+                    self.parts.append(ev.text)
+                if ev.logprobs:
+                    self.logprobs.extend(ev.logprobs)
+                batch.append(ev)
+            else:
+                batch.append(self._note(ev))
+                if self.finish is not None:
+                    break
+        return batch
+
+    def expire(self) -> None:
+        """Cancel a run past its deadline; its finish event will name the timeout."""
+        if self.timed_out or self.finish is not None:
+            return
+        log.info("request %d timed out: cancelling it", self.request.id)
+        self.timed_out = True
+        self.cancel()
 
     def _note(self, ev: Event) -> Event:
         """Record a delivered event (text, tokens, the finish) and return it as delivered."""
