@@ -30,10 +30,10 @@ from innkeeper.engine.vision import ImageInput, MediaPrompt, VisionError
 from innkeeper.serving import embeddings
 from innkeeper.serving.errors import ClientGone, ModelBusy, ParamError, WorkerLost
 from innkeeper.serving.generation import EventInbox, Generation, RunningGeneration
+from innkeeper.serving.runs import RunBook
 
 log = logging.getLogger("innkeeper.serving")
 
-FINISHED_GENKEYS = 64  # finished genkey runs whose text /api/extra/generate/check still knows
 # Threads that tokenise, render templates and compile grammars for requests, so that the
 # event loop never does work proportional to a request body (a 30 MB /tokenize, a 40k-message
 # chat). Few: the engine thread needs the cores more; more requests than this wait their turn.
@@ -70,10 +70,7 @@ class Service:
         self.default_max_tokens = default_max_tokens
         self.request_timeout = request_timeout
         self.sse_ping_interval = sse_ping_interval
-        self.running: dict[str, RunningGeneration] = {}
-        # text of recently finished runs started with a genkey, for KoboldCpp's final poll
-        self.finished: OrderedDict[str, str] = OrderedDict()
-        self.last_text = ""  # the last finished run started without a genkey
+        self.runs = RunBook()  # in flight, and the genkey routes' view of them (runs.py)
         self.started = time.time()
         self._pool = pool or ThreadPoolExecutor(
             OFF_LOOP_THREADS, thread_name_prefix="innkeeper-work"
@@ -137,7 +134,7 @@ class Service:
     @property
     def busy(self) -> bool:
         """Anything running, queued or about to start: an unload must wait."""
-        if self.users or self.running:
+        if self.users or self.runs:
             return True
         stats = self.engine.stats()
         return bool(stats.busy_slots or stats.queued)
@@ -459,62 +456,30 @@ class Service:
             ) from exc
         except EngineLost as exc:  # wrecked from another thread since `check_open`
             raise WorkerLost(exc.message) from exc
-        self.running[running.id] = running
+        self.runs.add(running)
         return running
 
     def done(self, running: RunningGeneration) -> None:
         """Forget a run whose response is over (its owner may still poll it by genkey)."""
-        if self.running.pop(running.id, None) is None:
-            return
-        self.touch()
-        if not running.genkey:
-            self.last_text = running.text
-            return
-        self.finished[running.genkey] = running.text
-        self.finished.move_to_end(running.genkey)
-        while len(self.finished) > FINISHED_GENKEYS:
-            self.finished.popitem(last=False)
+        if self.runs.end(running):
+            self.touch()
 
     def release(self, runs: Iterable[RunningGeneration]) -> None:
         """Undo started runs whose request failed as a whole: cancel and forget each one."""
-        for running in runs:
-            running.cancel()
-            self.running.pop(running.id, None)
+        self.runs.release(runs)
 
     @property
     def in_flight(self) -> int:
         """Runs started and not yet answered (0 when idle: nothing may leak here)."""
-        return len(self.running)
+        return len(self.runs)
 
     def abort(self, genkey: str | None = None) -> int:
         """Stop running generations (all, or those started with `genkey`)."""
-        n = 0
-        for running in list(self.running.values()):
-            if genkey and running.genkey != genkey:
-                continue  # a keyed abort (KoboldCpp's multi-user rule) stops only its own run
-            running.cancel()
-            n += 1
-        return n
-
-    def latest(self, genkey: str | None = None) -> RunningGeneration | None:
-        candidates = [r for r in self.running.values() if not genkey or r.genkey == genkey]
-        return max(candidates, key=lambda r: r.created, default=None)
+        return self.runs.abort(genkey)
 
     def progress(self, genkey: str | None = None) -> str:
-        """KoboldCpp's /api/extra/generate/check: the text generated so far.
-
-        With a genkey, only that client's own run (running, or among the last finished);
-        an unknown genkey gets "". Without one, as KoboldCpp does for single-user clients:
-        the run in flight while it is the only one, or the last finished one when idle,
-        never a run started with a genkey, and nothing while several users generate.
-        """
-        if genkey:
-            running = self.latest(genkey)
-            return running.text if running is not None else self.finished.get(genkey, "")
-        if not self.running:
-            return self.last_text
-        only = next(iter(self.running.values()))
-        return only.text if len(self.running) == 1 and not only.genkey else ""
+        """KoboldCpp's /api/extra/generate/check: the text generated so far (runs.py)."""
+        return self.runs.progress(genkey)
 
     async def collect(self, request: Disconnectable, running: RunningGeneration) -> FinishEvent:
         """Wait for a non-streaming generation; a client that hangs up cancels it."""
