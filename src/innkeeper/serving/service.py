@@ -30,6 +30,7 @@ from innkeeper.engine.vision import ImageInput, MediaPrompt, VisionError
 from innkeeper.serving import embeddings
 from innkeeper.serving.errors import ClientGone, ModelBusy, ParamError, WorkerLost
 from innkeeper.serving.generation import EventInbox, Generation, RunningGeneration
+from innkeeper.serving.prompt_fit import check_lengths, fit_prompt
 from innkeeper.serving.runs import RunBook
 
 log = logging.getLogger("innkeeper.serving")
@@ -340,55 +341,8 @@ class Service:
             await self.off_loop(lambda _cancel: self.check_grammar_now(grammar))
 
     def check_lengths(self, gen: Generation) -> None:
-        """No length spelling may ask for more than the context holds."""
-        name, longest = gen.longest or ("max_tokens", gen.max_tokens)
-        if longest is not None and longest > self.n_ctx:
-            raise ParamError(f"{name} ({longest}) exceeds the context size ({self.n_ctx} tokens)")
-
-    def fit_prompt(
-        self, prompt: list[int], gen: Generation, media: MediaPrompt | None = None
-    ) -> tuple[list[int], int]:
-        """Check the prompt and length against the context; returns (prompt, max_tokens).
-
-        With `truncation_length`/`max_context_length` the prompt is left-trimmed to fit, as
-        text-generation-webui and KoboldCpp do (and, as KoboldCpp does, a length that would
-        fill that whole window is cut to leave one prompt token); without, a prompt that
-        leaves no room is a client error.
-        """
-        n_ctx = self.n_ctx
-        if not prompt:
-            bos = self.engine.model.bos
-            if bos < 0:
-                raise ParamError("the prompt is empty")
-            prompt = [bos]
-        self.check_lengths(gen)
-        if gen.truncate_to:
-            limit = min(gen.truncate_to, n_ctx)
-            if gen.max_tokens is not None and gen.max_tokens >= limit > 1:
-                gen.max_tokens = limit - 1
-            keep = limit - (gen.max_tokens or 0)
-            if keep <= 0:
-                raise ParamError(
-                    f"max_tokens ({gen.max_tokens}) leaves no room for a prompt in a "
-                    f"context of {limit} tokens"
-                )
-            if len(prompt) > keep and media is not None:
-                raise ParamError(
-                    f"the prompt has {len(prompt)} tokens with its images and cannot be "
-                    f"left-trimmed to {keep}: shorten it"
-                )
-            if len(prompt) > keep:
-                head = prompt[:1] if prompt[0] == self.engine.model.bos else []
-                prompt = head + prompt[len(prompt) - keep + len(head) :]
-        if len(prompt) >= n_ctx:
-            raise ParamError(
-                f"the prompt has {len(prompt)} tokens but the context holds {n_ctx}: "
-                "no room to generate (shorten the prompt or start the server with a larger "
-                "--ctx-size)"
-            )
-        room = n_ctx - len(prompt)
-        max_tokens = min(gen.max_tokens, room) if gen.max_tokens else room
-        return prompt, max_tokens
+        """No length spelling may ask for more than the context holds (prompt_fit.py)."""
+        check_lengths(gen, self.n_ctx)
 
     def prepare(
         self,
@@ -402,7 +356,7 @@ class Service:
         tokens (markers, not token ids, where the images go)."""
         if gen.max_tokens is None and default_max_tokens is not None:
             gen.max_tokens = default_max_tokens
-        prompt, max_tokens = self.fit_prompt(prompt, gen, media)
+        prompt, max_tokens = fit_prompt(prompt, gen, self.n_ctx, self.engine.model.bos, media)
         for tok in prompt if media is None else media.text_tokens():
             if not self.engine.model.valid_token(tok):
                 raise ParamError(f"token id {tok} is outside the vocabulary")
