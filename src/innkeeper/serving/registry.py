@@ -1,4 +1,5 @@
-"""The model registry: which models exist, which are loaded, and which serves a request.
+"""The model registry: which models exist, which are loaded, and which serves a request
+(serving/routing.py).
 
 Loading builds the engine settings exactly as `serve` does (engine/planning.py: what was given,
 the memory plan's choices for the rest), on a worker thread, so streams on other models keep
@@ -14,7 +15,6 @@ with their finish event (reason "abort"), and only then frees the model.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -34,20 +34,18 @@ from innkeeper.engine.templates import TemplateRenderError
 from innkeeper.models.hardware import Hardware, hardware_with_overrides
 from innkeeper.models.memory import AutoSettings, MemoryPlan
 from innkeeper.models.spec import ModelFormatError
-from innkeeper.serving import residency, worker_loss
+from innkeeper.serving import residency, routing, worker_loss
 from innkeeper.serving.catalog import ModelEntry, ModelState, merge, scan
 from innkeeper.serving.errors import (
     AdminRequired,
     BadLoadRequest,
     LoadFailed,
-    ModelBusy,
     ModelNotFound,
-    ModelNotLoaded,
     ServingError,
 )
 from innkeeper.serving.idle import IdleUnloader
-from innkeeper.serving.load_settings import LOAD_SETTINGS, parse_keep_alive, parse_load_settings
-from innkeeper.serving.policy import Caller, keep_alive_allowed, redact_paths
+from innkeeper.serving.load_settings import LOAD_SETTINGS, parse_load_settings
+from innkeeper.serving.policy import Caller, redact_paths
 from innkeeper.serving.service import OFF_LOOP_THREADS, Service
 from innkeeper.serving.worker_loss import WorkerLossWatch
 from innkeeper.settings import ConfigError
@@ -58,7 +56,6 @@ log = logging.getLogger("innkeeper.registry")
 
 T = TypeVar("T")
 
-LOAD_WAIT_SECONDS = 120.0  # a request for a loading model waits this long before a 503
 UNLOAD_DRAIN_SECONDS = 30.0  # an unload waits this long for running requests, then cancels
 CANCEL_GRACE_SECONDS = 10.0  # after cancelling, how long requests get to hand the model back
 RESCAN_SECONDS = 2.0  # listings re-scan the folders at most this often (files copied in later)
@@ -422,69 +419,17 @@ class ModelRegistry:
             e.keep_alive = None
         log.info("unloaded %s (%s)", e.id, why)
 
-    # ---- routing requests ----------------------------------------------------------------
+    # ---- routing requests (serving/routing.py) --------------------------------------------
     async def service_for(
         self, name: str | None, keep_alive: Any = None, *, caller: Caller
     ) -> Service:
-        """The loaded service for a request naming `name` (None: the default): waits for a
-        loading model, autoloads an unloaded one if the caller may (ModelNotLoaded if not,
-        or with --no-autoload). A keep_alive the caller may not set is ignored."""
-        ka = parse_keep_alive(keep_alive)
-        if ka is not None and not keep_alive_allowed(caller, ka, self.config.idle_unload):
-            log.info("ignoring keep_alive %g s from a client without the admin key", ka)
-            ka = None
-        deadline = time.monotonic() + LOAD_WAIT_SECONDS
-        while True:
-            e = self.entry_for(name)
-            if e.ready:
-                break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ModelBusy(
-                    f"model {e.id!r} is still loading; try again shortly", retry_after=5
-                )
-            if e.state in (ModelState.LOADING, ModelState.DRAINING) or self.lock.locked():
-                was_loading = e.state is ModelState.LOADING
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wait_idle_lock(), left)
-                if was_loading and e.state is ModelState.FAILED:
-                    raise LoadFailed(
-                        f"model {e.id!r} failed to load: {self.shown(e.error, caller)}"
-                    )
-                continue
-            if not caller.admin:
-                raise ModelNotLoaded(
-                    f"model {e.id!r} is not loaded, and on this server only an admin may load "
-                    "models: ask the admin to load it (with the --admin-key)"
-                )
-            if not self.config.autoload:
-                raise ModelNotLoaded(
-                    f"model {e.id!r} is not loaded and this server does not load models on "
-                    "demand (--no-autoload): load it first with POST /models/load "
-                    f'{{"model": "{e.id}"}} (or /v1/internal/model/load, or the page)'
-                )
-            await asyncio.wait_for(asyncio.shield(self.load(e.id, caller=caller)), left)
-        assert e.service is not None
-        if ka is not None:
-            e.keep_alive = ka
-        e.service.touch()
-        return e.service
+        """The loaded service for a request naming `name` (None: the default), waited for or
+        loaded on demand when the caller may."""
+        return await routing.service_for(self, name, keep_alive, caller=caller)
 
     def embedding_entry(self, name: str | None, kind: str = "embedding") -> ModelEntry:
-        """The model an embedding (or, with kind "rerank", a reranking) request is served by:
-        the one it names; with no name, the loaded model of that kind used last, else the
-        default (a chat model embeds with mean pooling). A request never loads an embedding
-        model it did not name."""
-        if name:
-            return self.entry_for(name)
-        ready = [e for e in self.loaded() if e.kind == kind and e.ready]
-        if ready:
-            return max(ready, key=lambda e: e.service.last_used if e.service else 0.0)
-        return self.default
-
-    async def _wait_idle_lock(self) -> None:
-        async with self.lock:
-            pass
+        """The model an embedding (or rerank) request is served by; never one to load."""
+        return routing.embedding_entry(self, name, kind)
 
     # ---- background: idle unload (serving/idle.py) ----------------------------------------
     def start(self) -> None:

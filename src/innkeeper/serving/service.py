@@ -30,10 +30,11 @@ from innkeeper.engine.vision import ImageInput, MediaPrompt, VisionError
 from innkeeper.serving import embeddings
 from innkeeper.serving.errors import ClientGone, ModelBusy, ParamError, WorkerLost
 from innkeeper.serving.generation import EventInbox, Generation, RunningGeneration
+from innkeeper.serving.prompt_fit import check_lengths, fit_prompt
+from innkeeper.serving.runs import RunBook
 
 log = logging.getLogger("innkeeper.serving")
 
-FINISHED_GENKEYS = 64  # finished genkey runs whose text /api/extra/generate/check still knows
 # Threads that tokenise, render templates and compile grammars for requests, so that the
 # event loop never does work proportional to a request body (a 30 MB /tokenize, a 40k-message
 # chat). Few: the engine thread needs the cores more; more requests than this wait their turn.
@@ -70,10 +71,7 @@ class Service:
         self.default_max_tokens = default_max_tokens
         self.request_timeout = request_timeout
         self.sse_ping_interval = sse_ping_interval
-        self.running: dict[str, RunningGeneration] = {}
-        # text of recently finished runs started with a genkey, for KoboldCpp's final poll
-        self.finished: OrderedDict[str, str] = OrderedDict()
-        self.last_text = ""  # the last finished run started without a genkey
+        self.runs = RunBook()  # in flight, and the genkey routes' view of them (runs.py)
         self.started = time.time()
         self._pool = pool or ThreadPoolExecutor(
             OFF_LOOP_THREADS, thread_name_prefix="innkeeper-work"
@@ -137,7 +135,7 @@ class Service:
     @property
     def busy(self) -> bool:
         """Anything running, queued or about to start: an unload must wait."""
-        if self.users or self.running:
+        if self.users or self.runs:
             return True
         stats = self.engine.stats()
         return bool(stats.busy_slots or stats.queued)
@@ -343,55 +341,8 @@ class Service:
             await self.off_loop(lambda _cancel: self.check_grammar_now(grammar))
 
     def check_lengths(self, gen: Generation) -> None:
-        """No length spelling may ask for more than the context holds."""
-        name, longest = gen.longest or ("max_tokens", gen.max_tokens)
-        if longest is not None and longest > self.n_ctx:
-            raise ParamError(f"{name} ({longest}) exceeds the context size ({self.n_ctx} tokens)")
-
-    def fit_prompt(
-        self, prompt: list[int], gen: Generation, media: MediaPrompt | None = None
-    ) -> tuple[list[int], int]:
-        """Check the prompt and length against the context; returns (prompt, max_tokens).
-
-        With `truncation_length`/`max_context_length` the prompt is left-trimmed to fit, as
-        text-generation-webui and KoboldCpp do (and, as KoboldCpp does, a length that would
-        fill that whole window is cut to leave one prompt token); without, a prompt that
-        leaves no room is a client error.
-        """
-        n_ctx = self.n_ctx
-        if not prompt:
-            bos = self.engine.model.bos
-            if bos < 0:
-                raise ParamError("the prompt is empty")
-            prompt = [bos]
-        self.check_lengths(gen)
-        if gen.truncate_to:
-            limit = min(gen.truncate_to, n_ctx)
-            if gen.max_tokens is not None and gen.max_tokens >= limit > 1:
-                gen.max_tokens = limit - 1
-            keep = limit - (gen.max_tokens or 0)
-            if keep <= 0:
-                raise ParamError(
-                    f"max_tokens ({gen.max_tokens}) leaves no room for a prompt in a "
-                    f"context of {limit} tokens"
-                )
-            if len(prompt) > keep and media is not None:
-                raise ParamError(
-                    f"the prompt has {len(prompt)} tokens with its images and cannot be "
-                    f"left-trimmed to {keep}: shorten it"
-                )
-            if len(prompt) > keep:
-                head = prompt[:1] if prompt[0] == self.engine.model.bos else []
-                prompt = head + prompt[len(prompt) - keep + len(head) :]
-        if len(prompt) >= n_ctx:
-            raise ParamError(
-                f"the prompt has {len(prompt)} tokens but the context holds {n_ctx}: "
-                "no room to generate (shorten the prompt or start the server with a larger "
-                "--ctx-size)"
-            )
-        room = n_ctx - len(prompt)
-        max_tokens = min(gen.max_tokens, room) if gen.max_tokens else room
-        return prompt, max_tokens
+        """No length spelling may ask for more than the context holds (prompt_fit.py)."""
+        check_lengths(gen, self.n_ctx)
 
     def prepare(
         self,
@@ -405,7 +356,7 @@ class Service:
         tokens (markers, not token ids, where the images go)."""
         if gen.max_tokens is None and default_max_tokens is not None:
             gen.max_tokens = default_max_tokens
-        prompt, max_tokens = self.fit_prompt(prompt, gen, media)
+        prompt, max_tokens = fit_prompt(prompt, gen, self.n_ctx, self.engine.model.bos, media)
         for tok in prompt if media is None else media.text_tokens():
             if not self.engine.model.valid_token(tok):
                 raise ParamError(f"token id {tok} is outside the vocabulary")
@@ -459,62 +410,30 @@ class Service:
             ) from exc
         except EngineLost as exc:  # wrecked from another thread since `check_open`
             raise WorkerLost(exc.message) from exc
-        self.running[running.id] = running
+        self.runs.add(running)
         return running
 
     def done(self, running: RunningGeneration) -> None:
         """Forget a run whose response is over (its owner may still poll it by genkey)."""
-        if self.running.pop(running.id, None) is None:
-            return
-        self.touch()
-        if not running.genkey:
-            self.last_text = running.text
-            return
-        self.finished[running.genkey] = running.text
-        self.finished.move_to_end(running.genkey)
-        while len(self.finished) > FINISHED_GENKEYS:
-            self.finished.popitem(last=False)
+        if self.runs.end(running):
+            self.touch()
 
     def release(self, runs: Iterable[RunningGeneration]) -> None:
         """Undo started runs whose request failed as a whole: cancel and forget each one."""
-        for running in runs:
-            running.cancel()
-            self.running.pop(running.id, None)
+        self.runs.release(runs)
 
     @property
     def in_flight(self) -> int:
         """Runs started and not yet answered (0 when idle: nothing may leak here)."""
-        return len(self.running)
+        return len(self.runs)
 
     def abort(self, genkey: str | None = None) -> int:
         """Stop running generations (all, or those started with `genkey`)."""
-        n = 0
-        for running in list(self.running.values()):
-            if genkey and running.genkey != genkey:
-                continue  # a keyed abort (KoboldCpp's multi-user rule) stops only its own run
-            running.cancel()
-            n += 1
-        return n
-
-    def latest(self, genkey: str | None = None) -> RunningGeneration | None:
-        candidates = [r for r in self.running.values() if not genkey or r.genkey == genkey]
-        return max(candidates, key=lambda r: r.created, default=None)
+        return self.runs.abort(genkey)
 
     def progress(self, genkey: str | None = None) -> str:
-        """KoboldCpp's /api/extra/generate/check: the text generated so far.
-
-        With a genkey, only that client's own run (running, or among the last finished);
-        an unknown genkey gets "". Without one, as KoboldCpp does for single-user clients:
-        the run in flight while it is the only one, or the last finished one when idle,
-        never a run started with a genkey, and nothing while several users generate.
-        """
-        if genkey:
-            running = self.latest(genkey)
-            return running.text if running is not None else self.finished.get(genkey, "")
-        if not self.running:
-            return self.last_text
-        only = next(iter(self.running.values()))
-        return only.text if len(self.running) == 1 and not only.genkey else ""
+        """KoboldCpp's /api/extra/generate/check: the text generated so far (runs.py)."""
+        return self.runs.progress(genkey)
 
     async def collect(self, request: Disconnectable, running: RunningGeneration) -> FinishEvent:
         """Wait for a non-streaming generation; a client that hangs up cancels it."""

@@ -38,7 +38,8 @@ from innkeeper.serving.errors import (
     TooManyJobs,
 )
 from innkeeper.serving.policy import Caller
-from innkeeper.serving.registry import LOAD_WAIT_SECONDS, ModelRegistry
+from innkeeper.serving.registry import ModelRegistry
+from innkeeper.serving.routing import LOAD_WAIT_SECONDS
 
 log = logging.getLogger("innkeeper.serving.store")
 
