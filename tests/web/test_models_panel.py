@@ -320,6 +320,12 @@ def test_the_load_form_takes_rpc_workers(browser: Any) -> None:
         assert row.get_by_label("GPU layers").input_value() == ""  # auto: the plan's split
         load.click()
         expect(pg.locator("#toast")).to_contain_text("not on loopback")
+        # The refused load left the model unloaded, and the page's own reads (its prompt
+        # preview) did not load it behind the user's back: the page says so, and so does the
+        # server.
+        expect(pg.locator("#raw-kind")).to_contain_text("not loaded")
+        expect(row.locator(".badge")).to_have_text("unloaded")
+        assert next(m for m in listed(srv)["models"] if m["id"] == smol)["status"] == "unloaded"
         field.fill("http://x:1")  # the browser's own check, before any request
         load.click()
         expect(row.locator(".error")).to_contain_text("RPC workers")

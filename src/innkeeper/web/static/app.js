@@ -14,7 +14,7 @@ import { wireLayout } from "./layout.js";
 import { initModels, refreshModels } from "./models.js";
 import { fillSamplers, renderConnect, wirePanels } from "./panels.js";
 import { schedulePreview } from "./prompt.js";
-import { DEFAULT_CHAR, state } from "./state.js";
+import { DEFAULT_CHAR, modelLoaded, state } from "./state.js";
 import { loadTemplates, refreshStatus } from "./status.js";
 import { settings } from "./store.js";
 import { $ } from "./ui.js";
@@ -46,7 +46,9 @@ async function main() {
   }
   setInterval(() => {
     if (document.hidden || $("key-dialog").open) return;
+    const wasLoaded = modelLoaded();
     refreshStatus({ ask: false }).then((ok) => {
+      if (ok && modelLoaded() !== wasLoaded) state.templatesLoaded = false; // loaded or unloaded elsewhere
       if (ok && !state.templatesLoaded) loadTemplates().then(schedulePreview);
       if (ok) refreshModels();
     });

@@ -3,7 +3,7 @@
 // is exactly what is sent; also the context bar and the raw prompt view it drives.
 
 import { postJson } from "./api.js";
-import { macros, msgText, nCtx, prefs, state } from "./state.js";
+import { macros, modelLoaded, msgText, nCtx, prefs, state } from "./state.js";
 import { $ } from "./ui.js";
 
 export function renderCtx() {
@@ -76,10 +76,18 @@ export function schedulePreview() {
   previewTimer = setTimeout(previewPrompt, 120);
 }
 
-/** What the next reply's prompt would be: drives the context bar and the raw prompt view. */
+/** What the next reply's prompt would be: drives the context bar and the raw prompt view.
+ * Only while the model is loaded: a preview must not load a model the user unloaded (or that
+ * a load refused), so the page shows the truth and its Load button stays the user's. */
 async function previewPrompt() {
   if (!state.chat || state.gen) return;
   const seq = ++previewSeq;
+  if (!modelLoaded()) {
+    state.promptTokens = 0;
+    renderCtx();
+    showRaw("(the model is not loaded: the preview shows once it is)", "");
+    return;
+  }
   try {
     const history = state.chat.messages;
     const r = await renderPrompt(buildMessages(history), false);
@@ -97,7 +105,7 @@ export function scheduleDraftCount() {
   clearTimeout(draftTimer);
   draftTimer = setTimeout(async () => {
     const text = $("input").value;
-    if (!text) {
+    if (!text || !modelLoaded()) {
       state.draftTokens = 0;
       renderCtx();
       return;

@@ -56,3 +56,6 @@ export const userName = () => prefs.userName.trim() || "User";
 export const macros = (text) => applyMacros(text, state.char.name, userName());
 export const msgText = (m) => m.swipes[m.swipe] ?? "";
 export const nCtx = () => state.status?.context?.size || 0;
+/** Whether the model answering is loaded (the last status read): the page's own reads (the
+ * prompt preview, token counts) wait for that, since a request to an unloaded model loads it. */
+export const modelLoaded = () => state.status?.model?.status === "loaded";
