@@ -176,3 +176,20 @@ def test_oversized_bodies_are_a_413_before_any_route(guarded: TestClient) -> Non
     small = client(max_body=2048)
     r = small.post("/v1/completions", content=b"{" + b" " * 4096 + b"}")
     assert r.status_code == 413
+
+
+def test_health_names_a_lost_rpc_worker_to_admins_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/health needs no key: on a keyed server a caller without the admin key learns that a
+    worker is gone and since when, not its address; the admin sees which."""
+    from innkeeper.engine import rpc
+
+    monkeypatch.setitem(rpc._lost, "10.0.0.9:50052", 1_700_000_000.0)
+    c = client(api_keys=("user",), admin_keys=("adm",))
+    hidden = {"status": "ok", "rpc_workers_lost": [{"since": 1_700_000_000.0}]}
+    assert c.get("/health").json() == hidden  # no key at all: /health is public
+    for path in ("/health", "/v1/internal/health"):
+        assert c.get(path, headers={"Authorization": "Bearer user"}).json() == hidden
+        admin = c.get(path, headers={"Authorization": "Bearer user", "X-Admin-Key": "adm"}).json()
+        assert admin["rpc_workers_lost"] == [{"endpoint": "10.0.0.9:50052", "since": 1.7e9}]
+    keyless = client()  # loopback, no key: the machine's owner
+    assert keyless.get("/health").json()["rpc_workers_lost"][0]["endpoint"] == "10.0.0.9:50052"

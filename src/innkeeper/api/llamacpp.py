@@ -40,8 +40,8 @@ class DetokenizeBody(JsonBody):
 
 
 @router.get("/health")
-async def health() -> dict[str, Any]:
-    return health_report()
+async def health(request: Request) -> dict[str, Any]:
+    return health_report(request)
 
 
 @router.get("/props")

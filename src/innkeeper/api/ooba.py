@@ -50,8 +50,8 @@ async def model_list(request: Request) -> dict[str, Any]:
 
 
 @router.get("/v1/internal/health")
-async def health() -> dict[str, Any]:
-    return health_report()
+async def health(request: Request) -> dict[str, Any]:
+    return health_report(request)
 
 
 async def _count(request: Request, text: str, add_special: bool) -> list[int]:

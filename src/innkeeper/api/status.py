@@ -27,10 +27,13 @@ FILE_TYPES = {
 }  # fmt: skip
 
 
-def health_report() -> dict[str, Any]:
-    """/health: "ok" while the server answers; RPC workers found gone are named (the models
-    on them failed; the others serve) until a load uses each again."""
+def health_report(request: Request) -> dict[str, Any]:
+    """/health: "ok" while the server answers; RPC workers found gone are listed (the models
+    on them failed; the others serve) until a load uses each again. /health needs no key, so
+    a worker's address is named to admins only (as host paths are); others see when."""
     lost = lost_workers_json()
+    if not caller_of(request).admin:
+        lost = [{k: v for k, v in w.items() if k != "endpoint"} for w in lost]
     return {"status": "ok", "rpc_workers_lost": lost} if lost else {"status": "ok"}
 
 
