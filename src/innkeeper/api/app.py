@@ -24,6 +24,7 @@ from innkeeper.api import (
     ollama,
     ooba,
     openai,
+    openai_models,
     status,
     store_routes,
     tune_routes,
@@ -115,7 +116,17 @@ def create_app(registry: ModelRegistry, config: ServerConfig) -> FastAPI:
     app.state.registry = registry
     app.state.config = config
     install_handlers(app)
-    for module in (model_routes, openai, embeddings, kobold, ooba, llamacpp, status, metrics):
+    for module in (
+        model_routes,
+        openai,
+        openai_models,
+        embeddings,
+        kobold,
+        ooba,
+        llamacpp,
+        status,
+        metrics,
+    ):
         app.include_router(module.router)
     app.include_router(store_routes.router)  # pull and delete, for the page's Models panel
     app.include_router(tune_routes.router)  # `innkeeper tune` for the page's Models panel

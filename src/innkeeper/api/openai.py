@@ -1,7 +1,8 @@
-"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions.
+"""OpenAI-compatible generation routes: /v1/completions, /v1/chat/completions.
 
 SillyTavern's KoboldCpp and Default (Oobabooga) Text Completion types both generate through
-/v1/completions; chat clients and the `openai` SDK use /v1/chat/completions.
+/v1/completions; chat clients and the `openai` SDK use /v1/chat/completions. The model list
+(/v1/models) is in openai_models.
 """
 
 from __future__ import annotations
@@ -26,10 +27,8 @@ from innkeeper.api.streaming import ChunkTemplate, json_str, slot, sse, sse_runs
 from innkeeper.engine.events import Event, FinishEvent, TokenEvent, TokenLogprob
 from innkeeper.engine.templates import TemplateRenderError, message_text, template_by_name
 from innkeeper.engine.vision import MediaPrompt
-from innkeeper.serving.catalog import ModelEntry
 from innkeeper.serving.generation import RunningGeneration
 from innkeeper.serving.load_settings import KEEP_ALIVE_PATTERN
-from innkeeper.serving.registry import ModelRegistry
 from innkeeper.serving.service import Service
 from innkeeper.serving.store_jobs import autopull
 
@@ -290,46 +289,6 @@ def _start_all(
         if not complete:
             service.release(runs)
     return runs
-
-
-@router.get("/v1/models")
-async def list_models(request: Request) -> dict[str, Any]:
-    """Every model a request may name, loaded or not, the current default first (SillyTavern's
-    KoboldCpp type shows data[0] as the connected model). Always 200 with a `data` list:
-    SillyTavern hangs on anything else."""
-    registry = registry_of(request)
-    await registry.rescan()
-    return {"object": "list", "data": [_model_card(registry, e) for e in registry.entries()]}
-
-
-@router.get("/v1/models/{model_id:path}")
-async def get_model(request: Request, model_id: str) -> dict[str, Any]:
-    registry = registry_of(request)
-    return _model_card(registry, registry.resolve(model_id))
-
-
-def _model_card(registry: ModelRegistry, e: ModelEntry) -> dict[str, Any]:
-    """OpenAI's model object, with llama-server's `status` and the model's numbers."""
-    card: dict[str, Any] = {
-        "id": e.id,
-        "object": "model",
-        "created": int(e.service.started) if e.service else 0,
-        "owned_by": "innkeeper",
-        "status": {"value": e.status},
-        "meta": {"size": e.size_bytes},
-        # llama-server's names: "multimodal" when the model takes images (a projector)
-        "capabilities": ["completion", "multimodal"] if e.mmproj else ["completion"],
-    }
-    if e.service is not None:
-        info = e.service.info
-        card["meta"] = {
-            "n_ctx": e.service.n_ctx,
-            "n_ctx_train": info.n_ctx_train,
-            "n_params": info.n_params,
-            "n_vocab": info.n_vocab,
-            "size": info.size_bytes,
-        }
-    return card
 
 
 async def _pulled(request: Request, name: str | None) -> str | None:
