@@ -15,17 +15,29 @@ the listeners, and parks that thread for good instead: the process lives on, and
 on that worker is wrecked (its engine thread waits forever inside llama_decode; its buffers
 cannot be freed). The next load reaches the restarted worker under a new spelling of its
 address (`_spelling`), since ggml keeps the dead connection under the old one.
+
+A worker that dies during a load (`loading`: the weights are on their way) fails the same
+way, in the dispatcher, while the loading thread waits for it forever inside llama.cpp: the
+listeners are told, and the server abandons that load. ggml's failure can also land on the
+loading thread itself, when it connects (get_dispatcher: connect and HELLO). That thread holds
+ggml's static dispatcher mutex then (and add_server's, or buffer_type's), and every later
+use of any worker takes it (loads, and each decode of a pipelined model: event_synchronize),
+so parking it would hang them all: the process exits instead, naming the worker. A load
+keeps one connection per worker open from its first (`_pin`, just after the probe) to its
+end, so that is the one moment it can happen: ggml would otherwise reconnect several times
+in the middle of llama_model_load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -184,6 +196,47 @@ def ask(endpoint: str) -> WorkerInfo:
     return info
 
 
+_loading: dict[str, int] = {}  # endpoint -> loads in flight across it (`loading`)
+_here = threading.local()  # .pins: the backends a load on this thread keeps open (`_pin`)
+
+
+@contextlib.contextmanager
+def loading(endpoints: tuple[str, ...]) -> Iterator[None]:
+    """Run a load across `endpoints` (a model, its context) on this thread. A worker lost
+    meanwhile is found and named like one in use, with the listeners told (the server then
+    abandons the load, whose thread waits in llama.cpp for good); each worker's connection
+    stays open from the first to the end of the load (`_pin`)."""
+    with _lock:
+        for e in endpoints:
+            _loading[e] = _loading.get(e, 0) + 1
+    _here.pins = pins = []
+    try:
+        yield
+    finally:
+        _here.pins = None
+        with _lock:
+            for e in endpoints:
+                _loading[e] = max(_loading.get(e, 0) - 1, 0)
+        free = ggml_library("libggml-base").ggml_backend_free
+        free.restype, free.argtypes = None, [ctypes.c_void_p]
+        for backend in pins:  # the model's buffers keep the connection if it loaded
+            free(backend)
+
+
+def _pin(lib: ctypes.CDLL, address: bytes) -> None:
+    """Within `loading`: open ggml's connection to a worker now, just after its probe, and
+    keep it until the load ends. ggml drops a connection as soon as nothing holds it, and
+    would open one again (on this thread, holding its locks) for each step of the load."""
+    pins = getattr(_here, "pins", None)
+    if pins is None:
+        return
+    _hook_abort()  # a worker lost from here on is named, not just fatal
+    backend = lib.ggml_backend_rpc_init(address, 0)  # device 0: the probe found one at least
+    if not backend:
+        raise RpcError(f"RPC worker {address.decode()} offers no device")
+    pins.append(backend)
+
+
 def hold(endpoints: tuple[str, ...], held: bool) -> None:
     """Count a loaded model's use of its workers (`held`), or its release. A load that
     succeeded with a worker also ends its "lost" mark: it is back."""
@@ -265,11 +318,12 @@ def _refuses(endpoint: str) -> bool:
 
 
 def _find_lost() -> tuple[str, ...]:
-    """The workers in use whose connection is gone: the kernel closed it when the worker
+    """The workers in use (or loading) whose connection is gone: the kernel closed it when the worker
     died (or an SSH tunnel dropped it), while a live worker's stays established. Failing
     that, those that refuse a connection; failing that, every worker in use."""
     with _lock:
-        used = [e for e, n in _in_use.items() if n]
+        used = [e for e, n in (*_in_use.items(), *_loading.items()) if n]
+        used = list(dict.fromkeys(used))
     try:
         conns = psutil.Process().net_connections(kind="tcp4")
         gone = [e for e in used if not _established(e, conns)]
@@ -290,8 +344,9 @@ def _name_lost_workers(message: bytes | None) -> None:
     gone = _find_lost()
     who = ", ".join(gone) or "?"
     text = text.rsplit(": ", 1)[-1]  # ggml's words, without its source path and line
-    # A thread of ours (a load) may hold ggml's connection table: parking it would stall
-    # every later load, so only ggml's own dispatcher threads are parked.
+    # A thread of ours (a load connecting) holds ggml's dispatcher mutex: parking it would
+    # stall every later use of any worker (see the module's docstring), so only ggml's own
+    # dispatcher threads are parked.
     ggml_thread = isinstance(threading.current_thread(), threading._DummyThread)
     with _lock:
         listeners = list(_listeners) if ggml_thread else []
@@ -299,6 +354,7 @@ def _name_lost_workers(message: bytes | None) -> None:
             for e in gone:
                 _lost[e] = time.time()
                 _in_use[e] = 0  # the wrecked models' holds: the worker is free to answer
+                _loading[e] = 0  # the abandoned loads' (their threads never return)
                 _spelling[e] = _respelled(_spelling.get(e, e))
     if not listeners:
         os.write(
@@ -369,6 +425,8 @@ def _rpc() -> ctypes.CDLL:
     vp, size = ctypes.c_void_p, ctypes.c_size_t
     lib.ggml_backend_rpc_add_server.restype = vp
     lib.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_rpc_init.restype = vp
+    lib.ggml_backend_rpc_init.argtypes = [ctypes.c_char_p, ctypes.c_uint32]
     lib.ggml_backend_rpc_start_server.restype = None
     lib.ggml_backend_rpc_start_server.argtypes = [
         ctypes.c_char_p,
@@ -434,7 +492,9 @@ def model_devices(endpoints: tuple[str, ...]) -> list[int]:
     ggml = _ggml()
     devices: list[int] = []
     for endpoint in endpoints:
-        reg = lib.ggml_backend_rpc_add_server(spelled(endpoint).encode())
+        address = spelled(endpoint).encode()
+        _pin(lib, address)
+        reg = lib.ggml_backend_rpc_add_server(address)
         if not reg:
             raise RpcError(f"RPC worker {endpoint} offers no device")
         _added[endpoint] = [

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -337,7 +337,7 @@ class ModelRegistry:
         e.loading = loop.create_future()
         t0 = time.monotonic()
         try:
-            service, loaded_plan = await loop.run_in_executor(self._load_pool, self._build, e)
+            service, loaded_plan = await self._build_watched(e)
         except Exception as exc:
             error = self._load_error(e, exc)
             e.state, e.error = ModelState.FAILED, str(exc)
@@ -352,11 +352,21 @@ class ModelRegistry:
         e.loading.set_result(service)
         e.loading = None
 
+    def _build_watched(self, e: ModelEntry) -> Awaitable[tuple[Service, MemoryPlan | None]]:
+        """`_build` off the event loop; WorkerLost as soon as a worker it loads across is
+        lost (serving/worker_loss.py: that load is abandoned, with its plan held)."""
+        auto = self.plan_of(e)  # cached: the load checked it first
+        plan = auto.plan if auto is not None else None
+        rpc = self._engine_config(e).rpc
+        return self.worker_loss.build(e.id, rpc, plan, lambda: self._build(e), self._load_pool)
+
     @staticmethod
     def _load_error(e: ModelEntry, exc: Exception) -> ServingError:
         """A failed load as the client sees it: a file llama.cpp refuses is the client's
-        problem (400); anything else is the server's (500)."""
+        problem (400); a lost worker is WorkerLost (502); anything else is the server's (500)."""
         log.warning("loading %s failed: %s", e.id, exc)
+        if isinstance(exc, ServingError):
+            return exc
         if isinstance(exc, (*BAD_MODEL_ERRORS, TemplateRenderError)):
             return BadLoadRequest(f"cannot load {e.id}: {exc}")
         return LoadFailed(f"loading {e.id} failed: {exc}")
@@ -364,10 +374,8 @@ class ModelRegistry:
     async def _restore(self, e: ModelEntry) -> None:
         """Reload a model evicted for a load that then failed (best effort)."""
         try:
-            service, plan = await asyncio.get_running_loop().run_in_executor(
-                self._load_pool, self._build, e
-            )
-        except (BackendError, OSError, ValueError) as exc:
+            service, plan = await self._build_watched(e)
+        except (BackendError, OSError, ValueError, ServingError) as exc:
             log.error("could not reload %s after a failed load: %s", e.id, exc)
             e.state, e.error = ModelState.FAILED, str(exc)
             return

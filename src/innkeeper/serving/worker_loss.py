@@ -9,12 +9,20 @@ the engine thread waits inside llama.cpp forever and every buffer free would wai
 connection. So the memory it held here (and on the workers still alive) stays in use until
 the server restarts, and the memory plan keeps counting it. Other models keep serving; the
 next load of the model reaches the restarted worker afresh.
+
+A load across workers runs on a thread of its own (`WorkerLossWatch.build`). A worker lost
+while it uploads the weights leaves that thread waiting inside llama.cpp for good: the load
+fails at once with WorkerLost naming the worker, and the thread, with the half-loaded model,
+is kept in `_stranded` like a stranded model (its planned share here counted as held). The
+registry's lock and its load pool are free for the next load, which a thread stuck for good
+could not give back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -22,9 +30,11 @@ from typing import TYPE_CHECKING, Any
 from innkeeper.engine import rpc
 from innkeeper.models.memory import MemoryPlan
 from innkeeper.serving.catalog import ModelState
+from innkeeper.serving.errors import WorkerLost
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from concurrent.futures import Executor
 
     from innkeeper.serving.registry import ModelRegistry
     from innkeeper.serving.service import Service
@@ -37,11 +47,13 @@ class Stranded:
     """A model whose worker died: kept referenced for good (never freed, never collected)."""
 
     model_id: str
-    service: Service
+    service: Service | None  # None: a load the worker died in
     plan: MemoryPlan | None
     workers: tuple[str, ...]  # the lost ones
     reason: str
     since: float  # time.time()
+    stuck: threading.Thread | None = None  # the abandoned load's thread (its frames hold the
+    # half-loaded model): it waits inside llama.cpp for good
 
     def held_plan(self) -> MemoryPlan | None:
         """The memory it still holds: its plan, less the devices of the lost workers (whose
@@ -76,6 +88,7 @@ def stranded_json() -> list[dict[str, Any]]:
         out.append(
             {
                 "id": s.model_id,
+                "while": "loaded" if s.service is not None else "loading",
                 "workers": list(s.workers),
                 "reason": s.reason,
                 "since": round(s.since, 3),
@@ -93,6 +106,8 @@ class WorkerLossWatch:
         self.registry = registry
         self._loop: asyncio.AbstractEventLoop | None = None
         self._remove: Callable[[], None] | None = None
+        # the loads across workers in flight: the future `strand` settles -> their workers
+        self._loads: dict[asyncio.Future[tuple[tuple[str, ...], str]], tuple[str, ...]] = {}
 
     def start(self) -> None:
         """Listen (on the server's event loop: the news is handled there)."""
@@ -112,8 +127,12 @@ class WorkerLossWatch:
             loop.call_soon_threadsafe(self.strand, endpoints, why)
 
     def strand(self, endpoints: tuple[str, ...], why: str) -> None:
-        """End every loaded model on a lost worker (event loop)."""
+        """End every loaded model on a lost worker, and every load across it (event loop)."""
         lost = set(endpoints)
+        for gone, workers in self._loads.items():
+            hit = tuple(w for w in workers if w in lost)
+            if hit and not gone.done():
+                gone.set_result((hit, why))
         for e in list(self.registry.entries_by_id.values()):
             service = e.service
             workers = tuple(w for w in service.engine.config.rpc if w in lost) if service else ()
@@ -124,9 +143,77 @@ class WorkerLossWatch:
                 "the model again (the memory it held here stays in use until the server "
                 "restarts)"
             )
-            service.closed = True  # new requests get a 503 and a retry
-            n = service.engine.wreck(reason)
-            _stranded.append(Stranded(e.id, service, e.loaded_plan, workers, reason, time.time()))
+            _wreck(e.id, service, e.loaded_plan, workers, reason)
             e.service, e.loaded_plan, e.keep_alive = None, None, None
             e.state, e.error = ModelState.FAILED, reason
-            log.error("%s (%d requests ended)", reason, n)
+
+    async def build(
+        self,
+        model_id: str,
+        endpoints: tuple[str, ...],
+        plan: MemoryPlan | None,
+        build: Callable[[], tuple[Service, MemoryPlan | None]],
+        pool: Executor,
+    ) -> tuple[Service, MemoryPlan | None]:
+        """Run `build` (the load of `model_id`, planned as `plan`); one across `endpoints`
+        runs on a thread of its own, and a worker lost meanwhile ends the wait at once with
+        WorkerLost, abandoning the load (see the module's docstring)."""
+        loop = asyncio.get_running_loop()
+        if not endpoints:
+            return await loop.run_in_executor(pool, build)
+        built: asyncio.Future[tuple[Service, MemoryPlan | None]] = loop.create_future()
+
+        def settle(result: Any, exc: BaseException | None) -> None:
+            if built.done():
+                return
+            if exc is not None:
+                built.set_exception(exc)
+            else:
+                built.set_result(result)
+
+        def run() -> None:
+            try:
+                with rpc.loading(endpoints):
+                    result = build()
+            except BaseException as exc:
+                loop.call_soon_threadsafe(settle, None, exc)
+            else:
+                loop.call_soon_threadsafe(settle, result, None)
+
+        thread = threading.Thread(target=run, name=f"innkeeper-load-{model_id}", daemon=True)
+        gone: asyncio.Future[tuple[tuple[str, ...], str]] = loop.create_future()
+        self._loads[gone] = endpoints
+        try:
+            thread.start()
+            await asyncio.wait({built, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            del self._loads[gone]
+        if not gone.done():
+            return built.result()
+        workers, why = gone.result()
+        reason = (
+            f"{why}: loading {model_id} failed; restart the worker, then load the model again "
+            "(the memory the load took here stays in use until the server restarts)"
+        )
+        if built.done() and built.exception() is None:  # loaded, and lost just after
+            service, loaded = built.result()
+            _wreck(model_id, service, loaded, workers, reason)
+        else:
+            built.add_done_callback(lambda f: f.cancelled() or f.exception())
+            _stranded.append(Stranded(model_id, None, plan, workers, reason, time.time(), thread))
+            log.error("%s", reason)
+        raise WorkerLost(reason)
+
+
+def _wreck(
+    model_id: str,
+    service: Service,
+    plan: MemoryPlan | None,
+    workers: tuple[str, ...],
+    reason: str,
+) -> None:
+    """End a loaded model's requests and keep it for good (`_stranded`)."""
+    service.closed = True  # new requests get a 503 and a retry
+    n = service.engine.wreck(reason)
+    _stranded.append(Stranded(model_id, service, plan, workers, reason, time.time()))
+    log.error("%s (%d requests ended)", reason, n)
