@@ -93,16 +93,16 @@ def workers(n: int, threads: int, log_dir: Path) -> Iterator[list[str]]:
 
 
 def _wait_for_worker(endpoint: str, proc: subprocess.Popen[bytes]) -> None:
-    from innkeeper.engine import rpc
+    from innkeeper.engine import rpc_probe
 
     deadline = time.monotonic() + 60
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"worker {endpoint} exited with {proc.returncode}")
         try:
-            rpc.probe(endpoint, timeout=2)
+            rpc_probe.probe(endpoint, timeout=2)
             return
-        except rpc.WorkerUnreachable:
+        except rpc_probe.WorkerUnreachable:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"worker {endpoint} never answered") from None
             time.sleep(0.2)

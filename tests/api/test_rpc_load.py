@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from innkeeper.engine import rpc
+from innkeeper.engine import rpc, rpc_probe
 from innkeeper.models.store import default_model_path
 from innkeeper.serving.errors import WorkerNotAllowed
 from innkeeper.serving.load_settings import check_workers_allowed, parse_load_settings
@@ -71,7 +71,7 @@ def load(c: httpx.Client, settings: dict[str, Any]) -> httpx.Response:
 def test_a_load_with_a_loopback_worker_answers_as_the_local_model(
     server: ServerProcess, worker: str
 ) -> None:
-    free = rpc.probe(worker).devices[0].free_bytes  # asked before the server holds it
+    free = rpc_probe.probe(worker).devices[0].free_bytes  # asked before the server holds it
     with httpx.Client(base_url=server.url, timeout=180, headers=ADMIN) as c:
         local = complete(c)
         r = load(c, {"rpc": [worker], "gpu_layers": "all"})

@@ -56,7 +56,7 @@ def test_serve_refuses_a_url_as_rpc_before_loading() -> None:
 
 
 def test_ctrl_c_stops_the_worker_cleanly() -> None:
-    from innkeeper.engine import rpc
+    from innkeeper.engine import rpc, rpc_probe
 
     if not rpc.available():
         pytest.skip("this llama-cpp-python has no RPC backend (no libggml-rpc.so)")
@@ -71,9 +71,9 @@ def test_ctrl_c_stops_the_worker_cleanly() -> None:
         deadline = time.monotonic() + 60
         while True:
             try:
-                rpc.probe(f"127.0.0.1:{port}", timeout=2)
+                rpc_probe.probe(f"127.0.0.1:{port}", timeout=2)
                 break
-            except rpc.WorkerUnreachable:
+            except rpc_probe.WorkerUnreachable:
                 assert proc.poll() is None and time.monotonic() < deadline
                 time.sleep(0.2)
         proc.send_signal(signal.SIGINT)

@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from innkeeper.engine import rpc
+from innkeeper.engine import rpc, rpc_probe
 from innkeeper.models.hardware import GPU, Hardware, format_size
 from tests.engine.conftest import Runner, make_engine
 from tests.helpers import ARTIFACTS, free_port, run_server
@@ -46,9 +46,9 @@ def run_worker(port: int, *args: str) -> Iterator[subprocess.Popen[bytes]]:
         while True:
             assert proc.poll() is None, (ARTIFACTS / f"worker-{port}.log").read_text()
             try:
-                rpc.probe(f"127.0.0.1:{port}", timeout=2)
+                rpc_probe.probe(f"127.0.0.1:{port}", timeout=2)
                 break
-            except rpc.WorkerUnreachable:
+            except rpc_probe.WorkerUnreachable:
                 assert time.monotonic() < deadline, "the worker never answered"
                 time.sleep(0.2)
         yield proc
@@ -81,8 +81,8 @@ def greedy(**config: object) -> tuple[str, int]:
 
 def test_probe_reports_the_protocol_and_each_device(workers) -> None:
     for endpoint, _ in workers:
-        info = rpc.probe(endpoint)
-        assert info.version[:2] == (rpc.PROTO_MAJOR, rpc.PROTO_MINOR)
+        info = rpc_probe.probe(endpoint)
+        assert info.version[:2] == (rpc_probe.PROTO_MAJOR, rpc_probe.PROTO_MINOR)
         assert len(info.devices) == 1  # the CPU: this machine has no accelerator to lend
         assert 0 < info.devices[0].free_bytes <= info.devices[0].total_bytes
 
@@ -124,7 +124,7 @@ def test_split_across_this_process_and_two_workers_is_identical_to_local(workers
 def test_an_unreachable_worker_is_one_error_naming_it_before_any_load() -> None:
     endpoint = f"127.0.0.1:{free_port()}"
     t0 = time.monotonic()
-    with pytest.raises(rpc.WorkerUnreachable, match=endpoint):
+    with pytest.raises(rpc_probe.WorkerUnreachable, match=endpoint):
         make_engine(parallel=1, ctx_size=512, rpc=(endpoint,), gpu_layers=10)
     assert time.monotonic() - t0 < 10  # ggml's own client would have aborted the process
 
@@ -156,14 +156,14 @@ def fake_worker(reply: bytes | None) -> Iterator[str]:
 def test_a_worker_on_another_protocol_version_is_refused_by_name() -> None:
     with (
         fake_worker(bytes([6, 0, 0, 0]) + bytes(24)) as endpoint,
-        pytest.raises(rpc.WorkerVersionMismatch, match=rf"{endpoint}.*6\.0\.0"),
+        pytest.raises(rpc_probe.WorkerVersionMismatch, match=rf"{endpoint}.*6\.0\.0"),
     ):
-        rpc.probe(endpoint)
+        rpc_probe.probe(endpoint)
 
 
 def test_something_else_on_the_port_is_not_a_worker() -> None:
-    with fake_worker(None) as endpoint, pytest.raises(rpc.WorkerUnreachable, match=endpoint):
-        rpc.probe(endpoint)
+    with fake_worker(None) as endpoint, pytest.raises(rpc_probe.WorkerUnreachable, match=endpoint):
+        rpc_probe.probe(endpoint)
 
 
 @pytest.mark.slow
@@ -271,7 +271,7 @@ def test_a_share_beyond_a_workers_free_memory_is_refused_by_name() -> None:
     small = plan_memory(spec, MemorySettings(cfg, 2048), worker_hw(100 * 2**20, 2**33), 999)
     share = small.devices[1]
     assert share.endpoint == "10.0.0.1:50052" and share.total_bytes > 100 * 2**20
-    with pytest.raises(rpc.WorkerTooSmall) as err:
+    with pytest.raises(rpc_probe.WorkerTooSmall) as err:
         check_worker_shares(small)
     line = str(err.value)
     assert "\n" not in line and "10.0.0.1:50052" in line and "100.00 MiB free" in line
@@ -292,7 +292,7 @@ def test_serve_refuses_a_share_the_worker_cannot_hold_before_any_weights_move() 
     port = free_port()
     endpoint = f"127.0.0.1:{port}"
     with run_worker(port) as worker:
-        free = rpc.probe(endpoint).devices[0].free_bytes
+        free = rpc_probe.probe(endpoint).devices[0].free_bytes
         before = psutil.Process(worker.pid).memory_info().rss
         args = ("--rpc", endpoint, "--gpu-layers", "all", "--flash-attn", "off", "-ub", "2048")
         t0 = time.monotonic()

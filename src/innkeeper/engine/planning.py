@@ -106,7 +106,7 @@ def check_worker_shares(plan: MemoryPlan) -> None:
     """Refuse a plan that puts more on a worker's device than the worker reports free: ggml
     would fail (or abort) mid-load, after weights have crossed the network. WorkerTooSmall
     names the worker, its free memory and the share."""
-    from innkeeper.engine.rpc import WorkerTooSmall
+    from innkeeper.engine.rpc_probe import WorkerTooSmall
 
     for d in plan.devices:
         if d.endpoint and d.total_bytes > d.capacity_bytes:
