@@ -13,7 +13,6 @@ llama.cpp before anything else it needs.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform
@@ -138,28 +137,6 @@ class Report:
 # ---- facts --------------------------------------------------------------------------------
 
 
-def _ggml() -> ctypes.CDLL:
-    """The ggml library libllama itself uses (its registries list the backends)."""
-    from innkeeper.engine.llama_params import ggml_library
-
-    lib = ggml_library("libggml")
-    vp, size = ctypes.c_void_p, ctypes.c_size_t
-    for name, restype, argtypes in (
-        ("ggml_backend_reg_count", size, []),
-        ("ggml_backend_reg_get", vp, [size]),
-        ("ggml_backend_reg_name", ctypes.c_char_p, [vp]),
-        ("ggml_backend_dev_count", size, []),
-        ("ggml_backend_dev_get", vp, [size]),
-        ("ggml_backend_dev_name", ctypes.c_char_p, [vp]),
-        ("ggml_backend_dev_description", ctypes.c_char_p, [vp]),
-        ("ggml_backend_dev_type", ctypes.c_int, [vp]),
-        ("ggml_backend_dev_memory", None, [vp, ctypes.POINTER(size), ctypes.POINTER(size)]),
-    ):
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = restype, argtypes
-    return lib
-
-
 def _text(raw: bytes | None) -> str:
     return raw.decode("utf-8", "replace") if raw else ""
 
@@ -172,25 +149,15 @@ def gather_build() -> BuildFacts:
         pkg = version("llama-cpp-python")
     except PackageNotFoundError:
         pkg = getattr(llama_cpp, "__version__", "unknown")
-    lib = _ggml()
-    backends = tuple(
-        _text(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)))
-        for i in range(lib.ggml_backend_reg_count())
-    )
-    devices = []
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        devices.append(
-            Device(
-                _text(lib.ggml_backend_dev_name(dev)),
-                _text(lib.ggml_backend_dev_description(dev)),
-                _DEVICE_TYPES.get(int(lib.ggml_backend_dev_type(dev)), "other"),
-                int(free.value),
-                int(total.value),
-            )
+    from innkeeper.engine.devices import backend_names, local_devices
+
+    backends = backend_names()
+    devices = [
+        Device(
+            d.name, d.description, _DEVICE_TYPES.get(d.type, "other"), d.free_bytes, d.total_bytes
         )
+        for d in local_devices()
+    ]
     return BuildFacts(
         llama_cpp_python=pkg,
         system_info=_text(llama_cpp.llama_print_system_info()).strip(),

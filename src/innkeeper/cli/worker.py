@@ -20,7 +20,7 @@ from innkeeper.cli.app import CliError, app, console, err_console, fail
 from innkeeper.settings import ConfigError, parse_endpoint
 
 if TYPE_CHECKING:
-    from innkeeper.engine.rpc import LocalDevice
+    from innkeeper.engine.devices import LocalDevice
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50052
@@ -71,7 +71,7 @@ def _port_free(host: str, port: int) -> str | None:
 
 def choose_devices(available: list[LocalDevice], wanted: str | None) -> list[LocalDevice]:
     """`--device` names (ggml's), else every GPU, else the CPU, as llama.cpp's rpc-server."""
-    from innkeeper.engine.rpc import DEV_CPU, DEV_GPU, DEV_IGPU
+    from innkeeper.engine.devices import DEV_CPU, DEV_GPU, DEV_IGPU
 
     if wanted:
         by_name = {d.name.lower(): d for d in available}
@@ -130,13 +130,14 @@ def run_worker(
     """The worker, until Ctrl-C; CliError for anything that keeps it from serving."""
     from innkeeper.engine import rpc
     from innkeeper.engine.backend import BackendError, default_threads
+    from innkeeper.engine.devices import local_devices
 
     endpoint = check_bind(host, port, insecure_expose)
     host = endpoint.rpartition(":")[0]
     if not rpc.available():
         raise CliError(rpc.UNAVAILABLE)
     try:
-        devices = choose_devices(rpc.local_devices(), device)
+        devices = choose_devices(local_devices(), device)
     except BackendError as exc:
         raise CliError(str(exc)) from None
     why = _port_free(host, port)

@@ -488,6 +488,7 @@ def supports_gpu_offload() -> bool:
     any build with RPC, where a CPU-only machine offloads nothing unless `--rpc` is given."""
     if not C.llama_supports_gpu_offload():
         return False
-    from innkeeper.engine.rpc import available, local_gpus
+    from innkeeper.engine.devices import local_gpus
+    from innkeeper.engine.rpc import available
 
     return not available() or bool(local_gpus())

@@ -36,12 +36,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import llama_cpp as C
 import psutil
 
+from innkeeper.engine.devices import LocalDevice, ggml_registry, local_gpus
 from innkeeper.engine.llama_params import ggml_library
 from innkeeper.engine.rpc_probe import (
     RpcError,
@@ -50,9 +51,6 @@ from innkeeper.engine.rpc_probe import (
     probe,
 )
 from innkeeper.models.hardware import GPU, Hardware
-
-# ggml_backend_dev_type (ggml-backend.h)
-DEV_CPU, DEV_GPU, DEV_IGPU = 0, 1, 2
 
 
 def with_workers(hw: Hardware, endpoints: tuple[str, ...]) -> Hardware:
@@ -290,25 +288,6 @@ def _lib_dir() -> Path:
     return Path(C.__file__).parent / "lib"
 
 
-def _ggml() -> ctypes.CDLL:
-    """libggml, the instance libllama uses (the same registry)."""
-    lib = ggml_library("libggml")
-    vp, size = ctypes.c_void_p, ctypes.c_size_t
-    for name, restype, argtypes in (
-        ("ggml_backend_dev_count", size, []),
-        ("ggml_backend_dev_get", vp, [size]),
-        ("ggml_backend_dev_name", ctypes.c_char_p, [vp]),
-        ("ggml_backend_dev_description", ctypes.c_char_p, [vp]),
-        ("ggml_backend_dev_type", ctypes.c_int, [vp]),
-        ("ggml_backend_dev_memory", None, [vp, ctypes.POINTER(size), ctypes.POINTER(size)]),
-        ("ggml_backend_reg_dev_count", size, [vp]),
-        ("ggml_backend_reg_dev_get", vp, [vp, size]),
-    ):
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = restype, argtypes
-    return lib
-
-
 def available() -> bool:
     """Whether this llama-cpp-python was built with GGML_RPC (it ships libggml-rpc)."""
     return (_lib_dir() / "libggml-rpc.so").is_file()
@@ -340,45 +319,6 @@ def _rpc() -> ctypes.CDLL:
     return lib
 
 
-@dataclass(frozen=True)
-class LocalDevice:
-    """A device of this machine, as ggml names it (the worker's --device takes the name)."""
-
-    name: str
-    description: str
-    type: int
-    free_bytes: int
-    total_bytes: int
-    ptr: int
-
-
-def local_devices() -> list[LocalDevice]:
-    """Every device of this machine's ggml backends (RPC devices are never registered)."""
-    C.llama_backend_init()
-    lib = _ggml()
-    out = []
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        out.append(
-            LocalDevice(
-                (lib.ggml_backend_dev_name(dev) or b"").decode(),
-                (lib.ggml_backend_dev_description(dev) or b"").decode(),
-                int(lib.ggml_backend_dev_type(dev)),
-                int(free.value),
-                int(total.value),
-                int(dev),
-            )
-        )
-    return out
-
-
-def local_gpus() -> list[LocalDevice]:
-    """The accelerators llama.cpp offloads layers to by default (not the CPU)."""
-    return [d for d in local_devices() if d.type in (DEV_GPU, DEV_IGPU)]
-
-
 def model_devices(endpoints: tuple[str, ...]) -> list[int]:
     """The device list of a load across workers: every worker's devices (in --rpc order),
     then this machine's GPUs, as llama.cpp orders them (workers first: fewer transfers).
@@ -391,7 +331,7 @@ def model_devices(endpoints: tuple[str, ...]) -> list[int]:
         info = ask(endpoint)
         if not info.devices:
             raise RpcError(f"RPC worker {endpoint} offers no device")
-    ggml = _ggml()
+    ggml = ggml_registry()
     devices: list[int] = []
     for endpoint in endpoints:
         address = spelled(endpoint).encode()
@@ -412,7 +352,7 @@ _added: dict[str, list[int]] = {}  # endpoint -> its devices now (ggml keeps the
 
 def device_labels() -> dict[str, str]:
     """ggml's name of each worker device added so far -> `RPC0 [host:port]`."""
-    ggml = _ggml()
+    ggml = ggml_registry()
     out = {}
     for endpoint, devices in _added.items():
         for dev in devices:
