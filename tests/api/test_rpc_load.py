@@ -93,6 +93,14 @@ def test_a_load_with_a_loopback_worker_answers_as_the_local_model(
         # [] loads it here alone again (the worker is free for the next load)
         assert load(c, {"rpc": [], "gpu_layers": "all"}).status_code == 200
         assert complete(c) == local
+        if free < 40 * 2**30:  # unloaded, the same refusal blames the settings, not the file
+            unload = c.post("/api/innkeeper/models/unload", json={"model": SMOL})
+            assert unload.status_code == 200, unload.text
+            assert load(c, huge).status_code == 400
+            models = c.get("/api/innkeeper/models").json()["models"]
+            entry = next(m for m in models if m["id"] == SMOL)
+            assert entry["status"] == "unloaded" and entry["error"] is None, entry
+            assert load(c, {"rpc": []}).status_code == 200
 
 
 @pytest.mark.slow

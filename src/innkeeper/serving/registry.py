@@ -219,6 +219,11 @@ class ModelRegistry:
             return e.plan_cache[1]
         try:
             auto = plan_settings(cfg, self.hardware)
+        except ConfigError as exc:
+            if strict:  # the request's settings (a worker too small for its share), not the file
+                raise
+            log.info("no memory plan for %s: %s", e.id, exc)
+            auto = None
         except (ModelFormatError, OSError, ValueError) as exc:
             if strict:
                 raise ModelFormatError(str(exc)) from exc
