@@ -136,3 +136,32 @@ def test_a_worker_lost_mid_load_fails_that_load_and_the_next_load_reaches_it_aga
             assert srv.proc.poll() is None
             srv.proc.terminate()  # the stuck load's thread does not hold the exit up
             assert srv.proc.wait(timeout=15) == 0, srv.log()[-2000:]
+
+
+@pytest.mark.slow
+def test_a_worker_lost_while_its_model_unloads_does_not_hold_the_registry() -> None:
+    """The connection is cut as the unload starts freeing the model's buffers on the worker:
+    the unload answers at once, and the server keeps loading and answering."""
+    worker_port, port = free_port(), free_port()
+    endpoint = f"127.0.0.1:{port}"
+    args = ("--ctx-size", "512", "--parallel", "1", "--admin-key", ADMIN_KEY)
+    with (
+        run_worker(worker_port),
+        run_server(*args, name="rpc-unload-loss") as srv,
+        httpx.Client(base_url=srv.url, timeout=120, headers=ADMIN) as c,
+        proxy(port, worker_port) as p,
+    ):
+        local = complete(c)
+        assert load(c, {"rpc": [endpoint], "gpu_layers": "all"}).status_code == 200
+        assert complete(c) == local
+        p.cut_after = p.sent + 1  # the next byte towards the worker: the unload's first free
+        t0 = time.monotonic()
+        r = c.post("/api/innkeeper/models/unload", json={"model": SMOL})
+        assert time.monotonic() - t0 < 20
+        assert r.status_code == 200, r.text
+        assert p.cut.wait(5)  # the unload did talk to the worker, and lost it
+        assert c.get("/health").status_code == 200
+        r = load(c, {"rpc": [], "gpu_layers": "all"})  # the registry is free
+        assert r.status_code == 200, r.text
+        assert complete(c) == local
+        assert srv.proc.poll() is None

@@ -425,10 +425,11 @@ class ModelRegistry:
                     service.abort()
                     await asyncio.sleep(0.05)
             service.closed = True
-            await asyncio.get_running_loop().run_in_executor(self._load_pool, service.close)
+            await self.worker_loss.close(e.id, service, self._load_pool)
         finally:
             e.service, e.loaded_plan = None, None
-            e.state = ModelState.UNLOADED
+            if e.state is ModelState.DRAINING:  # not stranded by a lost worker meanwhile
+                e.state = ModelState.UNLOADED
             e.keep_alive = None
         log.info("unloaded %s (%s)", e.id, why)
 

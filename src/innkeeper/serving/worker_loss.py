@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from innkeeper.engine import rpc
 from innkeeper.models.memory import MemoryPlan
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from innkeeper.serving.registry import ModelRegistry
     from innkeeper.serving.service import Service
 
+T = TypeVar("T")
 log = logging.getLogger("innkeeper.registry")
 
 
@@ -147,6 +148,44 @@ class WorkerLossWatch:
             e.service, e.loaded_plan, e.keep_alive = None, None, None
             e.state, e.error = ModelState.FAILED, reason
 
+    async def _run_watched(
+        self, name: str, endpoints: tuple[str, ...], work: Callable[[], T]
+    ) -> tuple[asyncio.Future[T], tuple[tuple[str, ...], str] | None, threading.Thread]:
+        """Run `work` on a thread of its own, until it ends or a worker of `endpoints` is
+        lost (then the thread is abandoned where it waits). Its future, the loss (None
+        when it ended first) and the thread."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: Any, exc: BaseException | None) -> None:
+            if done.done():
+                return
+            if exc is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(result)
+
+        def run() -> None:
+            try:
+                result = work()
+            except BaseException as exc:
+                loop.call_soon_threadsafe(settle, None, exc)
+            else:
+                loop.call_soon_threadsafe(settle, result, None)
+
+        thread = threading.Thread(target=run, name=f"innkeeper-{name}", daemon=True)
+        gone: asyncio.Future[tuple[tuple[str, ...], str]] = loop.create_future()
+        self._loads[gone] = endpoints
+        try:
+            thread.start()
+            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            del self._loads[gone]
+        if not gone.done():
+            return done, None, thread
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return done, gone.result(), thread
+
     async def build(
         self,
         model_id: str,
@@ -158,39 +197,17 @@ class WorkerLossWatch:
         """Run `build` (the load of `model_id`, planned as `plan`); one across `endpoints`
         runs on a thread of its own, and a worker lost meanwhile ends the wait at once with
         WorkerLost, abandoning the load (see the module's docstring)."""
-        loop = asyncio.get_running_loop()
         if not endpoints:
-            return await loop.run_in_executor(pool, build)
-        built: asyncio.Future[tuple[Service, MemoryPlan | None]] = loop.create_future()
+            return await asyncio.get_running_loop().run_in_executor(pool, build)
 
-        def settle(result: Any, exc: BaseException | None) -> None:
-            if built.done():
-                return
-            if exc is not None:
-                built.set_exception(exc)
-            else:
-                built.set_result(result)
+        def loading() -> tuple[Service, MemoryPlan | None]:
+            with rpc.loading(endpoints):
+                return build()
 
-        def run() -> None:
-            try:
-                with rpc.loading(endpoints):
-                    result = build()
-            except BaseException as exc:
-                loop.call_soon_threadsafe(settle, None, exc)
-            else:
-                loop.call_soon_threadsafe(settle, result, None)
-
-        thread = threading.Thread(target=run, name=f"innkeeper-load-{model_id}", daemon=True)
-        gone: asyncio.Future[tuple[tuple[str, ...], str]] = loop.create_future()
-        self._loads[gone] = endpoints
-        try:
-            thread.start()
-            await asyncio.wait({built, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            del self._loads[gone]
-        if not gone.done():
+        built, loss, thread = await self._run_watched(f"load-{model_id}", endpoints, loading)
+        if loss is None:
             return built.result()
-        workers, why = gone.result()
+        workers, why = loss
         reason = (
             f"{why}: loading {model_id} failed; restart the worker, then load the model again "
             "(the memory the load took here stays in use until the server restarts)"
@@ -199,10 +216,28 @@ class WorkerLossWatch:
             service, loaded = built.result()
             _wreck(model_id, service, loaded, workers, reason)
         else:
-            built.add_done_callback(lambda f: f.cancelled() or f.exception())
             _stranded.append(Stranded(model_id, None, plan, workers, reason, time.time(), thread))
             log.error("%s", reason)
         raise WorkerLost(reason)
+
+    async def close(self, model_id: str, service: Service, pool: Executor) -> None:
+        """Free a model being unloaded. Across workers, the freeing talks to them: a worker
+        lost meanwhile leaves that thread waiting for good, so the wait ends there (`strand`
+        has stranded the model by then) and the registry goes on."""
+        endpoints = service.engine.config.rpc
+        if not endpoints:
+            await asyncio.get_running_loop().run_in_executor(pool, service.close)
+            return
+
+        def closing() -> None:
+            with rpc.loading(endpoints):  # a worker lost while freeing is found and named
+                service.close()
+
+        closed, loss, _ = await self._run_watched(f"unload-{model_id}", endpoints, closing)
+        if loss is None:
+            closed.result()
+        else:
+            log.error("unloading %s: %s; it stays stranded", model_id, loss[1])
 
 
 def _wreck(
