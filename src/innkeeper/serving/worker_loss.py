@@ -224,7 +224,7 @@ class WorkerLossWatch:
         """Free a model being unloaded. Across workers, the freeing talks to them: a worker
         lost meanwhile leaves that thread waiting for good, so the wait ends there (`strand`
         has stranded the model by then) and the registry goes on."""
-        endpoints = service.engine.config.rpc
+        endpoints = tuple(service.settings.get("rpc", ()))  # the settings it was loaded with
         if not endpoints:
             await asyncio.get_running_loop().run_in_executor(pool, service.close)
             return
