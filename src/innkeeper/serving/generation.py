@@ -78,7 +78,12 @@ class LoopWaker:
         self._pending = False
         ready = self._ready
         while ready:
-            ready.popleft().wake()
+            inbox = ready.popleft()
+            listener = inbox._listener  # `wake` without its frame: once per token per stream
+            if listener is not None:
+                listener()
+            else:
+                inbox.wake()
 
 
 _wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWaker] = (
