@@ -92,6 +92,8 @@ class ChunkTemplate:
 
 
 Frame = Callable[[int, Event], bytes]
+# A single run's frame: no index (and no wrapper's call per token to drop one).
+OneFrame = Callable[[Event], bytes]
 
 
 def eager(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
@@ -124,8 +126,8 @@ async def _carry_on(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
 
 class EventStream(Response):
     """The events of one or more runs as one streamed body, framed by `frame(index, event)`
-    (b"": nothing to send); a closed connection cancels every run still going, and every
-    run is forgotten by the service however the stream ends.
+    (`frame(event)` when not `indexed`; b"": nothing to send); a closed connection cancels
+    every run still going, and every run is forgotten by the service however the stream ends.
 
     No task per token: the runs' inboxes call `_pump` on the loop when events come, which
     frames them and writes them at once (`eager`); only a write the client is slow to take
@@ -140,8 +142,9 @@ class EventStream(Response):
         self,
         service: Service,
         runs: list[RunningGeneration],
-        frame: Frame,
+        frame: Frame | OneFrame,
         *,
+        indexed: bool = True,
         media_type: str,
         coalesce: bool,
         head: Iterable[bytes] = (),
@@ -156,7 +159,8 @@ class EventStream(Response):
         self.init_headers(STREAM_HEADERS)
         self.service = service
         self.runs = runs
-        self.frame = frame
+        self.frame: Callable[..., bytes] = frame
+        self.indexed = indexed
         self.coalesce = coalesce
         self.end = end
         self.tail = tail
@@ -234,12 +238,13 @@ class EventStream(Response):
     def _collect(self, outbox: deque[bytes | None]) -> None:
         """Frame every event the runs delivered; after the last finish, the body's end."""
         frame = self.frame
+        indexed = self.indexed
         out: list[bytes] = []
         for index, run in enumerate(self.runs):
             for ev in run.waiting():
                 if type(ev) is FinishEvent:
                     self._left -= 1
-                chunk = frame(index, ev)
+                chunk = frame(index, ev) if indexed else frame(ev)
                 if chunk:
                     out.append(chunk)
         if self.coalesce and len(out) > 1:
@@ -284,7 +289,7 @@ async def _wait_disconnect(receive: Receive) -> None:
 def sse_response(
     service: Service,
     running: RunningGeneration,
-    frame: Callable[[Event], bytes],
+    frame: OneFrame,
     *,
     tail: bytes | None = DONE,
     ping_every: float | None = None,
@@ -296,13 +301,11 @@ def sse_response(
     cut the stream.
     """
     return sse_runs_response(
-        service, [running], lambda _i, ev: frame(ev), tail=tail, ping_every=ping_every
+        service, [running], frame, indexed=False, tail=tail, ping_every=ping_every
     )
 
 
-def ndjson_response(
-    service: Service, running: RunningGeneration, frame: Callable[[Event], bytes]
-) -> Response:
+def ndjson_response(service: Service, running: RunningGeneration, frame: OneFrame) -> Response:
     """Ollama's stream: one JSON object per line, each line its own `http.response.body`
     message (one HTTP chunk), never joined with the next. SillyTavern's Ollama reader parses
     everything received so far as one JSON value, so two lines in one chunk break it. NDJSON
@@ -310,7 +313,8 @@ def ndjson_response(
     return EventStream(
         service,
         [running],
-        lambda _i, ev: frame(ev),
+        frame,
+        indexed=False,
         media_type=NDJSON_TYPE,
         coalesce=False,
     )
@@ -319,8 +323,9 @@ def ndjson_response(
 def sse_runs_response(
     service: Service,
     runs: list[RunningGeneration],
-    frame: Frame,
+    frame: Frame | OneFrame,
     *,
+    indexed: bool = True,
     head: Iterable[bytes] = (),
     end: Callable[[], Iterable[bytes]] | None = None,
     tail: bytes | None = DONE,
@@ -334,6 +339,7 @@ def sse_runs_response(
         service,
         runs,
         frame,
+        indexed=indexed,
         media_type=SSE_TYPE,
         coalesce=True,
         head=head,
