@@ -3,6 +3,7 @@ whatever the text holds; and the app refuses a middleware that streams would wri
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from fastapi.testclient import TestClient
 from starlette.middleware.gzip import GZipMiddleware
 
 from innkeeper.api.app import InnkeeperApp
+from innkeeper.api.ollama_models import iso, now_iso
 from innkeeper.api.openai import _delta_choice, _Stream, _text_choice
 from innkeeper.api.streaming import ChunkTemplate, json_str, ndjson_line, slot, sse
 from innkeeper.api.streaming import dumps as json_dumps
@@ -65,3 +67,13 @@ def test_a_body_rewriting_middleware_is_refused() -> None:
     app.add_middleware(GZipMiddleware)
     with pytest.raises(TypeError), TestClient(app) as client:
         client.get("/")
+
+
+def test_now_iso_is_iso_of_now() -> None:
+    """Ollama's per-token timestamp skips `iso`'s conversion: it must still be its string."""
+    before = datetime.now(timezone.utc)
+    stamp = now_iso()
+    assert stamp.endswith("Z") and len(stamp) == len("2024-01-01T00:00:00.000001Z")
+    when = datetime.fromisoformat(stamp)
+    assert iso(when) == stamp
+    assert before <= when <= datetime.now(timezone.utc)
