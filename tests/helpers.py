@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -73,9 +74,29 @@ def run_server(
             time.sleep(0.2)
         yield server
     finally:
-        proc.terminate()
+        stop_process(proc, 15)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not gone within `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_for_worker(port: int, proc: subprocess.Popen[Any], timeout: float = 60) -> None:
+    """Until the `innkeeper worker` on `port` answers the RPC handshake (fails if it exits)."""
+    from innkeeper.engine import rpc_probe
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, "the worker exited"
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            rpc_probe.probe(f"127.0.0.1:{port}", timeout=2)
+            return
+        except rpc_probe.WorkerUnreachable:
+            assert time.monotonic() < deadline, "the worker never answered"
+            time.sleep(0.2)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from typer.testing import CliRunner
 
 from innkeeper.cli import app
 from innkeeper.settings import ConfigError, parse_endpoints
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_for_worker
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20"])
@@ -56,7 +55,7 @@ def test_serve_refuses_a_url_as_rpc_before_loading() -> None:
 
 
 def test_ctrl_c_stops_the_worker_cleanly() -> None:
-    from innkeeper.engine import rpc, rpc_probe
+    from innkeeper.engine import rpc
 
     if not rpc.available():
         pytest.skip("this llama-cpp-python has no RPC backend (no libggml-rpc.so)")
@@ -68,14 +67,7 @@ def test_ctrl_c_stops_the_worker_cleanly() -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                rpc_probe.probe(f"127.0.0.1:{port}", timeout=2)
-                break
-            except rpc_probe.WorkerUnreachable:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.2)
+        wait_for_worker(port, proc)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=10)
     finally:

@@ -23,7 +23,7 @@ import pytest
 from innkeeper.engine import rpc, rpc_probe
 from innkeeper.models.hardware import GPU, Hardware, format_size
 from tests.engine.conftest import Runner, make_engine
-from tests.helpers import ARTIFACTS, free_port, run_server
+from tests.helpers import ARTIFACTS, free_port, run_server, stop_process, wait_for_worker
 
 pytestmark = pytest.mark.skipif(
     not rpc.available(),
@@ -42,23 +42,13 @@ def run_worker(port: int, *args: str) -> Iterator[subprocess.Popen[bytes]]:
     cmd = [sys.executable, "-m", "innkeeper", "worker", "--port", str(port), "--threads", "1"]
     proc = subprocess.Popen([*cmd, *args], stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (ARTIFACTS / f"worker-{port}.log").read_text()
-            try:
-                rpc_probe.probe(f"127.0.0.1:{port}", timeout=2)
-                break
-            except rpc_probe.WorkerUnreachable:
-                assert time.monotonic() < deadline, "the worker never answered"
-                time.sleep(0.2)
+        try:
+            wait_for_worker(port, proc)
+        except AssertionError:
+            raise AssertionError((ARTIFACTS / f"worker-{port}.log").read_text()) from None
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
         log.close()
 
 
