@@ -305,36 +305,39 @@ def test_the_load_form_takes_rpc_workers(browser: Any) -> None:
     with (
         run_worker(port),
         run_server("--ctx-size", "512", "--parallel", "1", name="web-models-rpc") as srv,
-        open_page(browser, srv.url + "/", "#models-panel:not([hidden]) .model-item") as pg,
     ):
         smol = listed(srv)["default"]
-        row = item(pg, smol)
-        row.get_by_role("button", name=f"Unload {smol}", exact=True).click()
-        expect(row.locator(".badge")).to_have_text("unloaded", timeout=LOAD_TIMEOUT)
-        load = row.get_by_role("button", name=f"Load {smol}", exact=True)
-        row.locator(".load-settings summary").click()
-        field = row.get_by_label("RPC workers")
-        assert field.input_value() == ""  # serve's own: none
-        assert row.get_by_label("GPU layers").input_value() == "0"  # no GPU here
-        field.fill("10.0.0.1:50052")
-        assert row.get_by_label("GPU layers").input_value() == ""  # auto: the plan's split
-        load.click()
-        expect(pg.locator("#toast")).to_contain_text("not on loopback")
-        # The refused load left the model unloaded, and the page's own reads (its prompt
-        # preview) did not load it behind the user's back: the page says so, and so does the
-        # server.
-        expect(pg.locator("#raw-kind")).to_contain_text("not loaded")
-        expect(row.locator(".badge")).to_have_text("unloaded")
-        assert next(m for m in listed(srv)["models"] if m["id"] == smol)["status"] == "unloaded"
-        field.fill("http://x:1")  # the browser's own check, before any request
-        load.click()
-        expect(row.locator(".error")).to_contain_text("RPC workers")
-        field.fill(worker)
-        load.click()
-        expect(pg.locator("#toast")).to_contain_text("is loaded", timeout=LOAD_TIMEOUT)
-        entry = next(m for m in listed(srv)["models"] if m["id"] == smol)
-        assert entry["settings"]["rpc"] == [worker] and entry["status"] == "loaded"
-        assert any(
-            d["name"] == f"GPU 0: RPC {worker}" and d["layers"] > 0
-            for d in entry["plan"]["devices"]
-        )
+        # Unloaded before the page opens: a page that sees it loaded previews the chat prompt,
+        # and a preview already in flight when Unload is clicked loads the model again.
+        unload = httpx.post(f"{srv.url}/api/innkeeper/models/unload", json={"model": smol})
+        assert unload.status_code == 200, unload.text
+        with open_page(browser, srv.url + "/", "#models-panel:not([hidden]) .model-item") as pg:
+            row = item(pg, smol)
+            expect(row.locator(".badge")).to_have_text("unloaded", timeout=LOAD_TIMEOUT)
+            load = row.get_by_role("button", name=f"Load {smol}", exact=True)
+            row.locator(".load-settings summary").click()
+            field = row.get_by_label("RPC workers")
+            assert field.input_value() == ""  # serve's own: none
+            assert row.get_by_label("GPU layers").input_value() == "0"  # no GPU here
+            field.fill("10.0.0.1:50052")
+            assert row.get_by_label("GPU layers").input_value() == ""  # auto: the plan's split
+            load.click()
+            expect(pg.locator("#toast")).to_contain_text("not on loopback")
+            # The refused load left the model unloaded, and the page's own reads (its prompt
+            # preview) did not load it behind the user's back: the page says so, and so does the
+            # server.
+            expect(pg.locator("#raw-kind")).to_contain_text("not loaded")
+            expect(row.locator(".badge")).to_have_text("unloaded")
+            assert next(m for m in listed(srv)["models"] if m["id"] == smol)["status"] == "unloaded"
+            field.fill("http://x:1")  # the browser's own check, before any request
+            load.click()
+            expect(row.locator(".error")).to_contain_text("RPC workers")
+            field.fill(worker)
+            load.click()
+            expect(pg.locator("#toast")).to_contain_text("is loaded", timeout=LOAD_TIMEOUT)
+            entry = next(m for m in listed(srv)["models"] if m["id"] == smol)
+            assert entry["settings"]["rpc"] == [worker] and entry["status"] == "loaded"
+            assert any(
+                d["name"] == f"GPU 0: RPC {worker}" and d["layers"] > 0
+                for d in entry["plan"]["devices"]
+            )

@@ -4,6 +4,7 @@
 // An older server without the registry routes answers 404: the panel then stays hidden.
 
 import { ApiError, getJson, postJson, request } from "./api.js";
+import { state } from "./state.js";
 import { refreshTuned, tuneControls, updateTune } from "./tune.js";
 import { $, formatBytes, toast, verdictClass } from "./ui.js";
 
@@ -238,7 +239,13 @@ async function load(id, refs) {
 }
 
 async function unload(id) {
-  if (await act(id, `Unloading ${id}`, () => postJson("/api/innkeeper/models/unload", { model: id }))) toast(`${id} unloaded`, "info");
+  const done = async () => {
+    await postJson("/api/innkeeper/models/unload", { model: id });
+    // Our own unload is the truth at once: a preview due before the status is read again
+    // must not load the model back (previews only run while it is loaded).
+    if (state.status?.model?.id === id) state.status.model.status = "unloaded";
+  };
+  if (await act(id, `Unloading ${id}`, done)) toast(`${id} unloaded`, "info");
 }
 
 function confirmDelete(name) {

@@ -67,9 +67,16 @@ export function renderStatus() {
   renderCtx();
 }
 
+let asked = 0; // status reads started
+let shown = 0; // the newest read whose answer is shown
+
 export async function refreshStatus({ ask = true } = {}) {
+  const n = ++asked;
   try {
-    state.status = await getJson("/api/innkeeper/status", { ask });
+    const status = await getJson("/api/innkeeper/status", { ask });
+    if (n < shown) return true; // a newer answer is already shown: this one is stale
+    shown = n;
+    state.status = status;
     renderStatus();
     return true;
   } catch (err) {
