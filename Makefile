@@ -8,7 +8,8 @@ GPU    ?=
 PYTEST_ARGS ?=
 LLAMA_CPP_PYTHON := $(shell sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml | head -n1)
 
-.PHONY: install dev serve test test-fast lint format bench bench-switch bench-gpu bench-rpc
+.PHONY: install dev serve test test-fast lint format bench bench-fast bench-overhead bench-switch bench-gpu \
+	bench-rpc
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +74,15 @@ format:
 ## bench: innkeeper against llama.cpp's llama-server, same model, same run
 bench: dev
 	$(BIN)/python -m bench.run $(ARGS)
+
+## bench-fast: the overhead regime (a tiny model, ~0.3 ms a token, as a small model on a GPU)
+bench-fast: dev
+	$(BIN)/python -m bench.run --models fast --scenarios single,concurrency --gen-tokens 1024 \
+	    --ctx-size 16384 $(ARGS)
+
+## bench-overhead: per-token CPU outside llama_decode, innkeeper and llama-server in the same rounds
+bench-overhead: dev
+	$(BIN)/python -m bench.overhead --peer --wake-floor $(ARGS)
 
 ## bench-switch: switching models (unload A, load B, first token) against llama-server's router
 bench-switch: dev

@@ -1,4 +1,5 @@
-"""The models the bench runs on: SmolLM2 (embedded) and Gemma 3 270M (PyPI chunk packages).
+"""The models the bench runs on: SmolLM2 (embedded) and Gemma 3 270M (PyPI chunk packages),
+plus `fast`, a tiny random-weight model for the regime where per-token overhead dominates.
 
 Two architectures so a result is not an accident of one model's shapes: SmolLM2-135M (Llama
 architecture, 30 thin layers, 49k vocabulary) and Gemma 3 270M (sliding-window attention,
@@ -133,7 +134,22 @@ def gemma3() -> BenchModel:
     return BenchModel("gemma3", target, "Gemma 3 270M Q4_K_M")
 
 
-MODELS = {"smollm2": smollm2, "gemma3": gemma3}
+def fast() -> BenchModel:
+    """A 2-layer random-weight model with SmolLM2's tokenizer (`bench.fast_model`): ~0.3 ms of
+    compute a token here, so the servers' own per-token work dominates, as for a small model
+    on a GPU. Written once (seeded, the same bytes every time) into the bench cache."""
+    from bench.fast_model import write_fast_model
+    from innkeeper.models.store import default_model_path
+
+    target = cache_root() / "models" / "fast-2x64-q8_0.gguf"
+    if not target.is_file():
+        partial = target.with_suffix(".partial")
+        write_fast_model(partial, default_model_path())
+        partial.replace(target)
+    return BenchModel("fast", target, "2-layer width-64 random Q8_0, SmolLM2 tokenizer")
+
+
+MODELS = {"smollm2": smollm2, "gemma3": gemma3, "fast": fast}
 
 
 def resolve(names: list[str]) -> list[BenchModel]:

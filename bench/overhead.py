@@ -9,6 +9,15 @@ the on-CPU nanoseconds of the engine thread and the event-loop thread from
 the Python cost per token: it does not move with the load other processes put on the cores
 (wall-clock tokens per second does). `--profile` then runs once more under cProfile on both
 threads and prints call counts per token and the functions that cost most.
+
+`--peer` measures llama.cpp's own llama-server the same way, in the same run, on the same
+model, threads, context and slots, with the same client and request: the CPU of its decode
+thread (llama_decode, sampling and the rest of its per-token work) and of all its other
+threads (HTTP), per token. The two servers run the same llama_decode, so the difference of
+the decode threads is the difference of what each spends outside it, and the HTTP side
+compares with innkeeper's event loop. `--wake-floor` first measures what waking a sleeping
+event-loop thread costs here at all (a bare `call_soon_threadsafe` every token-time apart):
+a floor any server that hands tokens between two threads pays, llama-server included.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import pstats
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -64,18 +74,26 @@ ROUTES = {
 PROMPT = "Once upon a time, in a quiet village by the sea, there lived"
 
 
-def thread_cpu_ns(tid: int) -> int:
-    """On-CPU nanoseconds of one thread of this process (the scheduler's own count)."""
-    with open(f"/proc/self/task/{tid}/schedstat") as f:
+def thread_cpu_ns(tid: int, pid: str = "self") -> int:
+    """On-CPU nanoseconds of one thread of a process (the scheduler's own count)."""
+    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
         return int(f.read().split()[0])
 
 
-def all_threads_cpu_ns() -> dict[int, int]:
+def all_threads_cpu_ns(pid: str = "self") -> dict[int, int]:
     out = {}
-    for task in Path("/proc/self/task").iterdir():
+    for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
-            out[int(task.name)] = thread_cpu_ns(int(task.name))
+            out[int(task.name)] = thread_cpu_ns(int(task.name), pid)
     return out
+
+
+def run_client(port: int, path: str, body: dict[str, Any], streams: int) -> float:
+    """Run the streaming client process once; its wall-clock seconds."""
+    t0 = time.monotonic()
+    cmd = [sys.executable, "-c", CLIENT, str(port), path, json.dumps(body), str(streams)]
+    subprocess.run(cmd, check=True)
+    return time.monotonic() - t0
 
 
 class CpuTimer:
@@ -137,6 +155,7 @@ class Harness:
         ctx_size: int,
         parallel: int,
         time_handoff: bool = False,
+        flash_attn: str = "auto",
     ) -> None:
         import uvicorn
 
@@ -147,7 +166,12 @@ class Harness:
         from innkeeper.serving.registry import ModelRegistry
 
         path = model or default_model_path()
-        values = {"ctx_size": ctx_size, "threads": threads, "parallel": parallel}
+        values = {
+            "ctx_size": ctx_size,
+            "threads": threads,
+            "parallel": parallel,
+            "flash_attn": flash_attn,
+        }
         config = build_config(path, values)
         self.registry = ModelRegistry(config, path)
         service = self.registry.load_at_start()
@@ -204,19 +228,13 @@ class Harness:
         SamplerChain.sample = self._unwrap_sampler  # type: ignore[method-assign]
 
     def generate(self, route: str, n_tokens: int, streams: int) -> Sample:
-        path, make = ROUTES[route]
-        body = make(n_tokens)
-        body.update({"model": self.registry.default_id, "temperature": 0, "ignore_eos": True})
-        if route == "ollama":
-            body["options"].update({"temperature": 0})
+        path, body = request_body(route, n_tokens)
+        body["model"] = self.registry.default_id
         perf = self.scheduler.perf
         tok0, steps0, dec0 = perf.total_generated_tokens, self.decode.calls, self.decode.cpu_ns
         smp0, del0 = self.sampler.cpu_ns, self.deliver.cpu_ns
         cpu0 = all_threads_cpu_ns()
-        t0 = time.monotonic()
-        cmd = [sys.executable, "-c", CLIENT, str(self.port), path, json.dumps(body), str(streams)]
-        subprocess.run(cmd, check=True)
-        wall = time.monotonic() - t0
+        wall = run_client(self.port, path, body, streams)
         time.sleep(0.05)  # the last finish event is counted after the response ends
         cpu1 = all_threads_cpu_ns()
         delta = {tid: cpu1[tid] - cpu0.get(tid, 0) for tid in cpu1}
@@ -286,11 +304,36 @@ def median_of(samples: list[Sample]) -> dict[str, float]:
     return {k: statistics.median(s.per_token()[k] for s in samples) for k in keys}
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    h = Harness(args.model, args.threads, args.ctx_size, args.parallel, args.time_handoff)
+def measure(args: argparse.Namespace, peer_spec: Any = None) -> dict[str, Any]:
+    """innkeeper's runs; with `--peer`/`--wake-floor`, each round also measures llama-server
+    and the bare wake right next to innkeeper's run (the order alternating), so every
+    comparison is paired in time on a machine whose speed drifts."""
+    h = Harness(
+        args.model, args.threads, args.ctx_size, args.parallel, args.time_handoff, args.flash_attn
+    )
+    peer = Peer(args, peer_spec) if args.peer else None
     try:
         h.generate(args.route, 8, 1)  # warm-up: first-request paths, caches
-        samples = [h.generate(args.route, args.tokens, args.streams) for _ in range(args.repeats)]
+        samples: list[Sample] = []
+        peer_runs: list[dict[str, float]] = []
+        floors: list[float] = []
+        for i in range(args.repeats):
+            others: list[Callable[[], None]] = []
+            if peer is not None:
+                others.append(lambda: peer_runs.append(peer.run()))
+            if args.wake_floor:
+                # A bare wake at the step rate innkeeper's latest run had, per token (one
+                # wake a step, several tokens a step with several streams).
+                others.append(lambda: floors.append(wake_floor_per_token(samples[-1])))
+            if i % 2 and peer is not None:
+                others[0]()
+                samples.append(h.generate(args.route, args.tokens, args.streams))
+                for other in others[1:]:
+                    other()
+            else:
+                samples.append(h.generate(args.route, args.tokens, args.streams))
+                for other in others:
+                    other()
         result: dict[str, Any] = {
             "route": args.route,
             "loop": type(h.loop).__module__.split(".")[0],
@@ -301,6 +344,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "median_per_token": median_of(samples),
             "samples": [s.per_token() | {"wall_s": s.wall_s} for s in samples],
         }
+        if floors:
+            result["wake_floor_us"] = statistics.median(floors)
+            med = result["median_per_token"]
+            result["step_ms"] = med["engine_in_decode_us"] / med["steps_per_token"] / 1000
+        if peer is not None:
+            result["peer"] = peer.result(peer_runs, samples)
         if args.profile:
             with profiled(h) as (eng, loop):
                 s = h.generate(args.route, args.tokens, args.streams)
@@ -314,6 +363,125 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         return result
     finally:
         h.close()
+        if peer is not None:
+            peer.close()
+
+
+def request_body(route: str, n_tokens: int) -> tuple[str, dict[str, Any]]:
+    """The route's path and a greedy, fixed-length streaming body (model named by the caller)."""
+    path, make = ROUTES[route]
+    body = make(n_tokens)
+    body.update({"temperature": 0, "ignore_eos": True})
+    if route == "ollama":
+        body["options"].update({"temperature": 0})
+    return path, body
+
+
+class Peer:
+    """llama-server on the same model and settings, fed the same client and request: CPU per
+    token of its decode thread (its busiest) and of all its other threads together (HTTP)."""
+
+    def __init__(self, args: argparse.Namespace, spec: Any = None) -> None:
+        """`spec` (a `bench.servers.ServerSpec`): another server to measure instead (tests)."""
+        from bench import servers
+        from bench.llama_server import find_llama_server
+        from innkeeper.models.store import default_model_path
+
+        self.spec = spec or servers.llama_server_spec(
+            find_llama_server(args.llama_server),
+            args.model or default_model_path(),
+            parallel=args.parallel,
+            threads=args.threads,
+            ctx_size=args.ctx_size,
+            flash_attn=args.flash_attn,
+        )
+        self._logs = tempfile.TemporaryDirectory()
+        self.server = servers.start(self.spec, Path(self._logs.name))
+        # llama-server has no Ollama routes: its OpenAI completion stands in for them.
+        route = args.route if args.route in ("openai", "chat", "llamacpp") else "openai"
+        self.n = args.tokens * args.streams  # ignore_eos: exactly what was asked
+        self.streams = args.streams
+        path, body = request_body(route, 8)
+        run_client(self.spec.port, path, body, 1)  # warm-up
+        self.path, self.body = request_body(route, args.tokens)
+
+    def run(self) -> dict[str, float]:
+        pid = str(self.server.pid)
+        cpu0 = all_threads_cpu_ns(pid)
+        wall = run_client(self.spec.port, self.path, self.body, self.streams)
+        time.sleep(0.05)
+        cpu1 = all_threads_cpu_ns(pid)
+        delta = {t: cpu1[t] - cpu0.get(t, 0) for t in cpu1}
+        busiest = max(delta, key=lambda t: delta[t])
+        return {
+            "decode_thread_us": delta[busiest] / self.n / 1000,
+            "other_threads_us": (sum(delta.values()) - delta[busiest]) / self.n / 1000,
+            "wall_s": wall,
+        }
+
+    def result(self, runs: list[dict[str, float]], ours: list[Sample]) -> dict[str, Any]:
+        """Medians, and the paired differences innkeeper minus llama-server per round."""
+        engine = [
+            (s.engine_ns / s.tokens / 1000) - r["decode_thread_us"]
+            for s, r in zip(ours, runs, strict=True)
+        ]
+        http = [
+            (s.loop_ns / s.tokens / 1000) - r["other_threads_us"]
+            for s, r in zip(ours, runs, strict=True)
+        ]
+        keys = ("decode_thread_us", "other_threads_us")
+        return {
+            "command": " ".join(self.spec.cmd),
+            "median_per_token": {k: statistics.median(r[k] for r in runs) for k in keys},
+            "engine_minus_decode_thread_us": statistics.median(engine),
+            "loop_minus_other_threads_us": statistics.median(http),
+            "samples": runs,
+        }
+
+    def close(self) -> None:
+        self.server.stop()
+        self._logs.cleanup()
+
+
+def wake_floor_per_token(s: Sample) -> float:
+    return wake_floor(s.decode_ns / s.steps) * s.steps / s.tokens
+
+
+def wake_floor(interval_ns: float, n: int = 200) -> float:
+    """Loop-thread CPU µs per wake when another thread calls `call_soon_threadsafe` once every
+    `interval_ns` (busy in between, as the engine thread is in llama_decode) and the callback
+    does nothing: what the kernel and the loop charge for waking a sleeping thread at all."""
+    import asyncio
+
+    import uvicorn
+
+    factory = uvicorn.Config(lambda: None).get_loop_factory()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        loop = factory() if factory else asyncio.new_event_loop()
+        box["loop"], box["tid"] = loop, threading.get_native_id()
+        ready.set()
+        loop.run_forever()
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ready.wait(10)
+    loop, tid = box["loop"], box["tid"]
+    time.sleep(0.05)
+    interval_s = interval_ns / 1e9
+    before = thread_cpu_ns(tid)
+    for _ in range(n):
+        loop.call_soon_threadsafe(int)
+        end = time.perf_counter() + interval_s
+        while time.perf_counter() < end:
+            pass
+    spent = thread_cpu_ns(tid) - before
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    return spent / n / 1000
 
 
 def render(result: dict[str, Any]) -> str:
@@ -335,6 +503,27 @@ def render(result: dict[str, Any]) -> str:
         f"  llama.cpp worker threads            {med['llama_workers_us']:8.1f}",
         f"  decode steps per token              {med['steps_per_token']:8.3f}",
     ]
+    floor = result.get("wake_floor_us")
+    if floor is not None:
+        lines.append(
+            f"  of the loop's: waking a sleeping loop thread at all {floor:8.1f}"
+            f"  (a bare call_soon_threadsafe every {result['step_ms']:.1f} ms)"
+        )
+    peer = result.get("peer")
+    if peer:
+        ours = result["median_per_token"]
+        theirs = peer["median_per_token"]
+        engine_total = ours["engine_outside_decode_us"] + ours["engine_in_decode_us"]
+        lines += [
+            "llama-server, the same model, settings, client and request (µs/token):",
+            f"  decode thread (all of it)           {theirs['decode_thread_us']:8.1f}"
+            f"   innkeeper's engine thread {engine_total:8.1f}",
+            f"  other threads (HTTP)                {theirs['other_threads_us']:8.1f}"
+            f"   innkeeper's event loop    {ours['event_loop_us']:8.1f}",
+            "  innkeeper minus llama-server, median of the rounds' paired differences:",
+            f"    engine thread - decode thread     {peer['engine_minus_decode_thread_us']:+8.1f}",
+            f"    event loop - other threads        {peer['loop_minus_other_threads_us']:+8.1f}",
+        ]
     prof = result.get("profile")
     if prof:
         for side in ("engine", "loop"):
@@ -373,6 +562,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also time the engine's hand-off of events to the loop (costs a few µs itself)",
     )
     p.add_argument("--top", type=int, default=15, help="functions listed per thread")
+    p.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
+    p.add_argument(
+        "--peer",
+        action="store_true",
+        help="also measure llama-server the same way (same model, settings, client, request)",
+    )
+    p.add_argument("--llama-server", help="llama-server binary (else $LLAMA_SERVER, else build)")
+    p.add_argument(
+        "--wake-floor",
+        action="store_true",
+        help="also measure the loop-thread CPU of a bare cross-thread wake at the token rate",
+    )
     p.add_argument("--json", type=Path, help="also write the result here")
     args = p.parse_args(argv)
     args.parallel = args.parallel or args.streams

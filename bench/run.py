@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -46,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     p.add_argument(
         "--models",
-        help="comma-separated: smollm2, gemma3 or .gguf paths (default: both; --quick: smollm2)",
+        help="comma-separated: smollm2, gemma3, fast or .gguf paths (default: smollm2,gemma3; "
+        "--quick: smollm2)",
     )
     p.add_argument(
         "--rounds",
@@ -62,6 +64,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--llama-server", help="llama-server binary (else $LLAMA_SERVER, else build)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--gen-tokens",
+        type=int,
+        help="tokens each single-stream and concurrency request generates (default 128; "
+        "--quick: 64 for concurrency); raise it for the `fast` model, whose 128 tokens take "
+        "~40 ms",
+    )
     p.add_argument("--ctx-size", type=int, default=4096)
     p.add_argument(
         "--flash-attn",
@@ -153,6 +162,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown scenario(s) {unknown}; known: {', '.join(loadgen.SCENARIOS)}")
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if args.gen_tokens is not None and args.gen_tokens < 2:
+        p.error("--gen-tokens must be at least 2 (decode speed is measured after the first)")
     if args.seed is None:
         args.seed = random.SystemRandom().getrandbits(48)
     if args.out is None:
@@ -339,6 +350,14 @@ def _llama_server_kv_mib(
         server.stop()
 
 
+def scenario_config(args: argparse.Namespace) -> loadgen.ScenarioConfig:
+    """The scenarios' sizes: full or --quick, with --gen-tokens' length where given."""
+    cfg = loadgen.ScenarioConfig.quick() if args.quick else loadgen.ScenarioConfig()
+    if args.gen_tokens:
+        cfg = dataclasses.replace(cfg, single_tokens=args.gen_tokens, conc_tokens=args.gen_tokens)
+    return cfg
+
+
 def run_model(
     model: BenchModel,
     args: argparse.Namespace,
@@ -352,7 +371,7 @@ def run_model(
     sizes the scenarios (default: full, or quick with --quick).
     """
     if cfg is None:
-        cfg = loadgen.ScenarioConfig.quick() if args.quick else loadgen.ScenarioConfig()
+        cfg = scenario_config(args)
     log_dir = args.out / "logs"
     started: dict[str, servers.RunningServer] = {}
     runs: list[dict[str, Any]] = []

@@ -43,3 +43,39 @@ def test_ollama_route_streams_too() -> None:
     args = overhead.parse_args(["--tokens", "8", "--repeats", "1", "--route", "ollama"])
     result = overhead.measure(args)
     assert result["tokens_per_run"] == 8
+
+
+def test_the_peer_and_the_wake_floor_are_measured_in_the_same_rounds() -> None:
+    """`--peer` on a second server (innkeeper itself here: CI has no llama-server build) and
+    `--wake-floor` run next to every round; the figures and the paired differences exist and
+    are plausible, and the peer's process is stopped afterwards."""
+    from bench import servers
+    from innkeeper.models.store import default_model_path
+
+    args = overhead.parse_args(
+        ["--tokens", "16", "--repeats", "2", "--peer", "--wake-floor", "--flash-attn", "off"]
+    )
+    spec = servers.innkeeper_spec(
+        default_model_path(), threads=1, ctx_size=args.ctx_size, flash_attn="off", parallel=1
+    )
+    result = overhead.measure(args, peer_spec=spec)
+    peer = result["peer"]
+    assert len(peer["samples"]) == 2
+    med = peer["median_per_token"]
+    # The busiest thread of a server that decoded 16 tokens is its decode thread: far more
+    # CPU per token than all its other threads together.
+    assert med["decode_thread_us"] > med["other_threads_us"] > 0
+    assert isinstance(peer["engine_minus_decode_thread_us"], float)
+    assert result["wake_floor_us"] > 0 and result["step_ms"] > 0
+    text = overhead.render(result)
+    assert "waking a sleeping loop thread" in text and "paired differences" in text
+    with_port = [c for c in spec.cmd if c == str(spec.port)]
+    assert with_port  # the peer was this spec's server
+    import httpx
+
+    try:
+        httpx.get(f"{spec.url}/health", timeout=2)
+    except httpx.TransportError:
+        pass
+    else:
+        raise AssertionError("the peer server was left running")

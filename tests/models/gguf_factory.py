@@ -88,7 +88,8 @@ def vocab_size(tokenizer: Tokenizer) -> int:
     return len(tokenizer["tokenizer.ggml.tokens"][1])
 
 
-def _write_tokenizer(w: GGUFWriter, tokenizer: Tokenizer, skip_template: bool) -> None:
+def write_tokenizer(w: GGUFWriter, tokenizer: Tokenizer, skip_template: bool = False) -> None:
+    """Copy a tokenizer (from `read_tokenizer`) into `w`; `skip_template`: not its chat template."""
     adders = {
         GGUFValueType.ARRAY: w.add_array,
         GGUFValueType.STRING: w.add_string,
@@ -158,7 +159,7 @@ def write_shape(
             raise ValueError(
                 f"the tokenizer has {vocab_size(tokenizer)} tokens, the shape {s.n_vocab}"
             )
-        _write_tokenizer(w, tokenizer, skip_template=chat_template is not None)
+        write_tokenizer(w, tokenizer, skip_template=chat_template is not None)
     else:
         w.add_string("tokenizer.ggml.model", "none")
     if chat_template:

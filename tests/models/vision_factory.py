@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFWriter
 
-from tests.models.gguf_factory import _write_tokenizer, read_tokenizer, vocab_size
+from tests.models.gguf_factory import read_tokenizer, vocab_size, write_tokenizer
 
 TEXT_EMBD = 64
 IMAGE_SIZE = 32  # pixels per side the projector resizes every image to
@@ -50,7 +50,7 @@ def write_text_model(path: Path, tokenizer_source: Path, *, seed: int = 7) -> Pa
     w.add_float32(f"{a}.rope.freq_base", 10000.0)
     w.add_uint32(f"{a}.vocab_size", n_vocab)
     w.add_file_type(1)  # mostly F16
-    _write_tokenizer(w, tok, skip_template=False)
+    write_tokenizer(w, tok)
     # Tied output (no output.weight): llama.cpp reuses the embedding table, half the file.
     w.add_tensor("token_embd.weight", _rand(rng, n_vocab, E, scale=1.0).astype(np.float16))
     w.add_tensor("output_norm.weight", (1.0 + 0.1 * rng.standard_normal(E)).astype(np.float32))
