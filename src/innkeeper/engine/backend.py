@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp as C
+import numpy as np  # after llama_cpp: on CUDA builds numpy loaded first broke model loading
 
 from innkeeper.engine.llama_params import (
     BackendError,
@@ -44,6 +45,22 @@ _log_callback = None  # kept alive for as long as llama.cpp may call it
 _quiet = False
 _recent_errors: deque[str] = deque(maxlen=8)
 _llama_decode = C.llama_decode  # looked up once: called every decode step
+# llama_get_logits_ith returning the address as an int (llama-cpp-python's binding returns a
+# float pointer, which costs a cast per call to turn into a numpy view).
+_logits_address = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)(
+    ("llama_get_logits_ith", C.llama_cpp._lib)
+)
+
+
+def logits_view(ctx_ptr: Any, index: int, n_vocab: int) -> np.ndarray:
+    """The logits row of batch position `index` as a float32 numpy view (no copy; valid until
+    the next decode). Every sampled token reads it: one call, one view."""
+    address = _logits_address(ctx_ptr, index)
+    if not address:
+        raise BackendError(f"llama.cpp has no logits for batch position {index}")
+    return np.frombuffer((ctypes.c_float * n_vocab).from_address(address), dtype=np.float32)
+
+
 _LAYER_PLACED = re.compile(rb"layer\s+(\d+) assigned to device ([^,\s]+)")
 _layer_devices: list[tuple[int, str]] = []  # (layer, device) as llama.cpp places the last load
 _mlock_failures = 0  # llama.cpp only warns when mlock fails; counted so --mlock can refuse
