@@ -156,6 +156,7 @@ class Harness:
         parallel: int,
         time_handoff: bool = False,
         flash_attn: str = "auto",
+        sampling: str = "greedy",
     ) -> None:
         import uvicorn
 
@@ -165,6 +166,7 @@ class Harness:
         from innkeeper.models.store import default_model_path
         from innkeeper.serving.registry import ModelRegistry
 
+        self.sampling = sampling
         path = model or default_model_path()
         values = {
             "ctx_size": ctx_size,
@@ -228,7 +230,7 @@ class Harness:
         SamplerChain.sample = self._unwrap_sampler  # type: ignore[method-assign]
 
     def generate(self, route: str, n_tokens: int, streams: int) -> Sample:
-        path, body = request_body(route, n_tokens)
+        path, body = request_body(route, n_tokens, self.sampling)
         body["model"] = self.registry.default_id
         perf = self.scheduler.perf
         tok0, steps0, dec0 = perf.total_generated_tokens, self.decode.calls, self.decode.cpu_ns
@@ -250,6 +252,16 @@ class Harness:
             workers_ns=sum(v for t, v in delta.items() if t not in known),
             wall_s=wall,
         )
+
+    def generate_plain(self, args: argparse.Namespace) -> Sample:
+        """One run with llama.cpp's plain sampler chains (no numpy shortcuts)."""
+        from innkeeper.engine.sampling import SamplerChain
+
+        SamplerChain.SHORTCUTS = False
+        try:
+            return self.generate(args.route, args.tokens, args.streams)
+        finally:
+            SamplerChain.SHORTCUTS = True
 
     def on_engine(self, fn: Callable[[], Any]) -> None:
         self.scheduler.call(fn).result(10)
@@ -309,7 +321,13 @@ def measure(args: argparse.Namespace, peer_spec: Any = None) -> dict[str, Any]:
     and the bare wake right next to innkeeper's run (the order alternating), so every
     comparison is paired in time on a machine whose speed drifts."""
     h = Harness(
-        args.model, args.threads, args.ctx_size, args.parallel, args.time_handoff, args.flash_attn
+        args.model,
+        args.threads,
+        args.ctx_size,
+        args.parallel,
+        args.time_handoff,
+        args.flash_attn,
+        args.sampling,
     )
     peer = Peer(args, peer_spec) if args.peer else None
     try:
@@ -317,15 +335,18 @@ def measure(args: argparse.Namespace, peer_spec: Any = None) -> dict[str, Any]:
         samples: list[Sample] = []
         peer_runs: list[dict[str, float]] = []
         floors: list[float] = []
+        plain: list[Sample] = []  # --compare-shortcuts: runs with llama.cpp's plain chains
         for i in range(args.repeats):
             others: list[Callable[[], None]] = []
             if peer is not None:
                 others.append(lambda: peer_runs.append(peer.run()))
+            if args.compare_shortcuts:
+                others.append(lambda: plain.append(h.generate_plain(args)))
             if args.wake_floor:
                 # A bare wake at the step rate innkeeper's latest run had, per token (one
                 # wake a step, several tokens a step with several streams).
                 others.append(lambda: floors.append(wake_floor_per_token(samples[-1])))
-            if i % 2 and peer is not None:
+            if i % 2 and others:  # ABBA: the order alternates
                 others[0]()
                 samples.append(h.generate(args.route, args.tokens, args.streams))
                 for other in others[1:]:
@@ -336,6 +357,7 @@ def measure(args: argparse.Namespace, peer_spec: Any = None) -> dict[str, Any]:
                     other()
         result: dict[str, Any] = {
             "route": args.route,
+            "sampling": args.sampling,
             "loop": type(h.loop).__module__.split(".")[0],
             "time_handoff": args.time_handoff,
             "streams": args.streams,
@@ -350,6 +372,8 @@ def measure(args: argparse.Namespace, peer_spec: Any = None) -> dict[str, Any]:
             result["step_ms"] = med["engine_in_decode_us"] / med["steps_per_token"] / 1000
         if peer is not None:
             result["peer"] = peer.result(peer_runs, samples)
+        if plain:
+            result["plain_chains"] = plain_result(plain, samples)
         if args.profile:
             with profiled(h) as (eng, loop):
                 s = h.generate(args.route, args.tokens, args.streams)
@@ -367,13 +391,33 @@ def measure(args: argparse.Namespace, peer_spec: Any = None) -> dict[str, Any]:
             peer.close()
 
 
-def request_body(route: str, n_tokens: int) -> tuple[str, dict[str, Any]]:
-    """The route's path and a greedy, fixed-length streaming body (model named by the caller)."""
+# Sampler settings a run can use (--sampling): greedy; SillyTavern's "Universal-Light" preset
+# (min-p alone); the bench's top-k chain; min-p with a repetition penalty over 64 tokens.
+SAMPLING: dict[str, dict[str, Any]] = {
+    "greedy": {"temperature": 0},
+    "min-p": {"temperature": 1.25, "top_k": 0, "top_p": 1.0, "min_p": 0.1, "seed": 1},
+    "top-k": {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": 1},
+    "rep-pen": {
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "min_p": 0.05,
+        "repeat_penalty": 1.1,
+        "repeat_last_n": 64,
+        "seed": 1,
+    },
+}
+
+
+def request_body(route: str, n_tokens: int, sampling: str = "greedy") -> tuple[str, dict[str, Any]]:
+    """The route's path and a fixed-length streaming body (model named by the caller)."""
     path, make = ROUTES[route]
     body = make(n_tokens)
-    body.update({"temperature": 0, "ignore_eos": True})
+    body["ignore_eos"] = True
     if route == "ollama":
-        body["options"].update({"temperature": 0})
+        body["options"].update(SAMPLING[sampling])
+    else:
+        body.update(SAMPLING[sampling])
     return path, body
 
 
@@ -403,7 +447,7 @@ class Peer:
         self.streams = args.streams
         path, body = request_body(route, 8)
         run_client(self.spec.port, path, body, 1)  # warm-up
-        self.path, self.body = request_body(route, args.tokens)
+        self.path, self.body = request_body(route, args.tokens, args.sampling)
 
     def run(self) -> dict[str, float]:
         pid = str(self.server.pid)
@@ -441,6 +485,24 @@ class Peer:
     def close(self) -> None:
         self.server.stop()
         self._logs.cleanup()
+
+
+def plain_result(plain: list[Sample], ours: list[Sample]) -> dict[str, Any]:
+    """The plain chains' medians and the paired per-round differences (shortcuts - plain)."""
+    sampling = [
+        (s.sampler_ns - p.sampler_ns / p.tokens * s.tokens) / s.tokens / 1000
+        for s, p in zip(ours, plain, strict=True)
+    ]
+    outside = [
+        s.per_token()["engine_outside_decode_us"] - p.per_token()["engine_outside_decode_us"]
+        for s, p in zip(ours, plain, strict=True)
+    ]
+    return {
+        "median_per_token": median_of(plain),
+        "sampling_difference_us": statistics.median(sampling),
+        "outside_decode_difference_us": statistics.median(outside),
+        "samples": [p.per_token() | {"wall_s": p.wall_s} for p in plain],
+    }
 
 
 def wake_floor_per_token(s: Sample) -> float:
@@ -487,10 +549,11 @@ def wake_floor(interval_ns: float, n: int = 200) -> float:
 def render(result: dict[str, Any]) -> str:
     med = result["median_per_token"]
     lines = [
-        f"route {result['route']}, {result['streams']} stream(s), {result['loop']} loop, "
+        f"route {result['route']}, {result['sampling']} sampling, {result['streams']} "
+        f"stream(s), {result['loop']} loop, "
         f"{result['tokens_per_run']} tokens a run, median of {result['runs']} runs (µs/token):",
         f"  engine thread outside llama_decode  {med['engine_outside_decode_us']:8.1f}",
-        f"    of which llama_sampler_sample     {med['sampler_c_us']:8.1f}",
+        f"    of which sampling (llama.cpp+numpy){med['sampler_c_us']:8.1f}",
         f"    of which Python (the rest)        {med['engine_python_us']:8.1f}",
         *(
             [f"      incl. handing events to the loop{med['deliver_us']:8.1f}"]
@@ -523,6 +586,17 @@ def render(result: dict[str, Any]) -> str:
             "  innkeeper minus llama-server, median of the rounds' paired differences:",
             f"    engine thread - decode thread     {peer['engine_minus_decode_thread_us']:+8.1f}",
             f"    event loop - other threads        {peer['loop_minus_other_threads_us']:+8.1f}",
+        ]
+    plain = result.get("plain_chains")
+    if plain:
+        lines += [
+            "llama.cpp's plain sampler chains, the same rounds (µs/token):",
+            f"  sampling                            {plain['median_per_token']['sampler_c_us']:8.1f}",
+            f"  engine thread outside llama_decode  "
+            f"{plain['median_per_token']['engine_outside_decode_us']:8.1f}",
+            "  shortcuts minus plain, median of the rounds' paired differences:",
+            f"    sampling                          {plain['sampling_difference_us']:+8.1f}",
+            f"    engine thread outside decode      {plain['outside_decode_difference_us']:+8.1f}",
         ]
     prof = result.get("profile")
     if prof:
@@ -564,11 +638,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=15, help="functions listed per thread")
     p.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
     p.add_argument(
+        "--sampling",
+        choices=sorted(SAMPLING),
+        default="greedy",
+        help="sampler settings of every request (default greedy; min-p: SillyTavern's "
+        "Universal-Light preset)",
+    )
+    p.add_argument(
         "--peer",
         action="store_true",
         help="also measure llama-server the same way (same model, settings, client, request)",
     )
     p.add_argument("--llama-server", help="llama-server binary (else $LLAMA_SERVER, else build)")
+    p.add_argument(
+        "--compare-shortcuts",
+        action="store_true",
+        help="also run every round with llama.cpp's plain sampler chains (no numpy shortcuts)",
+    )
     p.add_argument(
         "--wake-floor",
         action="store_true",

@@ -79,3 +79,21 @@ def test_the_peer_and_the_wake_floor_are_measured_in_the_same_rounds() -> None:
         pass
     else:
         raise AssertionError("the peer server was left running")
+
+
+def test_compare_shortcuts_runs_plain_chains_in_the_same_rounds() -> None:
+    """--compare-shortcuts alternates runs with llama.cpp's plain chains; the switch is back
+    on afterwards, and the sampler settings reach the requests (a penalty: shortcuts run)."""
+    from innkeeper.engine.sampling import SamplerChain
+
+    args = overhead.parse_args(
+        ["--tokens", "16", "--repeats", "2", "--compare-shortcuts", "--sampling", "rep-pen"]
+    )
+    result = overhead.measure(args)
+    plain = result["plain_chains"]
+    assert len(plain["samples"]) == 2 and plain["median_per_token"]["sampler_c_us"] > 0
+    assert isinstance(plain["sampling_difference_us"], float)
+    assert SamplerChain.SHORTCUTS is True
+    assert result["sampling"] == "rep-pen"
+    text = overhead.render(result)
+    assert "rep-pen sampling" in text and "shortcuts minus plain" in text

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from innkeeper.engine import sampling
 from innkeeper.engine.backend import Batch, Context, Model
 from innkeeper.engine.llama_params import ContextParams
 from innkeeper.engine.sampling import SamplerChain, SamplingParams
@@ -39,6 +40,13 @@ def llama() -> Iterator[Llama]:
     yield model, ctx, len(tokens) - 1
     ctx.close()
     model.close()
+
+
+@pytest.fixture(autouse=True)
+def every_shortcut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SmolLM2's vocabulary counts as large: every shortcut runs. Which ones pay for which
+    vocabulary is a speed question (bench.overhead); they must pick the same tokens for any."""
+    monkeypatch.setattr(sampling, "LARGE_VOCAB", 0)
 
 
 def write_row(llama: Llama, values: np.ndarray) -> None:
@@ -76,13 +84,14 @@ class Pair:
         self.ref.free()
 
 
-def same_picks(llama: Llama, params: SamplingParams, rows: list[np.ndarray], prompt=()) -> None:
+def same_picks(llama: Llama, params: SamplingParams, rows: list[np.ndarray], prompt=()) -> bool:
+    """Both chains pick the same token from every row in turn; whether shortcuts ran."""
     pair = Pair(llama, params, prompt)
     try:
-        assert pair.fast.edits is not None, "this chain should take the shortcut"
         for i, values in enumerate(rows):
             fast, ref = pair.step(values)
             assert fast == ref, (params, i)
+        return pair.fast.edits is not None
     finally:
         pair.free()
 
@@ -106,16 +115,22 @@ def test_the_models_own_logits_with_biases_and_penalties(llama: Llama) -> None:
         SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.05, repeat_penalty=1.1),
         SamplingParams(temperature=1.3, min_p=0.02, repeat_penalty=1.2, presence_penalty=0.6),
         SamplingParams(temperature=0.9, repeat_penalty=1.15, dry_multiplier=0.8),
-        SamplingParams(temperature=0, repeat_penalty=1.15, dry_multiplier=0.8),  # DRY: the chain
+        SamplingParams(temperature=0, repeat_penalty=1.15, dry_multiplier=0.8),  # no arg-max
         SamplingParams(temperature=1.0, xtc_probability=0.5, repeat_penalty=1.1, ignore_eos=True),
+        # min-p first (SillyTavern's Universal presets): the chain sees only its candidates.
+        SamplingParams(temperature=1.25, top_k=0, top_p=1.0, min_p=0.1, seed=3),
+        SamplingParams(temperature=1.5, top_k=0, top_p=1, min_p=0.02, ignore_eos=True),
+        SamplingParams(
+            temperature=1.0, top_k=0, top_p=1, min_p=0.05, xtc_probability=0.5, repeat_penalty=1.2
+        ),
     ]
     # The prompt puts the likeliest tokens into the penalty history; each row then moves the
     # logits a little, so a sequence of picks wanders and the histories must keep in step.
     prompt = [top, second, top, int(order[2]), 11, 12]
     rng = np.random.default_rng(3)
     rows = [real + rng.normal(0, 0.3, real.size).astype(np.float32) for _ in range(40)]
-    for params in greedy + sampled:
-        same_picks(llama, params, rows, prompt)
+    took = [same_picks(llama, params, rows, prompt) for params in greedy + sampled]
+    assert took.count(False) == 1  # only the top-k chain with no penalty keeps to C
     write_row(llama, real)
 
 
@@ -124,11 +139,11 @@ def test_ties_rounding_infinities_and_nan(llama: Llama) -> None:
     n = model.n_vocab
     base = np.full(n, -5.0, dtype=np.float32)
 
-    def case(updates: dict[int, float], params: SamplingParams, prompt=()) -> None:
+    def case(updates: dict[int, float], params: SamplingParams, prompt=(), steps=1) -> None:
         values = base.copy()
         for tok, v in updates.items():
             values[tok] = v
-        same_picks(llama, params, [values], prompt)
+        same_picks(llama, params, [values] * steps, prompt)
 
     def greedy(**kw) -> SamplingParams:
         return SamplingParams(temperature=0, **kw)
@@ -153,6 +168,22 @@ def test_ties_rounding_infinities_and_nan(llama: Llama) -> None:
     window = greedy(repeat_penalty=1.5, repeat_last_n=2)
     case({10: 2.0, 40: 1.95}, window, prompt=[10, 20, 30])
     case({30: 2.0, 40: 1.95}, window, prompt=[10, 20, 30])
+    # min-p first: the survivors sit exactly at, just above and just below the threshold.
+    min_p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.5, seed=9)
+    edge = float(np.float32(1.0 + math.log(0.5)))
+    # Over 40 draws each survivor is picked at least once (each has p >= 1/3).
+    below = np.nextafter(np.float32(edge), np.float32(0))
+    case({10: 1.0, 20: edge, 30: below}, min_p, steps=40)
+    case(
+        {10: 1.0, 20: np.nextafter(np.float32(edge), np.float32(9)), 30: edge - 1e-3},
+        min_p,
+        steps=40,
+    )
+    case({10: 1.0, 99: math.nan}, min_p)  # NaN: the whole row goes to llama.cpp
+    case(
+        {i: -math.inf for i in range(n)},
+        SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.5),
+    )
     write_row(llama, base)
 
 
@@ -182,7 +213,8 @@ def test_random_rows_biases_penalties_and_histories(llama: Llama, data, levels) 
     params = SamplingParams(
         temperature=data.draw(st.sampled_from([0.0, 0.8])),
         top_k=data.draw(st.sampled_from([0, 3, 40])),
-        min_p=data.draw(st.sampled_from([0.0, 0.05])),
+        top_p=data.draw(st.sampled_from([1.0, 0.95])),
+        min_p=data.draw(st.sampled_from([0.0, 0.05, 0.5])),
         repeat_penalty=data.draw(st.sampled_from([1.0, 0.9, 1.1, 1.5])),
         presence_penalty=data.draw(st.sampled_from([0.0, 0.5])),
         repeat_last_n=data.draw(st.sampled_from([-1, 0, 3, 64])),
@@ -215,4 +247,36 @@ def test_only_chains_it_reproduces_take_the_shortcuts(llama: Llama) -> None:
     assert built(SamplingParams(temperature=0, order=["top_k", "penalties"])).argmax
     assert not built(SamplingParams(temperature=0, dry_multiplier=0.8)).argmax
     assert not built(SamplingParams(temperature=0.7)).argmax
-    assert built(SamplingParams(temperature=0.7)).edits is not None
+    assert built(SamplingParams(temperature=0.7)).edits is None  # top-k first: all in C
+    # Only a chain whose first sampler is min-p hands the chain min-p's candidates alone.
+    universal = SamplingParams(temperature=1.25, top_k=0, top_p=1, min_p=0.1)
+    assert built(universal)._log_min_p < 0
+    assert built(SamplingParams(temperature=1.25, top_k=40, min_p=0.1))._log_min_p == 0
+    assert built(SamplingParams(temperature=0, top_k=0, top_p=1, min_p=0.1))._log_min_p == 0
+    dry = SamplingParams(temperature=1.25, top_k=0, top_p=1, min_p=0.1, dry_multiplier=0.8)
+    assert built(dry)._log_min_p == 0
+    temp_first = SamplingParams(
+        temperature=1.25, top_k=0, top_p=1, min_p=0.1, order=["temperature"]
+    )
+    assert built(temp_first)._log_min_p == 0
+
+
+def test_what_pays_for_which_vocabulary(llama: Llama, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With SmolLM2's 49k tokens, numpy's arg-max and min-p pass cost more than they save
+    unless a penalty already touches the row; a bias alone stays in the chain."""
+    monkeypatch.setattr(sampling, "LARGE_VOCAB", 100_000)
+    model, ctx, _ = llama
+
+    def built(params: SamplingParams) -> SamplerChain:
+        chain = SamplerChain(model, params, 1, ctx.n_ctx)
+        chain.free()
+        return chain
+
+    assert built(SamplingParams(temperature=0, ignore_eos=True)).edits is None
+    universal = dict(temperature=1.25, top_k=0, top_p=1.0, min_p=0.1)
+    assert built(SamplingParams(**universal)).edits is None
+    penalised = built(SamplingParams(**universal, repeat_penalty=1.1))
+    assert penalised.edits is not None and penalised._log_min_p < 0
+    assert built(SamplingParams(temperature=0, repeat_penalty=1.1)).argmax
+    monkeypatch.setattr(sampling, "LARGE_VOCAB", model.n_vocab)  # as many tokens: large
+    assert built(SamplingParams(temperature=0)).argmax

@@ -52,6 +52,30 @@ _logits_address = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_in
 )
 
 
+# llama_token_data as numpy lays it out: a candidate array filled without a Python loop.
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+assert TOKEN_DATA.itemsize == ctypes.sizeof(C.llama_token_data)
+
+
+def sample_candidates(chain: Any, ids: np.ndarray, logits: np.ndarray) -> int:
+    """Run a sampler chain over the candidates `ids` (ascending) with their `logits`, and
+    accept the pick into it: what llama_sampler_sample does once it has built its candidate
+    array from the whole vocabulary."""
+    cand = np.empty(ids.size, dtype=TOKEN_DATA)
+    cand["id"] = ids
+    cand["logit"] = logits
+    cand["p"] = 0.0
+    arr = C.llama_token_data_array(
+        cand.ctypes.data_as(ctypes.POINTER(C.llama_token_data)), ids.size, -1, False
+    )
+    C.llama_sampler_apply(chain, ctypes.byref(arr))
+    if not 0 <= arr.selected < arr.size:
+        raise BackendError("the sampler chain selected no token")
+    token = int(arr.data[arr.selected].id)  # the samplers may have moved the data
+    C.llama_sampler_accept(chain, token)
+    return token
+
+
 def logits_view(ctx_ptr: Any, index: int, n_vocab: int) -> np.ndarray:
     """The logits row of batch position `index` as a float32 numpy view (no copy; valid until
     the next decode). Every sampled token reads it: one call, one view."""

@@ -10,7 +10,7 @@ samplers would have produced.
 
 Same numbers: float32 throughout, the bias added first, then llama.cpp's penalty rule (a
 logit <= 0 multiplied by the repeat penalty, else divided, then the presence penalty
-subtracted). The frequency penalty is left to llama.cpp (`applies` says no): its
+subtracted). The frequency penalty is left to llama.cpp (the chain keeps both samplers then): its
 `count * freq + present` may be fused into one rounding by the C++ compiler, which numpy
 cannot promise to match bit for bit.
 """
@@ -38,13 +38,6 @@ class RowEdits:
         # and token_count): only kept when a penalty applies.
         self._history: deque[int] | None = deque(maxlen=last_n) if penalised else None
         self._counts: dict[int, int] = {}
-
-    @staticmethod
-    def applies(penalties_first: bool, frequency_penalty: float) -> bool:
-        """Whether the edits reproduce llama.cpp's samplers exactly: the penalties, if any,
-        come first in the sampler order (a truncation before them would change what they
-        apply to), and no frequency penalty (see the module)."""
-        return penalties_first and frequency_penalty == 0
 
     def remember(self, token: int) -> None:
         """A token joins the penalty history (sampled, or a prompt token)."""

@@ -12,10 +12,12 @@ import ctypes
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import llama_cpp as C
+import numpy as np
 
-from innkeeper.engine.backend import Model, logits_view
+from innkeeper.engine.backend import Model, logits_view, sample_candidates
 from innkeeper.engine.grammar_limits import GrammarError, check_limits
 from innkeeper.engine.row_edits import RowEdits
 
@@ -124,6 +126,10 @@ class SamplingParams:
         return self.temperature <= 0 and self.mirostat == 0
 
 
+# From this many tokens on, numpy's arg-max and min-p pass beat llama.cpp's candidate array
+# without a penalty to pay for touching the row (see SamplerChain._plan_shortcuts).
+LARGE_VOCAB = 100_000
+
 # What a ban adds to a logit when a grammar is active: finite on purpose. A grammar may allow
 # nothing but banned tokens (its only way on is EOS while ignore_eos bans it, or a banned
 # token); with -inf every candidate would be -inf, llama.cpp would pick one the grammar
@@ -160,15 +166,18 @@ class SamplerChain:
     pick, and accepts the token into stateful samplers (penalties, DRY, grammar, mirostat).
     Prompt tokens feed only the penalty and DRY history, never the grammar.
 
-    Where it gives the same tokens (`RowEdits.applies`), the logit biases and the repetition
-    penalties edit the logits row before the chain runs instead of being samplers in it
-    (engine/row_edits.py: a few µs instead of ~0.2-1 ms a token), and greedy decoding without
-    DRY then takes numpy's arg-max of the edited row instead of the chain: llama.cpp would copy
-    the whole vocabulary into a candidate array first (~30 µs for SmolLM2's 49k tokens, ~150
-    for Gemma 3's 262k, against ~2 and ~11). Both pick the first of equal maxima; a row with
-    a NaN goes to the chain. `shortcuts=False` builds the plain llama.cpp chain (the tests'
-    reference).
+    Where that picks the same tokens and pays (`_plan_shortcuts`), numpy does part of the
+    chain's work on the logits row: the logit biases and repetition/presence penalties edit
+    the row before the chain runs (engine/row_edits.py: a few µs against ~0.1-1 ms a token for
+    llama.cpp's penalties sampler, which looks every token of the vocabulary up in a hash
+    map); greedy decoding takes the edited row's arg-max (the first of equal maxima, as
+    llama.cpp's greedy sampler); and a chain whose first sampler is min-p gets only the
+    tokens min-p can keep instead of a copy of the whole vocabulary. A row with a NaN goes
+    to the chain. `shortcuts=False` builds the plain llama.cpp chain (the tests' reference);
+    `SHORTCUTS` is the default (bench.overhead --compare-shortcuts flips it).
     """
+
+    SHORTCUTS = True
 
     def __init__(
         self,
@@ -177,7 +186,7 @@ class SamplerChain:
         seed: int,
         n_ctx: int,
         *,
-        shortcuts: bool = True,
+        shortcuts: bool | None = None,
     ) -> None:
         self.model = model
         self.params = params
@@ -185,9 +194,10 @@ class SamplerChain:
         self.n_ctx = n_ctx
         self._keep: list[object] = []  # ctypes buffers llama.cpp may still point into
         self.history_samplers: list[int] = []  # chain indexes fed with prompt tokens
-        self._shortcuts = shortcuts
+        self._shortcuts = self.SHORTCUTS if shortcuts is None else shortcuts
         self.edits: RowEdits | None = None  # biases and penalties done on the row (see class)
         self.argmax = False  # the pick is the edited row's arg-max (see the class)
+        self._log_min_p = 0.0  # < 0: min-p is the chain's first sampler (see the class)
         self.ptr = self._build()
 
     def _add(self, chain: ctypes.c_void_p, smpl: ctypes.c_void_p, history: bool = False) -> None:
@@ -217,19 +227,8 @@ class SamplerChain:
         order = [n for n in (p.order or DEFAULT_ORDER) if n in DEFAULT_ORDER]
         order += [n for n in DEFAULT_ORDER if n not in order]
         order = list(dict.fromkeys(order))
-        if (
-            self._shortcuts
-            and not p.grammar
-            and p.mirostat not in (1, 2)
-            and RowEdits.applies(
-                order[0] == "penalties" or not self._penalised(), p.frequency_penalty
-            )
-        ):
-            self.edits = RowEdits(
-                bias, p.repeat_penalty, p.presence_penalty, self._last_n(p.repeat_last_n)
-            )
-            bias = {}
-            order.remove("penalties")
+        if self._shortcuts and not p.grammar and p.mirostat not in (1, 2):
+            bias = self._plan_shortcuts(order, bias)
         if bias:
             arr = (C.llama_logit_bias * len(bias))()
             for i, (tok, b) in enumerate(bias.items()):
@@ -267,31 +266,74 @@ class SamplerChain:
             self._add_named(chain, name)
         if p.greedy:
             self._add(chain, C.llama_sampler_init_greedy())
-            # With DRY in the chain the arg-max of the row is not the pick.
-            self.argmax = self.edits is not None and not self.history_samplers
         else:
             self._add(chain, C.llama_sampler_init_dist(self.seed))
         return chain
 
+    def _plan_shortcuts(self, order: list[str], bias: dict[int, float]) -> dict[int, float]:
+        """Decide what the row edits and numpy do instead of the chain (see the class); the
+        biases the chain itself still applies. Measured in place (bench.overhead
+        --compare-shortcuts): penalties done on the row always pay; with no penalty, numpy's
+        arg-max and min-p pass only pay for large vocabularies (~-170 and ~-200 µs a token
+        for Gemma 3's 262k here, +5 and +60 for SmolLM2's 49k), and a bias alone is cheaper
+        in C."""
+        p = self.params
+        active = [name for name in order if self._active(name)]
+        penalised = "penalties" in active
+        if p.frequency_penalty != 0 or (penalised and active[0] != "penalties"):
+            return bias  # see row_edits.py; a truncation before the penalties
+        rest = [name for name in active if name != "penalties"]
+        argmax = p.greedy and not rest  # DRY, the only other sampler greedy keeps, decides
+        min_p_first = not p.greedy and rest[:1] == ["min_p"]
+        large = self.model.n_vocab >= LARGE_VOCAB
+        if not (penalised or (large and (argmax or min_p_first))):
+            return bias
+        last_n = self._last_n(p.repeat_last_n)
+        self.edits = RowEdits(bias, p.repeat_penalty, p.presence_penalty, last_n)
+        self.argmax = argmax
+        if min_p_first:
+            self._log_min_p = math.log(p.min_p)
+        order.remove("penalties")
+        return {}
+
+    def _active(self, name: str) -> bool:
+        """Whether the sampler `name` is in the chain for these parameters."""
+        p = self.params
+        if name == "penalties":
+            return self._penalised()
+        if name == "dry":
+            return p.dry_multiplier > 0
+        if p.greedy:
+            return False  # truncation samplers cannot change the arg-max
+        return {
+            "top_n_sigma": p.top_n_sigma > 0,
+            "top_k": p.top_k > 0,
+            "typical_p": 0 < p.typical_p < 1,
+            "top_p": 0 < p.top_p < 1,
+            "min_p": p.min_p > 0,
+            "xtc": p.xtc_probability > 0,
+            "temperature": True,
+        }[name]
+
     def _add_named(self, chain: ctypes.c_void_p, name: str) -> None:
         p = self.params
+        if not self._active(name):
+            return
         if name == "penalties":
             self._add_penalties(chain)
         elif name == "dry":
             self._add_dry(chain)
-        elif p.greedy:
-            return  # truncation samplers cannot change the arg-max
-        elif name == "top_n_sigma" and p.top_n_sigma > 0:
+        elif name == "top_n_sigma":
             self._add(chain, C.llama_sampler_init_top_n_sigma(p.top_n_sigma))
-        elif name == "top_k" and p.top_k > 0:
+        elif name == "top_k":
             self._add(chain, C.llama_sampler_init_top_k(p.top_k))
-        elif name == "typical_p" and 0 < p.typical_p < 1:
+        elif name == "typical_p":
             self._add(chain, C.llama_sampler_init_typical(p.typical_p, 1))
-        elif name == "top_p" and 0 < p.top_p < 1:
+        elif name == "top_p":
             self._add(chain, C.llama_sampler_init_top_p(p.top_p, 1))
-        elif name == "min_p" and p.min_p > 0:
+        elif name == "min_p":
             self._add(chain, C.llama_sampler_init_min_p(p.min_p, 1))
-        elif name == "xtc" and p.xtc_probability > 0:
+        elif name == "xtc":
             self._add(
                 chain, C.llama_sampler_init_xtc(p.xtc_probability, p.xtc_threshold, 1, self.seed)
             )
@@ -366,11 +408,29 @@ class SamplerChain:
             return int(C.llama_sampler_sample(self.ptr, ctx_ptr, index))
         row = logits_view(ctx_ptr, index, self.model.n_vocab)
         edits.apply(row)
-        tok = int(row.argmax()) if self.argmax else -1
-        if tok < 0 or row[tok] != row[tok]:  # not greedy, or a NaN: llama.cpp's rules
+        if self.argmax:
+            tok = int(row.argmax())
+            if row[tok] != row[tok]:  # a NaN: llama.cpp's rules
+                tok = -1
+        elif self._log_min_p:
+            tok = self._sample_min_p(row)
+        else:
+            tok = -1
+        if tok < 0:
             tok = int(C.llama_sampler_sample(self.ptr, ctx_ptr, index))
         edits.remember(tok)
         return tok
+
+    def _sample_min_p(self, row: Any) -> int:
+        """The chain over only the tokens min-p can keep (-1: a NaN or no finite logit)."""
+        top = float(row.max())
+        if not -math.inf < top < math.inf:
+            return -1
+        # min-p keeps logit >= max + log(p), computed in float32 by llama.cpp: a slightly
+        # lower bound keeps every token it keeps and a few more, which min-p then drops
+        # itself, so the chain sees the same survivors in the same order.
+        ids = np.flatnonzero(row >= top + self._log_min_p - 0.01)
+        return sample_candidates(self.ptr, ids, row[ids])
 
     def free(self) -> None:
         if self.ptr:
