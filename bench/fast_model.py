@@ -36,17 +36,11 @@ def write_fast_model(path: Path, template: Path) -> Path:
     n_vocab = gguf_factory.vocab_size(tokenizer)
     head_dim = N_EMBD // N_HEAD
     rng = np.random.default_rng(SEED)
+    shape = gguf_factory.Shape(
+        "llama", N_LAYER, N_EMBD, N_HEAD, N_HEAD_KV, head_dim, N_FF, n_vocab, CTX, tied=True
+    )
     w = GGUFWriter(str(path), "llama")
-    w.add_uint32("llama.block_count", N_LAYER)
-    w.add_uint32("llama.context_length", CTX)
-    w.add_uint32("llama.embedding_length", N_EMBD)
-    w.add_uint32("llama.feed_forward_length", N_FF)
-    w.add_uint32("llama.attention.head_count", N_HEAD)
-    w.add_uint32("llama.attention.head_count_kv", N_HEAD_KV)
-    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_uint32("llama.rope.dimension_count", head_dim)
-    w.add_float32("llama.rope.freq_base", 10000.0)
-    w.add_uint32("llama.vocab_size", n_vocab)
+    gguf_factory.add_hparams(w, shape)
     w.add_file_type(7)  # mostly Q8_0
     gguf_factory.write_tokenizer(w, tokenizer)
     ones = np.ones(N_EMBD, dtype=np.float32)

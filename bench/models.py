@@ -141,7 +141,9 @@ def fast() -> BenchModel:
     from bench.fast_model import write_fast_model
     from innkeeper.models.store import default_model_path
 
-    target = cache_root() / "models" / "fast-2x64-q8_0.gguf"
+    target = (
+        cache_root() / "models" / "fast-2x64-q8_0-v2.gguf"
+    )  # v2: the hyperparameters of gguf_factory
     if not target.is_file():
         partial = target.with_suffix(".partial")
         write_fast_model(partial, default_model_path())

@@ -113,20 +113,8 @@ def _tensor(w: GGUFWriter, name: str, ne: tuple[int, ...], qtype: GGMLQuantizati
     return nbytes
 
 
-def write_shape(
-    path: Path,
-    s: Shape,
-    qtype: GGMLQuantizationType = Q.Q8_0,
-    file_type: int | None = 7,
-    chat_template: str | None = None,
-    tokenizer: Tokenizer | None = None,
-) -> Path:
-    """Write a sparse GGUF with the shapes of `s`; weights in `qtype`, norms in F32.
-
-    `tokenizer` (from `read_tokenizer`): a real model's vocabulary, merges and chat template
-    instead of the `none` tokenizer; `s.n_vocab` must be its vocabulary size.
-    """
-    w = GGUFWriter(str(path), s.arch)
+def add_hparams(w: GGUFWriter, s: Shape) -> None:
+    """The architecture keys of `s` (layers, widths, heads, RoPE, vocabulary size...)."""
     a = s.arch
     w.add_uint32(f"{a}.block_count", s.n_layer)
     w.add_uint32(f"{a}.context_length", s.ctx)
@@ -152,6 +140,23 @@ def write_shape(
             w.add_string(key, value)
         else:
             w.add_uint32(key, int(value))  # type: ignore[arg-type]
+
+
+def write_shape(
+    path: Path,
+    s: Shape,
+    qtype: GGMLQuantizationType = Q.Q8_0,
+    file_type: int | None = 7,
+    chat_template: str | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> Path:
+    """Write a sparse GGUF with the shapes of `s`; weights in `qtype`, norms in F32.
+
+    `tokenizer` (from `read_tokenizer`): a real model's vocabulary, merges and chat template
+    instead of the `none` tokenizer; `s.n_vocab` must be its vocabulary size.
+    """
+    w = GGUFWriter(str(path), s.arch)
+    add_hparams(w, s)
     if file_type is not None:
         w.add_file_type(file_type)
     if tokenizer is not None:
