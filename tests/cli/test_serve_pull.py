@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import free_port, run_server
+from tests.helpers import ctrl_c_reaches_it, free_port, run_server
 from tests.models import fakehub
 from tests.models.fakehub import FakeHub
 
@@ -145,6 +145,7 @@ def test_ctrl_c_mid_download_leaves_a_resumable_partial(fake_hub: FakeHub, tmp_p
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=ctrl_c_reaches_it,
     )
     try:
         assert fake_hub.stalled.wait(timeout=60), "the download never reached the stall point"

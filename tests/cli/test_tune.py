@@ -26,7 +26,7 @@ from innkeeper.models.profiles import (
     save_profile,
 )
 from innkeeper.models.store import default_model_path
-from tests.helpers import run_server
+from tests.helpers import ctrl_c_reaches_it, run_server
 
 pytestmark = pytest.mark.slow
 
@@ -144,6 +144,7 @@ def test_ctrl_c_leaves_no_file_and_no_process(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env=_env(tmp_path),
+        preexec_fn=ctrl_c_reaches_it,
     )
     cli = psutil.Process(proc.pid)
     deadline = time.monotonic() + 60

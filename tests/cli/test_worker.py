@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from innkeeper.cli import app
 from innkeeper.settings import ConfigError, parse_endpoints
-from tests.helpers import free_port, wait_for_worker
+from tests.helpers import ctrl_c_reaches_it, free_port, wait_for_worker
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20"])
@@ -65,6 +65,7 @@ def test_ctrl_c_stops_the_worker_cleanly() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=ctrl_c_reaches_it,
     )
     try:
         wait_for_worker(port, proc)
