@@ -17,8 +17,9 @@ from typing import Any
 import llama_cpp as C
 import numpy as np
 
-from innkeeper.engine.backend import Model, logits_view, sample_candidates
+from innkeeper.engine.backend import Model
 from innkeeper.engine.grammar_limits import GrammarError, check_limits
+from innkeeper.engine.logits import logits_view, sample_candidates
 from innkeeper.engine.row_edits import RowEdits
 
 # Canonical sampler names, in llama-server's default order (penalties first, temperature last).
